@@ -1,0 +1,394 @@
+"""Configuration: one dataclass per part, loaded from YAML with dotted overrides.
+
+    cfg = load_config("configs/debug.yaml", ["train.lr=3e-4", "scaling.num_workers=2"])
+
+Every field carries a docstring (the string literal below it) and is checked: an unknown key, a
+value of the wrong type or an out-of-range value raises ConfigError naming the key and what is
+allowed, before any cluster work starts. Standard library and PyYAML only.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+MNIST_DIR_ENV = "VAEDIST_MNIST_DIR"
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is not allowed; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    shards_dir: str = "outputs/shards"
+    """Where the WebDataset shards and manifest.json live: a local path or a URI (s3://...)."""
+    mnist_dir: str | None = None
+    """Local directory of the MNIST IDX files (gzip or raw). None: use $VAEDIST_MNIST_DIR if set,
+    else download with torchvision into download_dir."""
+    download_dir: str = "outputs/mnist-download"
+    """Where torchvision downloads MNIST when no local directory is given."""
+    samples_per_shard: int = 2500
+    """Datapoints per tar shard when preparing (train: 24 shards, test: 4)."""
+    max_train_shards: int = 0
+    """Train on only the first N training shards (0: all). For debug runs."""
+    max_test_shards: int = 0
+    """Evaluate on only the first N test shards (0: all). For debug runs."""
+    cache_in_memory: bool = True
+    """Each worker decodes its shards once and keeps the uint8 images in memory (47 MB for all of
+    MNIST); False streams and decodes the shards again every epoch."""
+
+    def __post_init__(self) -> None:
+        _check(self.samples_per_shard > 0, "data.samples_per_shard", f"must be > 0, got {self.samples_per_shard}")
+        _check(self.max_train_shards >= 0, "data.max_train_shards", f"must be >= 0 (0 = all), got {self.max_train_shards}")
+        _check(self.max_test_shards >= 0, "data.max_test_shards", f"must be >= 0 (0 = all), got {self.max_test_shards}")
+        _check(bool(self.shards_dir), "data.shards_dir", "must not be empty")
+
+    def resolved_mnist_dir(self) -> str | None:
+        """The local IDX directory in force: the config's, else the environment's, else None."""
+        return self.mnist_dir or os.environ.get(MNIST_DIR_ENV) or None
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["mlp", "conv"] = "mlp"
+    """Encoder/decoder family: an MLP, or a small convolutional network (28x28 inputs only)."""
+    latent_dim: int = 32
+    """Dimension of z, the bottleneck."""
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
+    """MLP: widths of the encoder's hidden layers; the decoder mirrors them.
+    conv: channels of the encoder's stride-2 convolutions."""
+    activation: Literal["relu", "elu", "gelu", "softplus", "tanh"] = "elu"
+    """Non-linearity between hidden layers."""
+
+    def __post_init__(self) -> None:
+        _check(self.latent_dim > 0, "model.latent_dim", f"must be > 0, got {self.latent_dim}")
+        _check(len(self.hidden_dims) > 0, "model.hidden_dims", "must list at least one width")
+        for i, width in enumerate(self.hidden_dims):
+            _check(width > 0, f"model.hidden_dims[{i}]", f"must be > 0, got {width}")
+        if self.kind == "conv":
+            _check(len(self.hidden_dims) == 2, "model.hidden_dims",
+                   f"the conv model takes exactly 2 channel counts (28->14->7), got {self.hidden_dims}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    """Passes over the training shards."""
+    batch_size_per_worker: int = 128
+    """Minibatch per data-parallel worker; the global batch is this times scaling.num_workers."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """Optimiser."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """Learning-rate schedule over the run (per step); cosine decays to lr_min_ratio * lr."""
+    lr_min_ratio: float = 0.05
+    """Final learning rate as a fraction of lr, for the cosine schedule."""
+    warmup_epochs: float = 0.0
+    """Linear learning-rate warm-up, in epochs (may be fractional)."""
+    kl_warmup_epochs: float = 0.0
+    """Anneal the KL weight from 0 to 1 over this many epochs (0: the plain ELBO throughout).
+    Reported losses are always the unweighted negative ELBO."""
+    num_samples_mc: int = 1
+    """S, Monte Carlo samples of z per datapoint in the training loss."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast on GPU (fp16 adds a gradient scaler). Ignored on CPU."""
+    max_steps_per_epoch: int = 0
+    """Cap the optimiser steps per epoch (0: the whole training split). For CI and benchmarks."""
+    eval_every_epochs: int = 1
+    """Evaluate the test split every N epochs (and always after the last)."""
+    num_samples_iw_final: int = 0
+    """K, importance samples for the test-set log p(x) estimate after training (0: skip)."""
+    seed: int = 0
+    """Seeds initialisation, shuffling and the per-epoch binarisation."""
+    fail_at_epoch: int = -1
+    """Fault injection for tests: rank 0 raises once when it starts this epoch (-1: never).
+    The env var VAEDIST_FAIL_AT_EPOCH overrides it."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.batch_size_per_worker > 0, "train.batch_size_per_worker",
+               f"must be > 0, got {self.batch_size_per_worker}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.lr_min_ratio <= 1, "train.lr_min_ratio", f"must be in [0, 1], got {self.lr_min_ratio}")
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(self.kl_warmup_epochs >= 0, "train.kl_warmup_epochs", f"must be >= 0, got {self.kl_warmup_epochs}")
+        _check(self.num_samples_mc > 0, "train.num_samples_mc", f"must be > 0, got {self.num_samples_mc}")
+        _check(self.grad_clip_norm >= 0, "train.grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}")
+        _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch",
+               f"must be >= 0 (0 = no cap), got {self.max_steps_per_epoch}")
+        _check(self.eval_every_epochs > 0, "train.eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
+        _check(self.num_samples_iw_final >= 0, "train.num_samples_iw_final",
+               f"must be >= 0 (0 = skip), got {self.num_samples_iw_final}")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    """Data-parallel training workers (Ray Train)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL between them."""
+    cpus_per_worker: float = 2.0
+    """CPUs reserved per worker; also the worker's torch thread count."""
+    address: str | None = None
+    """Ray cluster to join ("auto", "ray://host:10001", ...). None: $RAY_ADDRESS, else an
+    embedded local Ray."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers > 0, "scaling.num_workers", f"must be > 0, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class EncodeConfig:
+    checkpoint: str | None = None
+    """Checkpoint to encode with: a checkpoint directory, or a run directory (its best checkpoint).
+    None: the best checkpoint of output.run_name."""
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    """Which splits to encode."""
+    batch_size: int = 512
+    """Rows per map_batches call."""
+    num_samples_mc: int = 16
+    """S, Monte Carlo samples of z for each row's recon_nll."""
+    num_samples_iw: int = 0
+    """K, importance samples for each row's log_px and gap (0: omit those columns' values)."""
+    iw_chunk_size: int = 100
+    """Importance samples evaluated at once (bounds memory)."""
+    concurrency: int = 2
+    """Encoder actors (each loads the checkpoint once)."""
+    cpus_per_actor: float = 1.0
+    """CPUs per encoder actor."""
+    use_gpu: bool = False
+    """One GPU per encoder actor."""
+    seed: int = 0
+    """Base of the per-key seeds for z samples."""
+
+    def __post_init__(self) -> None:
+        for i, split in enumerate(self.splits):
+            _check(split in ("train", "test"), f"encode.splits[{i}]", f"must be 'train' or 'test', got {split!r}")
+        _check(len(self.splits) > 0, "encode.splits", "must name at least one split")
+        _check(len(set(self.splits)) == len(self.splits), "encode.splits", f"has duplicates: {self.splits}")
+        _check(self.batch_size > 0, "encode.batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.num_samples_mc > 0, "encode.num_samples_mc", f"must be > 0, got {self.num_samples_mc}")
+        _check(self.num_samples_iw >= 0, "encode.num_samples_iw", f"must be >= 0 (0 = skip), got {self.num_samples_iw}")
+        _check(self.iw_chunk_size > 0, "encode.iw_chunk_size", f"must be > 0, got {self.iw_chunk_size}")
+        _check(self.concurrency > 0, "encode.concurrency", f"must be > 0, got {self.concurrency}")
+        _check(self.cpus_per_actor > 0, "encode.cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
+
+
+@dataclass
+class OutputConfig:
+    storage_path: str = "outputs/runs"
+    """Ray Train storage: run directories with checkpoints and metrics (local path or URI; shared
+    by all nodes of a cluster)."""
+    run_name: str = "vae-mnist"
+    """Run directory name under storage_path; rerunning a name resumes it."""
+    checkpoints_to_keep: int = 2
+    """Best checkpoints kept by test loss (the latest is always kept too)."""
+    max_failures: int = 2
+    """Restarts from the last checkpoint after a worker dies."""
+    latents_dir: str = "outputs/latents"
+    """Where the encode job publishes the Parquet latent table."""
+    report_dir: str = "outputs/report"
+    """Where `vaedist report` writes its figures and index.html."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_name) and "/" not in self.run_name, "output.run_name",
+               f"must be a non-empty name without '/', got {self.run_name!r}")
+        _check(self.checkpoints_to_keep > 0, "output.checkpoints_to_keep", f"must be > 0, got {self.checkpoints_to_keep}")
+        _check(self.max_failures >= -1, "output.max_failures", f"must be >= 0, or -1 for unlimited, got {self.max_failures}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (.yaml/.yml) or JSON (anything else)."""
+        path = Path(path)
+        text = (yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml")
+                else json.dumps(self.to_dict(), indent=2))
+        path.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks that name the key.
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        _check(value in get_args(tp), key, f"must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        _check(isinstance(value, list), key, f"must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        _check(value is None, key, f"must be null, got {value!r}")
+        return None
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key; allowed: {', '.join(fields)}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            _check(isinstance(value, dict), key, f"must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    # YAML reads "3e-4" as a string (it wants "3.0e-4"); accept Python numeric literals too.
+    if isinstance(value, str):
+        try:
+            literal = ast.literal_eval(raw.strip())
+            if isinstance(literal, (int, float)):
+                value = literal
+        except (ValueError, SyntaxError):
+            pass
+    return key.split("."), value
+
+
+def _merge_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _fix_floats(tree: Any) -> Any:
+    """YAML 1.1 reads 1e-3 (no dot) as a string; turn numeric-looking strings back into numbers."""
+    if isinstance(tree, dict):
+        return {k: _fix_floats(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_fix_floats(v) for v in tree]
+    if isinstance(tree, str):
+        try:
+            literal = ast.literal_eval(tree)
+            if isinstance(literal, float):
+                return literal
+        except (ValueError, SyntaxError):
+            pass
+    return tree
+
+
+def config_from_dict(values: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = _fix_floats(dict(values or {}))
+    for item in overrides:
+        path, value = _parse_override(item)
+        _merge_override(tree, path, value)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (None: all defaults) and apply `section.key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it), for help text and docs."""
+    source = inspect.getsource(cls)
+    tree = ast.parse(source)
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
