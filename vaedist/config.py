@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import yaml
-
 MNIST_DIR_ENV = "VAEDIST_MNIST_DIR"
 
 
@@ -234,6 +232,8 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (.yaml/.yml) or JSON (anything else)."""
+        import yaml  # lazily: model.py imports this module and must stay free of YAML
+
         path = Path(path)
         text = (yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml")
                 else json.dumps(self.to_dict(), indent=2))
@@ -308,6 +308,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
+    import yaml
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
     key, raw = item.split("=", 1)
@@ -363,6 +364,8 @@ def config_from_dict(values: dict[str, Any] | None, overrides: list[str] | tuple
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (None: all defaults) and apply `section.key=value` overrides."""
+    import yaml
+
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)

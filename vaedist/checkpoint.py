@@ -1,0 +1,159 @@
+"""Checkpoints: model weights, optimiser state, progress, the resolved config and the shard
+manifest's hash, in one file that loads with torch.load(weights_only=True). No Ray.
+
+A checkpoint directory holds `checkpoint.pt` and a human-readable `config.yaml`. A run directory
+(storage_path/run_name) holds checkpoint directories named `epoch-NNNN` and `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from vaedist import __version__, storage
+from vaedist.config import Config, ConfigError, config_from_dict
+from vaedist.model import VAE
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_DIR_RE = re.compile(r"^epoch-(\d{4,})$")
+METRICS_FILE = "metrics.jsonl"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit; the message names the path."""
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def save_checkpoint(directory: str, *, model_state: dict, optimizer_state: dict | None, epoch: int,
+                    global_step: int, config: Config, manifest_hash: str, history: list[dict],
+                    scaler_state: dict | None = None) -> str:
+    """Write checkpoint.pt (+ config.yaml) into `directory`; returns the file path."""
+    import yaml
+
+    state = {
+        "model": {k: v.detach().cpu() for k, v in model_state.items()},
+        "optimizer": optimizer_state,
+        "scaler": scaler_state,
+        "epoch": epoch,
+        "global_step": global_step,
+        "config": config.to_dict(),
+        "manifest_hash": manifest_hash,
+        "history": history,
+        "vaedist_version": __version__,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = storage.join(directory, CHECKPOINT_FILE)
+    storage.write_bytes(path, buf.getvalue())
+    storage.write_bytes(storage.join(directory, "config.yaml"),
+                        yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    return path
+
+
+def resolve_checkpoint_path(path: str) -> str:
+    """Accept a checkpoint file, a checkpoint directory, or a run directory (its best checkpoint)."""
+    path = str(path)
+    if path.endswith(".pt"):
+        if not storage.exists(path):
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return path
+    if not storage.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    direct = storage.join(path, CHECKPOINT_FILE)
+    if storage.exists(direct):
+        return direct
+    best = best_checkpoint_dir(path)
+    if best is None:
+        raise CheckpointError(f"{path} holds no {CHECKPOINT_FILE} and no epoch-NNNN checkpoint directories")
+    return storage.join(best, CHECKPOINT_FILE)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint's state dict (weights_only: no arbitrary code runs on load)."""
+    file = resolve_checkpoint_path(path)
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(file)), map_location=map_location, weights_only=True)
+    except Exception as e:  # a torn or foreign file: say which
+        raise CheckpointError(f"checkpoint {file} cannot be read: {e}") from None
+    missing = {"model", "config", "epoch", "manifest_hash"} - set(state)
+    if missing:
+        raise CheckpointError(f"checkpoint {file} is not a vaedist checkpoint (missing {sorted(missing)})")
+    state["path"] = file
+    return state
+
+
+def config_of(state: dict) -> Config:
+    try:
+        return config_from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {state.get('path')} holds an invalid config: {e}") from None
+
+
+def check_model_compatible(state: dict, cfg: Config) -> None:
+    """Refuse a checkpoint whose model shape differs from the config's, naming the fields."""
+    saved = config_of(state).model
+    diffs = [f"model.{k}: checkpoint {v!r} vs config {getattr(cfg.model, k)!r}"
+             for k, v in asdict(saved).items() if getattr(cfg.model, k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {state.get('path')} has a different model shape: " + "; ".join(diffs))
+
+
+def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[VAE, Config, dict]:
+    """(model in eval mode, the config it was trained with, the raw state)."""
+    state = load_checkpoint(path, map_location)
+    cfg = config_of(state)
+    model = VAE(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {state['path']}: weights do not fit its own config: {e}") from None
+    return model.to(map_location).eval(), cfg, state
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """(epoch, directory) of the checkpoints under a run directory, oldest first."""
+    found = []
+    for name in storage.listdir(run_dir):
+        m = CHECKPOINT_DIR_RE.match(name)
+        if m and storage.exists(storage.join(run_dir, name, CHECKPOINT_FILE)):
+            found.append((int(m.group(1)), storage.join(run_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint_dir(run_dir: str) -> str | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def best_checkpoint_dir(run_dir: str) -> str | None:
+    """The kept checkpoint with the lowest test loss, by the run's metrics.jsonl."""
+    dirs = dict(checkpoint_dirs(run_dir))
+    if not dirs:
+        return None
+    scores = {row["epoch"]: row["test_loss"] for row in read_metrics(run_dir)
+              if row.get("kind") == "epoch" and row["epoch"] in dirs}
+    if not scores:
+        return dirs[max(dirs)]
+    return dirs[min(scores, key=lambda e: (scores[e], -e))]
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The run's metrics.jsonl rows (one per epoch, plus a final row), without Ray."""
+    path = storage.join(run_dir, METRICS_FILE)
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: str, rows: list[dict]) -> None:
+    """Rewrite metrics.jsonl whole (object stores cannot append; the file is small)."""
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    storage.write_bytes(storage.join(run_dir, METRICS_FILE), text.encode())

@@ -1,0 +1,122 @@
+"""Per-datapoint objectives, in nats, each of shape [B]. Torch only.
+
+For datapoint x_i (Kingma & Welling 2014, eq. 3 and Appendix B):
+    l_i = -E_{q(z|x_i)}[log p(x_i|z)] + KL(q(z|x_i) || N(0, I))    (the negative ELBO)
+The expectation is a Monte Carlo average over S reparameterised samples; the KL is analytic.
+Because log p(x) = ELBO + KL(q(z|x) || p(z|x)), the importance-weighted estimate (Burda et al. 2016)
+    log p(x_i) ~= log (1/K) sum_k p(x_i|z_k) p(z_k) / q(z_k|x_i),   z_k ~ q(z|x_i)
+is a tighter lower bound that approaches log p(x_i) as K grows; -loss <= log p(x) always.
+
+`model` is a VAE-like module: forward(x, eps) -> (logits, mu, logvar), encode(x) -> (mu, logvar),
+decode(z [.., D]) -> logits [.., P], and a latent_dim attribute.
+Noise `eps` may be passed ([B, S, D]) so callers can make it per-datapoint reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class LossParts:
+    """Per-datapoint terms, each [B], in nats."""
+    loss: torch.Tensor       # l_i = recon_nll + kl = -ELBO
+    recon_nll: torch.Tensor  # -E_q[log p(x_i|z)]
+    kl: torch.Tensor         # KL(q(z|x_i) || p(z))
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag e^logvar) || N(0, I)) = -1/2 sum_j (1 + logvar_j - mu_j^2 - e^logvar_j)  (K&W App. B)."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) = sum_pixels [x log sigmoid(l) + (1-x) log(1 - sigmoid(l))], stable in logits."""
+    logits, x = torch.broadcast_tensors(logits, x)
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+
+
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag e^logvar), summed over the last dimension."""
+    return -0.5 * torch.sum(LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar), dim=-1)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * torch.sum(LOG_2PI + z.pow(2), dim=-1)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulate in at least float32: under autocast the decoder may return bf16/fp16."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _noise(mu: torch.Tensor, num_samples: int, eps: torch.Tensor | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    if eps is not None:
+        expected = (mu.shape[0], num_samples, mu.shape[1])
+        if tuple(eps.shape) != expected:
+            raise ValueError(f"eps must have shape {expected} (batch, samples, latent), got {tuple(eps.shape)}")
+        return eps.to(device=mu.device, dtype=mu.dtype)
+    shape = (mu.shape[0], num_samples, mu.shape[1])
+    if generator is None:
+        return torch.randn(shape, device=mu.device, dtype=mu.dtype)
+    # Draw on the generator's device, then move: a CPU generator stays usable for a GPU model.
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=mu.dtype).to(mu.device)
+
+
+def latent_dim_of(model) -> int:
+    """The latent size of a VAE, also when wrapped (DistributedDataParallel keeps it in .module)."""
+    return getattr(model, "module", model).latent_dim
+
+
+def negative_elbo(model, x: torch.Tensor, num_samples: int = 1, eps: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> LossParts:
+    """l_i with its parts, the reconstruction term averaged over `num_samples` draws of z.
+    Calls model(x, eps) -> (logits [B, S, P], mu, logvar), so a DDP-wrapped model syncs gradients."""
+    shape_ref = torch.empty(x.shape[0], latent_dim_of(model), device=x.device, dtype=x.dtype)
+    noise = _noise(shape_ref, num_samples, eps, generator)
+    logits, mu, logvar = model(x, noise)
+    recon_nll = -bernoulli_log_prob(_acc(logits), x.unsqueeze(1).to(_acc(logits).dtype)).mean(dim=1)
+    kl = gaussian_kl(_acc(mu), _acc(logvar))
+    return LossParts(loss=recon_nll + kl, recon_nll=recon_nll, kl=kl)
+
+
+def batch_loss(parts: LossParts, kl_weight: float = 1.0) -> torch.Tensor:
+    """The minibatch objective: the mean of l_i (kl_weight < 1 only during KL warm-up)."""
+    if kl_weight == 1.0:
+        return parts.loss.mean()
+    return (parts.recon_nll + kl_weight * parts.kl).mean()
+
+
+def importance_log_px(model, x: torch.Tensor, num_samples: int, chunk_size: int = 100,
+                      eps: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """log p(x_i) ~= logmeanexp_k [log p(x_i|z_k) + log p(z_k) - log q(z_k|x_i)], K = num_samples.
+
+    Evaluated `chunk_size` samples at a time with a running log-sum-exp, so K = 1000 costs
+    memory for chunk_size decoder passes per datapoint, not K.
+    """
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be > 0, got {num_samples}")
+    mu, logvar = model.encode(x)
+    mu, logvar = _acc(mu), _acc(logvar)
+    if eps is not None:
+        _noise(mu, num_samples, eps, None)  # shape check
+    x = x.to(mu.dtype)
+    running = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=mu.dtype)
+    for start in range(0, num_samples, chunk_size):
+        k = min(chunk_size, num_samples - start)
+        noise = eps[:, start:start + k] if eps is not None else _noise(mu, k, None, generator)
+        noise = noise.to(device=mu.device, dtype=mu.dtype)
+        z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * noise     # [B, k, D]
+        log_w = (bernoulli_log_prob(_acc(model.decode(z)), x.unsqueeze(1))
+                 + standard_normal_log_prob(z)
+                 - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1)))  # [B, k]
+        running = torch.logaddexp(running, torch.logsumexp(log_w, dim=1))
+    return running - math.log(num_samples)

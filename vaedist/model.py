@@ -1,0 +1,97 @@
+"""The VAE: encoder q(z|x) (diagonal Gaussian), decoder p(x|z) (independent Bernoulli per pixel).
+
+Single-device model code: it knows nothing of Ray, ranks or files (Kingma & Welling, 2014).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vaedist.config import ModelConfig
+
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
+IMAGE_SIDE = 28
+
+
+def _mlp(widths: list[int], activation: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip(widths, widths[1:]):
+        layers += [nn.Linear(w_in, w_out), _ACTIVATIONS[activation]()]
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    """x in [B, num_pixels] (binary) -> q(z|x) = N(mu, diag exp(logvar)); z -> Bernoulli logits [.., num_pixels]."""
+
+    def __init__(self, cfg: ModelConfig, num_pixels: int = IMAGE_SIDE * IMAGE_SIDE):
+        super().__init__()
+        self.cfg = cfg
+        self.num_pixels = num_pixels
+        self.latent_dim = cfg.latent_dim
+        act = cfg.activation
+        if cfg.kind == "mlp":
+            widths = [num_pixels, *cfg.hidden_dims]
+            self.encoder = _mlp(widths, act)
+            self.to_posterior = nn.Linear(widths[-1], 2 * cfg.latent_dim)
+            self.decoder = nn.Sequential(_mlp([cfg.latent_dim, *reversed(widths[1:])], act),
+                                         nn.Linear(widths[1], num_pixels))
+        else:
+            if num_pixels != IMAGE_SIDE * IMAGE_SIDE:
+                raise ValueError(f"the conv model needs 28x28 inputs, got num_pixels={num_pixels}")
+            c1, c2 = cfg.hidden_dims
+            side = IMAGE_SIDE // 4
+            self.encoder = nn.Sequential(
+                nn.Unflatten(1, (1, IMAGE_SIDE, IMAGE_SIDE)),
+                nn.Conv2d(1, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),   # 28 -> 14
+                nn.Conv2d(c1, c2, 4, stride=2, padding=1), _ACTIVATIONS[act](),  # 14 -> 7
+                nn.Flatten(),
+            )
+            self.to_posterior = nn.Linear(c2 * side * side, 2 * cfg.latent_dim)
+            self.decoder = nn.Sequential(
+                nn.Linear(cfg.latent_dim, c2 * side * side), _ACTIVATIONS[act](),
+                nn.Unflatten(1, (c2, side, side)),
+                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),  # 7 -> 14
+                nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),                        # 14 -> 28
+                nn.Flatten(),
+            )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters of q(z|x): (mu, logvar), each [B, latent_dim]."""
+        mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits of p(x|z) for z of shape [..., latent_dim] -> [..., num_pixels]."""
+        lead = z.shape[:-1]
+        return self.decoder(z.reshape(-1, self.latent_dim)).reshape(*lead, self.num_pixels)
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps with eps ~ N(0, I): differentiable in (mu, logvar)."""
+        if eps.dim() == mu.dim() + 1:  # [B, S, D] samples per datapoint
+            mu, logvar = mu.unsqueeze(1), logvar.unsqueeze(1)
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, mu, logvar). eps [B, S, D] gives S reparameterised samples per datapoint and logits
+        [B, S, P]; without it, one fresh sample and logits [B, P]. Training goes through forward so
+        that DDP, which hooks forward, synchronises the gradients."""
+        mu, logvar = self.encode(x)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return self.decode(self.reparameterize(mu, logvar, eps)), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None,
+               mean: bool = False) -> torch.Tensor:
+        """Generate: z ~ N(0, I), x ~ p(x|z). mean=True returns the pixel probabilities instead."""
+        device = next(self.parameters()).device
+        z = torch.randn(num_samples, self.latent_dim, generator=generator, device=device)
+        probs = torch.sigmoid(self.decode(z))
+        return probs if mean else torch.bernoulli(probs, generator=generator)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,113 @@
+"""Paths that may be local or in object storage (s3://, gs://, ...), through pyarrow.fs.
+
+Ray Train and Ray Data resolve storage the same way, so one URI works for all three. S3
+credentials and endpoint come from the standard variables (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    path = str(path)
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers may run elsewhere); URIs unchanged."""
+    return str(path) if is_uri(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def size(path: str) -> int:
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    return info.size
+
+
+def listdir(path: str) -> list[str]:
+    """Names (not paths) directly under a directory, sorted; [] if it does not exist."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(info.base_name for info in infos)
+
+
+def makedirs(path: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def rmtree(path: str) -> None:
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def move(src: str, dst: str) -> None:
+    """Rename; atomic for a local directory on one filesystem, a copy-then-delete on S3."""
+    fs, s = resolve(src)
+    _, d = resolve(dst)
+    fs.move(s, d)
+
+
+@contextmanager
+def open_input(path: str) -> Iterator[IO[bytes]]:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        yield f
+
+
+@contextmanager
+def open_output(path: str) -> Iterator[IO[bytes]]:
+    fs, p = resolve(path)
+    parent = p.rsplit("/", 1)[0] if "/" in p else ""
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(p) as f:
+        yield f
+
+
+def read_bytes(path: str) -> bytes:
+    with open_input(path) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with open_output(path) as f:
+        f.write(data)
