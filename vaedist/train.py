@@ -71,6 +71,17 @@ def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, t.tolist()))
 
 
+def _rank_fingerprints(model: torch.nn.Module, device: torch.device) -> list[float]:
+    """Every rank's sum of all parameters (float64), gathered: equal iff DDP kept replicas in sync."""
+    total = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())],
+                         dtype=torch.float64, device=device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return total.tolist()
+    gathered = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, total)
+    return [float(t) for t in gathered]
+
+
 def _unwrap(model: torch.nn.Module) -> VAE:
     return getattr(model, "module", model)
 
@@ -160,6 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "test_kl": test["kl"] / max(test["count"], 1), "test_count": int(test["count"]),
             "samples_per_s": train["count"] / epoch_seconds, "epoch_seconds": epoch_seconds,
             "world_size": world_size, "restored_from_epoch": restored_from,
+            "rank_param_sums": _rank_fingerprints(model, device),
         }
         history.append(metrics)
 
@@ -264,7 +276,8 @@ def _check_shard(shards_dir: str, shard: dict) -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join RAY_ADDRESS / the given address, or start an embedded local Ray (no dashboard)."""
+    """Join RAY_ADDRESS / the given address, or start an embedded local Ray. Its dashboard listens on
+    127.0.0.1 only; Ray Train's placement-group cleaner polls the State API it serves."""
     import ray
 
     if ray.is_initialized():
@@ -273,7 +286,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def train(cfg: Config) -> TrainResult:

@@ -1,0 +1,628 @@
+"""MNIST for vaedist: the source files, the WebDataset shards and their manifest, the shard decoder
+every training worker uses, and binarisation. numpy, torch and tarfile; no Ray.
+
+    manifest = prepare_shards("outputs/shards", mnist_dir="/data/mnist")
+    verify_shards("outputs/shards")
+    indices, images, labels = load_split_arrays(shard_paths("outputs/shards", "train"))
+
+Shard layout (FORMAT_VERSION 1; this module is its one source of truth):
+<shards_dir>/<split>/<split>-000000.tar, ... are plain ustar archives. Datapoint `index` of `split`
+is two adjacent members, `<key>.cls` (the label as ASCII digits) then `<key>.npy` (np.save of the
+uint8 [28, 28] image, original grey levels), key = key_for(split, index); shard i holds indices
+[i * samples_per_shard, ...) in order. <shards_dir>/manifest.json lists every shard with its
+size and sha256; it is written last, so its presence means the shards are complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import operator
+import os
+import re
+import tarfile
+import zlib
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vaedist import storage
+from vaedist.config import MNIST_DIR_ENV
+
+SPLITS = ("train", "test")
+MNIST_NUM_SAMPLES = {"train": 60000, "test": 10000}
+IMAGE_SHAPE = (28, 28)
+NUM_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+FORMAT_VERSION = 1
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Of the decompressed content: a recompressed .gz holds the same data under a different md5.
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+MANIFEST_NAME = "manifest.json"
+IMAGE_EXT = "npy"
+LABEL_EXT = "cls"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, shard and/or key."""
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The MNIST source: a local directory of IDX files, or a torchvision download.
+
+def _read_idx_file(mnist_dir: str, name: str) -> tuple[bytes, str]:
+    """The decompressed bytes of `name` (raw) or `name.gz` in mnist_dir, and the path read."""
+    raw, gz = os.path.join(mnist_dir, name), os.path.join(mnist_dir, name + ".gz")
+    path = raw if os.path.isfile(raw) else gz if os.path.isfile(gz) else None
+    if path is None:
+        raise DataError(f"MNIST file {name} (raw or .gz) not found in {mnist_dir}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise DataError(f"MNIST file {path}: cannot read or decompress it ({e})") from None
+    return data, path
+
+
+def _parse_idx(data: bytes, path: str, dims_expected: tuple[int, ...]) -> np.ndarray:
+    """An IDX array of unsigned bytes (LeCun's format: magic 0x0000 08 <ndim>, big-endian dims, data)."""
+    ndim = len(dims_expected)
+    magic = bytes([0, 0, 0x08, ndim])
+    if data[:4] != magic:
+        raise DataError(f"MNIST file {path}: magic number {data[:4].hex()}, expected {magic.hex()} "
+                        f"(uint8, {ndim}-d)")
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4)) if len(data) >= header else ()
+    if dims != dims_expected:
+        raise DataError(f"MNIST file {path}: dimensions {dims}, expected {dims_expected}")
+    expected_len = header + int(np.prod(dims))
+    if len(data) != expected_len:
+        raise DataError(f"MNIST file {path}: {len(data)} bytes decompressed, expected {expected_len} "
+                        "(truncated or trailing data)")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
+
+
+def _check_md5(data: bytes, path: str, name: str) -> str:
+    digest = hashlib.md5(data).hexdigest()
+    if digest != MNIST_MD5[name]:
+        raise DataError(f"MNIST file {path}: md5 of the decompressed content is {digest}, expected "
+                        f"{MNIST_MD5[name]} (corrupt or not the official {name})")
+    return digest
+
+
+def _load_idx_dir(split: str, mnist_dir: str, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    image_name, label_name = MNIST_FILES[split]
+    n = MNIST_NUM_SAMPLES[split]
+    data, path = _read_idx_file(mnist_dir, image_name)
+    images = _parse_idx(data, path, (n, *IMAGE_SHAPE))
+    files = {image_name: _check_md5(data, path, image_name)}
+    data, path = _read_idx_file(mnist_dir, label_name)
+    labels = _parse_idx(data, path, (n,))
+    if labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise DataError(f"MNIST file {path}: label {labels[bad]} at index {bad} is outside 0..9")
+    files[label_name] = _check_md5(data, path, label_name)
+    return images, labels, {"kind": kind, "files": files}
+
+
+def load_mnist(split: str, mnist_dir: str | None = None,
+               download_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(images uint8 [N, 28, 28], labels uint8 [N], source info) for one split.
+
+    With mnist_dir: parse its IDX files (raw or .gz) and check magic, dims, counts, labels and the
+    decompressed md5. Without: download with torchvision into download_dir, then parse the same way.
+    Source info: {"kind": "idx" | "torchvision", "files": {file name: decompressed md5}}.
+    """
+    _check_split(split)
+    if mnist_dir is not None:
+        if not os.path.isdir(mnist_dir):
+            raise DataError(f"MNIST directory {mnist_dir} does not exist")
+        return _load_idx_dir(split, mnist_dir, kind="idx")
+    hint = f"pass --mnist-dir or set {MNIST_DIR_ENV} to a directory holding the MNIST IDX files"
+    if download_dir is None:
+        raise DataError(f"no MNIST source given: {hint}, or give a download directory")
+    try:
+        from torchvision.datasets import MNIST
+        raw_folder = MNIST(download_dir, train=split == "train", download=True).raw_folder
+    except Exception as e:  # network, mirror and disk failures all leave the user the same fix
+        raise DataError(f"torchvision could not download MNIST into {download_dir} "
+                        f"({type(e).__name__}: {e}); {hint}") from e
+    # torchvision keeps the decompressed IDX files there; parse them with the same checks.
+    return _load_idx_dir(split, raw_folder, kind="torchvision")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and the tar layout.
+
+_KEY_RE = re.compile(rf"({'|'.join(SPLITS)})-(\d{{5,}})")
+
+
+def key_for(split: str, index: int) -> str:
+    """The stable WebDataset __key__ of a datapoint, e.g. "train-00042" (no dots: tar names split there)."""
+    _check_split(split)
+    index = operator.index(index)
+    if index < 0:
+        raise ValueError(f"datapoint index must be >= 0, got {index}")
+    return f"{split}-{index:05d}"
+
+
+def parse_key(key: str) -> tuple[str, int]:
+    """(split, index) from a key made by key_for; DataError on anything else."""
+    match = _KEY_RE.fullmatch(key) if isinstance(key, str) else None
+    if match is None or key_for(match[1], int(match[2])) != key:
+        raise DataError(f"malformed key {key!r}: expected <split>-<index>, e.g. {key_for('train', 42)!r}")
+    return match[1], int(match[2])
+
+
+def _shard_name(split: str, shard_index: int) -> str:
+    return f"{split}-{shard_index:06d}.tar"
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Every field fixed, so the same datapoints always give byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.type = size, 0, 0o644, tarfile.REGTYPE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _npy_header() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(IMAGE_SHAPE, np.uint8))
+    return buf.getvalue()[:-NUM_PIXELS]
+
+
+_NPY_HEADER = _npy_header()  # what np.save writes before the pixels of any uint8 [28, 28] image
+
+
+def _shard_bytes(split: str, first_index: int, images: np.ndarray, labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for offset, (image, label) in enumerate(zip(images, labels)):
+            key = key_for(split, first_index + offset)
+            for ext, data in ((LABEL_EXT, b"%d" % int(label)), (IMAGE_EXT, _NPY_HEADER + image.tobytes())):
+                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    return buf.getvalue()
+
+
+# Byte offsets of one datapoint in a shard written by _shard_bytes: 512-byte tar blocks, the
+# header of each member followed by its data padded to a whole block.
+_BLOCK = tarfile.BLOCKSIZE
+_LABEL_AT = _BLOCK
+_IMAGE_HEADER_AT = 2 * _BLOCK
+_PIXELS_AT = 3 * _BLOCK + len(_NPY_HEADER)
+_RECORD = 3 * _BLOCK + -(-(len(_NPY_HEADER) + NUM_PIXELS) // _BLOCK) * _BLOCK
+_LABEL_TEMPLATE = np.frombuffer(_tarinfo("x", 1).tobuf(tarfile.USTAR_FORMAT), np.uint8)
+_IMAGE_TEMPLATE = np.frombuffer(_tarinfo("x", len(_NPY_HEADER) + NUM_PIXELS).tobuf(tarfile.USTAR_FORMAT), np.uint8)
+_NAME, _CHKSUM = slice(0, 100), slice(148, 156)  # ustar header fields that differ between members
+
+
+def _headers_match(headers: np.ndarray, template: np.ndarray, names: list[bytes]) -> bool:
+    """Each [512] header is the template with the given name and a correct checksum."""
+    if not (np.array_equal(headers[:, 100:148], np.broadcast_to(template[100:148], (len(headers), 48)))
+            and np.array_equal(headers[:, 156:], np.broadcast_to(template[156:], (len(headers), 356)))):
+        return False
+    expected = np.frombuffer(b"".join(name.ljust(100, b"\0") for name in names), np.uint8)
+    if not np.array_equal(headers[:, _NAME], expected.reshape(-1, 100)):
+        return False
+    # POSIX checksum: the byte sum with the checksum field read as spaces, stored as "%06o\0 ".
+    digits = headers[:, 148:154].astype(np.int64) - ord("0")
+    stored = digits @ (8 ** np.arange(5, -1, -1))
+    actual = headers.sum(axis=1, dtype=np.int64) - headers[:, _CHKSUM].sum(axis=1, dtype=np.int64) + 8 * 32
+    return bool(((digits >= 0) & (digits <= 7)).all() and np.array_equal(stored, actual)
+                and np.array_equal(headers[:, 154:156], np.broadcast_to(template[154:156], (len(headers), 2))))
+
+
+def _decode_canonical(buf: bytes) -> tuple[str, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(split, indices, images [n, 784] view, label bytes) by slicing, with no per-sample Python.
+
+    Only for a shard in exactly the layout _shard_bytes writes, which every byte that tarfile would
+    read is checked against; anything else returns None and the caller falls back to the tarfile
+    reader, which accepts other writers' layouts and names the problem in damaged ones.
+    """
+    data = np.frombuffer(buf, np.uint8)
+    records = data[: len(data) // _RECORD * _RECORD].reshape(-1, _RECORD)
+    ends = np.flatnonzero(records[:, 0] == 0)  # the zero blocks that end a tar start with a NUL name
+    n = int(ends[0]) if len(ends) else len(records)
+    tail = data[n * _RECORD:]
+    if n == 0 or len(tail) < 2 * _BLOCK or tail.any():
+        return None
+    records = records[:n]
+    first_name = bytes(records[0, _NAME]).split(b"\0", 1)[0].decode("ascii", "replace")
+    try:
+        split, first_index = parse_key(first_name.removesuffix(f".{LABEL_EXT}"))
+    except DataError:
+        return None
+    keys = [key_for(split, first_index + i).encode() for i in range(n)]
+    label_ext, image_ext = f".{LABEL_EXT}".encode(), f".{IMAGE_EXT}".encode()
+    npy_header = np.frombuffer(_NPY_HEADER, np.uint8)
+    labels = records[:, _LABEL_AT]
+    if not (_headers_match(records[:, :_BLOCK], _LABEL_TEMPLATE, [k + label_ext for k in keys])
+            and _headers_match(records[:, _IMAGE_HEADER_AT:_IMAGE_HEADER_AT + _BLOCK], _IMAGE_TEMPLATE,
+                               [k + image_ext for k in keys])
+            and np.array_equal(records[:, _PIXELS_AT - len(npy_header):_PIXELS_AT],
+                               np.broadcast_to(npy_header, (n, len(npy_header))))
+            and ((labels >= ord("0")) & (labels <= ord("9"))).all()):
+        return None
+    indices = np.arange(first_index, first_index + n, dtype=np.int64)
+    return split, indices, records[:, _PIXELS_AT:_PIXELS_AT + NUM_PIXELS], labels
+
+
+def _tar_members(buf: bytes, path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each member of an uncompressed tar, by the book."""
+    last = None  # the member before any damage, for the message
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(buf), mode="r:")
+        while (info := tar.next()) is not None:
+            if not info.isfile():
+                raise DataError(f"shard {path}: member {info.name!r} is not a regular file")
+            yield info.name, tar.extractfile(info).read()
+            last = info.name
+        end = tar.offset
+    except (tarfile.TarError, EOFError, OSError) as e:
+        after = f" after member {last!r}" if last else ""
+        raise DataError(f"shard {path}: unreadable tar{after} ({e}); truncated or corrupt") from None
+    # tarfile takes a damaged header after the first for the end of the archive; a real end is
+    # at least two zero blocks.
+    tail = buf[end:]
+    if len(tail) < 2 * _BLOCK or tail.strip(b"\0"):
+        raise DataError(f"shard {path}: tar members stop at byte {end} of {len(buf)}, after {last!r}, "
+                        "without an end-of-archive marker; truncated or corrupt")
+
+
+def _decode_sample(path: str, key: str, fields: dict[str, bytes]) -> tuple[str, np.ndarray, int]:
+    where = f"shard {path}, key {key!r}"
+    try:
+        parse_key(key)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    for ext in (IMAGE_EXT, LABEL_EXT):
+        if ext not in fields:
+            raise DataError(f"{where}: no .{ext} member")
+    try:
+        image = np.load(io.BytesIO(fields[IMAGE_EXT]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{where}: .{IMAGE_EXT} is not a readable array ({e})") from None
+    if image.shape != IMAGE_SHAPE or image.dtype != np.uint8:
+        raise DataError(f"{where}: image has shape {image.shape} and dtype {image.dtype}, "
+                        f"expected {IMAGE_SHAPE} uint8")
+    text = fields[LABEL_EXT].decode("ascii", "replace").strip()
+    if not (text.isdigit() and int(text) <= 9):
+        raise DataError(f"{where}: label {text[:20]!r} is not a digit 0..9")
+    return key, image, int(text)
+
+
+def _iter_samples(buf: bytes, path: str, expected_count: int | None) -> Iterator[tuple[str, np.ndarray, int]]:
+    key, fields, seen = None, {}, set()
+    for name, data in _tar_members(buf, path):
+        member_key, _, ext = name.partition(".")  # WebDataset's rule: the key ends at the first dot
+        if member_key != key:
+            if key is not None:
+                yield _decode_sample(path, key, fields)
+            if member_key in seen:
+                raise DataError(f"shard {path}, key {member_key!r}: members of one datapoint are not adjacent")
+            seen.add(member_key)
+            key, fields = member_key, {}
+        if ext not in (IMAGE_EXT, LABEL_EXT) or ext in fields:
+            raise DataError(f"shard {path}, key {key!r}: unexpected member {name!r} "
+                            f"(a datapoint is one .{LABEL_EXT} and one .{IMAGE_EXT})")
+        fields[ext] = data
+    if key is not None:
+        yield _decode_sample(path, key, fields)
+    if expected_count is not None and len(seen) != expected_count:
+        raise DataError(f"shard {path}: holds {len(seen)} datapoints, expected {expected_count}")
+
+
+def _read_shard(path: str) -> bytes:
+    if not storage.exists(path):
+        raise DataError(f"shard {path} is missing")
+    try:
+        return storage.read_bytes(path)
+    except OSError as e:
+        raise DataError(f"shard {path}: cannot read it ({e})") from None
+
+
+def iter_shard(path: str, expected_count: int | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(key, image uint8 [28, 28], label) for each datapoint of one shard, in order.
+
+    Any damage (truncated or unreadable tar, a missing or extra member, a bad image or label, a
+    count other than expected_count) raises DataError naming the shard and, where known, the key.
+    """
+    yield from _iter_samples(_read_shard(path), path, expected_count)
+
+
+def _decode_shard(buf: bytes, path: str, expected_count: int | None) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(split, indices int64, images uint8 [n, 784], labels int64) of one shard's bytes."""
+    fast = _decode_canonical(buf)
+    if fast is not None and (expected_count is None or len(fast[1]) == expected_count):
+        split, indices, images, label_bytes = fast
+        return split, indices, np.ascontiguousarray(images), label_bytes.astype(np.int64) - ord("0")
+    samples = list(_iter_samples(buf, path, expected_count))
+    if not samples:
+        raise DataError(f"shard {path} holds no datapoints")
+    keys = [parse_key(key) for key, _, _ in samples]
+    splits = {split for split, _ in keys}
+    if len(splits) > 1:
+        raise DataError(f"shard {path} mixes splits {sorted(splits)}")
+    return (splits.pop(), np.array([index for _, index in keys], np.int64),
+            np.stack([image.reshape(-1) for _, image, _ in samples]),
+            np.array([label for _, _, label in samples], np.int64))
+
+
+def load_split_arrays(paths: list[str], expected_counts: list[int] | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices int64 [N], images uint8 [N, 784], labels int64 [N]) decoded from shards of one split.
+
+    The hot path of every training worker: shards in this module's own layout are decoded by
+    slicing the tar bytes (see _decode_canonical); others go through tarfile, sample by sample.
+    """
+    if expected_counts is not None and len(expected_counts) != len(paths):
+        raise ValueError(f"{len(paths)} shard paths but {len(expected_counts)} expected counts")
+    counts = expected_counts if expected_counts is not None else [None] * len(paths)
+    parts, split_of = [], {}
+    for path, count in zip(paths, counts):
+        split, *arrays = _decode_shard(_read_shard(path), path, count)
+        split_of.setdefault(split, path)
+        if len(split_of) > 1:
+            raise DataError(f"shard {path} is from split {split!r} but {split_of[next(iter(split_of))]} is not; "
+                            "load one split at a time")
+        parts.append(arrays)
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, NUM_PIXELS), np.uint8), np.zeros(0, np.int64)
+    indices, images, labels = (np.concatenate(column) for column in zip(*parts))
+    return indices, images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing, reading and verifying a shards directory.
+
+def _manifest_path(shards_dir: str) -> str:
+    return storage.join(shards_dir, MANIFEST_NAME)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    # A reader never sees half a file under the final name (on S3 the move is copy-then-delete,
+    # still safe because the manifest that names the shards is written last).
+    partial = path + ".partial"
+    storage.write_bytes(partial, data)
+    storage.move(partial, path)
+
+
+def _remove_stale_shards(split_dir: str, split: str, keep: set[str]) -> None:
+    """Shards and partial files of an earlier prepare that this one did not write."""
+    pattern = re.compile(rf"{split}-\d{{6}}\.tar(\.partial)?")
+    for name in storage.listdir(split_dir):
+        if pattern.fullmatch(name) and name not in keep:
+            storage.rmtree(storage.join(split_dir, name))
+
+
+def prepare_shards(out_dir: str, mnist_dir: str | None = None, download_dir: str | None = None,
+                   samples_per_shard: int = 2500, limit_per_split: int | None = None,
+                   progress: bool = True) -> dict:
+    """Write <out_dir>/<split>/<split>-000000.tar, ... for both splits, then <out_dir>/manifest.json.
+
+    Returns the manifest. limit_per_split keeps only the first N datapoints of each split.
+    """
+    if samples_per_shard <= 0:
+        raise ValueError(f"samples_per_shard must be > 0, got {samples_per_shard}")
+    if limit_per_split is not None and limit_per_split <= 0:
+        raise ValueError(f"limit_per_split must be > 0 or None, got {limit_per_split}")
+    arrays, source = {}, {"kind": None, "files": {}}
+    for split in SPLITS:
+        images, labels, info = load_mnist(split, mnist_dir, download_dir)
+        arrays[split] = (images[:limit_per_split], labels[:limit_per_split])
+        source["kind"] = info["kind"]
+        source["files"].update(info["files"])
+
+    # No manifest from here until the new one lands: a crash can't leave one naming partial shards.
+    manifest_path = _manifest_path(out_dir)
+    if storage.exists(manifest_path):
+        storage.rmtree(manifest_path)
+    num_shards = sum(-(-len(labels) // samples_per_shard) for _, labels in arrays.values())
+    splits = {}
+    with tqdm(total=num_shards, unit="shard", desc="prepare shards", disable=not progress) as bar:
+        for split, (images, labels) in arrays.items():
+            split_dir = storage.join(out_dir, split)
+            storage.makedirs(split_dir)
+            shards = []
+            for first in range(0, len(labels), samples_per_shard):
+                name = _shard_name(split, first // samples_per_shard)
+                data = _shard_bytes(split, first, images[first:first + samples_per_shard],
+                                    labels[first:first + samples_per_shard])
+                _write_atomic(storage.join(split_dir, name), data)
+                shards.append({"path": f"{split}/{name}", "first_index": first,
+                               "num_samples": min(samples_per_shard, len(labels) - first),
+                               "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+                bar.update(1)
+            _remove_stale_shards(split_dir, split, {os.path.basename(s["path"]) for s in shards})
+            splits[split] = {"num_samples": len(labels), "shards": shards}
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "image_shape": list(IMAGE_SHAPE),
+        "image_dtype": "uint8",
+        "members": {"image": IMAGE_EXT, "label": LABEL_EXT},
+        "samples_per_shard": samples_per_shard,
+        "source": source,
+        "splits": splits,
+    }
+    # Canonical bytes (sorted keys, no timestamps) so manifest_hash identifies the data.
+    _write_atomic(manifest_path, (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
+    return manifest
+
+
+def _read_manifest_bytes(shards_dir: str) -> tuple[bytes, str]:
+    path = _manifest_path(shards_dir)
+    if not storage.exists(path):
+        raise DataError(f"{path} not found: prepare the shards first (vaedist prepare)")
+    try:
+        return storage.read_bytes(path), path
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
+
+
+_SHARD_FIELDS = ("path", "num_samples", "first_index", "bytes", "sha256")
+
+
+def read_manifest(shards_dir: str) -> dict:
+    """The manifest of a shards directory, checked for format version and shape."""
+    raw, path = _read_manifest_bytes(shards_dir)
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {version!r}, this vaedist reads {FORMAT_VERSION}; "
+                        "prepare the shards again")
+    try:
+        for split, entry in manifest["splits"].items():
+            _check_split(split)
+            int(entry["num_samples"])
+            for shard in entry["shards"]:
+                missing = [f for f in _SHARD_FIELDS if f not in shard]
+                if missing:
+                    raise KeyError(f"{split} shard without {missing}")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise DataError(f"{path}: malformed manifest ({e})") from None
+    return manifest
+
+
+def manifest_hash(shards_dir: str) -> str:
+    """sha256 of manifest.json: names the exact data a run trained on (the file is canonical)."""
+    return hashlib.sha256(_read_manifest_bytes(shards_dir)[0]).hexdigest()
+
+
+def _split_entry(manifest: dict, split: str, shards_dir: str) -> dict:
+    if split not in manifest["splits"]:
+        raise DataError(f"{_manifest_path(shards_dir)} has no split {split!r} "
+                        f"(it has {sorted(manifest['splits'])})")
+    return manifest["splits"][split]
+
+
+def shard_paths(shards_dir: str, split: str, max_shards: int = 0, manifest: dict | None = None) -> list[str]:
+    """Full paths of a split's shards in manifest order; the first max_shards only (0: all)."""
+    if max_shards < 0:
+        raise ValueError(f"max_shards must be >= 0 (0 = all), got {max_shards}")
+    manifest = manifest if manifest is not None else read_manifest(shards_dir)
+    shards = _split_entry(manifest, split, shards_dir)["shards"]
+    return [storage.join(shards_dir, *s["path"].split("/")) for s in shards[: max_shards or None]]
+
+
+def verify_shards(shards_dir: str, progress: bool = False) -> dict:
+    """Check every shard in the manifest (present, size, sha256, then decoded count, keys, shapes),
+    and that no unlisted .tar sits beside them. Returns {split: {"shards": n, "samples": n}}."""
+    manifest = read_manifest(shards_dir)
+    manifest_path = _manifest_path(shards_dir)
+    summary = {}
+    total = sum(len(entry["shards"]) for entry in manifest["splits"].values())
+    with tqdm(total=total, unit="shard", desc="verify shards", disable=not progress) as bar:
+        for split, entry in manifest["splits"].items():
+            listed = {s["path"] for s in entry["shards"]}
+            split_dir = storage.join(shards_dir, split)
+            for name in storage.listdir(split_dir):
+                if name.endswith(".tar") and f"{split}/{name}" not in listed:
+                    raise DataError(f"shard {storage.join(split_dir, name)} is not listed in {manifest_path} "
+                                    "(left from another prepare?)")
+            next_index = 0
+            for shard in entry["shards"]:
+                path = storage.join(shards_dir, *shard["path"].split("/"))
+                buf = _read_shard(path)
+                if len(buf) != shard["bytes"]:
+                    raise DataError(f"shard {path}: size mismatch, {len(buf)} bytes but the manifest "
+                                    f"says {shard['bytes']} (truncated or overwritten)")
+                digest = hashlib.sha256(buf).hexdigest()
+                if digest != shard["sha256"]:
+                    raise DataError(f"shard {path}: sha256 mismatch, {digest} but the manifest says "
+                                    f"{shard['sha256']} (corrupt)")
+                if shard["first_index"] != next_index:
+                    raise DataError(f"{manifest_path}: shard {path} starts at index {shard['first_index']}, "
+                                    f"expected {next_index}")
+                shard_split, indices, _, _ = _decode_shard(buf, path, shard["num_samples"])
+                expected = np.arange(next_index, next_index + shard["num_samples"])
+                if shard_split != split or not np.array_equal(indices, expected):
+                    bad = int(np.argmax(indices != expected)) if shard_split == split else 0
+                    raise DataError(f"shard {path}: datapoint {bad} has key "
+                                    f"{key_for(shard_split, int(indices[bad]))!r}, expected "
+                                    f"{key_for(split, int(expected[bad]))!r}")
+                next_index += shard["num_samples"]
+                bar.update(1)
+            if next_index != entry["num_samples"]:
+                raise DataError(f"{manifest_path}: split {split} shards hold {next_index} datapoints, "
+                                f"num_samples says {entry['num_samples']}")
+            summary[split] = {"shards": len(entry["shards"]), "samples": next_index}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Binarisation: MNIST grey levels p/255 read as Bernoulli probabilities (as in Kingma & Welling's
+# experiments); training draws fresh pixels each epoch, evaluation a fixed draw per datapoint.
+
+def dynamic_binarize(images_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 {0, 1} of the input's shape: a fresh Bernoulli(pixel / 255) draw from `generator`
+    (on the images' device; the caller seeds it from (seed, epoch))."""
+    if not isinstance(images_u8, torch.Tensor) or images_u8.dtype != torch.uint8:
+        raise TypeError(f"dynamic_binarize takes a uint8 tensor of grey levels, got "
+                        f"{getattr(images_u8, 'dtype', type(images_u8))}")
+    return torch.bernoulli(images_u8.float().div_(255), generator=generator)
+
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment (the golden ratio in 64 bits)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 output function (Steele, Lea & Flood 2014) on uint64 arrays: a bijection
+    that turns consecutive counters into independent-looking 64-bit values."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def fixed_binarize(images_u8, indices, split: str, seed: int = 0) -> torch.Tensor:
+    """float32 {0, 1} [B, 784], the same for a datapoint whatever batch it is in.
+
+    Pixel j of datapoint (split, index) is 1 iff u < pixel / 255, where u = r / 2**32 and r is
+    the top 32 bits of splitmix64(row + (j + 1) * GAMMA), row = splitmix64(stream + (index + 1) *
+    GAMMA), stream = splitmix64((seed mod 2**64) XOR the first 8 bytes (big-endian) of
+    sha256(split)). Compared in integers, so it is exact on every platform. Images uint8
+    [B, 784] or [B, 28, 28] and indices [B], numpy or torch; the result is on the images' device.
+    """
+    _check_split(split)
+    device = images_u8.device if isinstance(images_u8, torch.Tensor) else torch.device("cpu")
+    pixels, index = _as_numpy(images_u8), _as_numpy(indices)
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or int(np.prod(pixels.shape[1:])) != NUM_PIXELS:
+        raise ValueError(f"images must be uint8 [B, {NUM_PIXELS}] or [B, 28, 28], got "
+                         f"{pixels.dtype} {list(pixels.shape)}")
+    if index.shape != (len(pixels),) or not np.issubdtype(index.dtype, np.integer) or (index < 0).any():
+        raise ValueError(f"indices must be {len(pixels)} non-negative integers, got {index.dtype} {list(index.shape)}")
+    split_tag = int.from_bytes(hashlib.sha256(split.encode()).digest()[:8], "big")
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64 by design
+        stream = _splitmix64(np.array([(int(seed) % 2**64) ^ split_tag], np.uint64))
+        rows = _splitmix64(stream + (index.astype(np.uint64) + np.uint64(1)) * _GAMMA)
+        cols = np.arange(1, NUM_PIXELS + 1, dtype=np.uint64) * _GAMMA
+        r = _splitmix64(rows[:, None] + cols[None, :]) >> np.uint64(32)
+    on = r * np.uint64(255) < pixels.reshape(len(pixels), NUM_PIXELS).astype(np.uint64) << np.uint64(32)
+    return torch.from_numpy(on.astype(np.float32)).to(device)
