@@ -60,10 +60,13 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from vaedist.checkpoint import CheckpointError
         from vaedist.data import DataError
+        from vaedist.encode import EncodeError
+        from vaedist.query import QueryError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+        except (ConfigError, DataError, CheckpointError, EncodeError, QueryError, FileNotFoundError,
+                FileExistsError) as e:
             raise click.ClickException(str(e)) from None
     return wrapper
 
@@ -73,6 +76,24 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 def cli() -> None:
     """vaedist: distributed VAE training and evaluation on Ray (MNIST -> WebDataset -> Ray Train ->
     Parquet latent tables)."""
+
+
+# --- the main job -----------------------------------------------------------------------------
+
+@cli.command()
+@config_options
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [env RAY_ADDRESS]; "
+              "default: an embedded local Ray.")
+@guarded
+def run(config_path, overrides, mnist_dir, address) -> None:
+    """The whole pipeline: shards -> train -> encode -> loss-by-digit summary -> report.
+
+    vaedist run --config configs/quickstart.yaml --mnist-dir ../shared/data/mnist
+    """
+    from vaedist.pipeline import run_pipeline
+
+    cfg = resolve_config(config_path, overrides, mnist_dir, [f"scaling.address={address}"] if address else None)
+    run_pipeline(cfg, echo=click.echo)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -149,6 +170,130 @@ def train(config_path, overrides, mnist_dir, address) -> None:
     result = run_training(cfg)
     print_epoch_table(result.metrics)
     click.echo(f"run: {result.run_dir}\nbest checkpoint: {result.best_checkpoint}")
+
+
+# --- encode -----------------------------------------------------------------------------------
+
+@cli.command()
+@config_options
+@click.option("--checkpoint", help="Checkpoint dir/file or run dir (default: encode.checkpoint, else the "
+              "best checkpoint of output.run_name).")
+@click.option("--out", help="Where to publish the latent table (default: output.latents_dir).")
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [env RAY_ADDRESS].")
+@guarded
+def encode(config_path, overrides, mnist_dir, checkpoint, out, address) -> None:
+    """Encode every datapoint into a Parquet latent table with Ray Data.
+
+    vaedist encode --config configs/debug.yaml --out outputs/latents-debug
+    """
+    from vaedist.encode import encode as run_encode
+
+    cfg = resolve_config(config_path, overrides, mnist_dir, [f"scaling.address={address}"] if address else None)
+    result = run_encode(cfg, checkpoint=checkpoint, out=out)
+    rows = ", ".join(f"{split} {n}" for split, n in result.rows.items())
+    click.echo(f"published {result.path}: {rows} rows ({result.rows_per_s:,.0f} rows/s)")
+
+
+# --- query and report -----------------------------------------------------------------------------
+
+ANALYSES = ("loss-by-digit", "worst", "gaps", "neighbours")
+
+
+@cli.command()
+@config_options
+@click.argument("what")
+@click.option("--latents", help="The latent table (default: output.latents_dir).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default=None,
+              help="Restrict an analysis to one split (loss-by-digit defaults to test).")
+@click.option("--k", "k", default=10, show_default=True, help="Rows for worst / gaps / neighbours.")
+@click.option("--key", help="The datapoint for neighbours, e.g. test-00042.")
+@click.option("--space", type=click.Choice(["mu", "z"]), default="mu", show_default=True)
+@guarded
+def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, space) -> None:
+    """Query a latent table with SQL over the view `latents`, or run a ready-made analysis
+    (loss-by-digit, worst, gaps, neighbours).
+
+    \b
+    vaedist query "SELECT label, avg(loss) FROM latents GROUP BY label ORDER BY label"
+    vaedist query loss-by-digit --split test --format csv
+    vaedist query worst --k 5
+    vaedist query gaps --k 5
+    vaedist query neighbours --key test-00042 --k 5
+    """
+    from vaedist import query as q
+
+    path = latents or resolve_config(config_path, overrides, mnist_dir).output.latents_dir
+    which = None if split == "all" else split
+    if what == "loss-by-digit":
+        table = q.loss_by_digit(path, split="test" if split is None else which)
+    elif what == "worst":
+        table = q.worst_explained(path, k=k, split=which)
+    elif what == "gaps":
+        table = q.largest_gaps(path, k=k, split=which)
+    elif what == "neighbours":
+        if not key:
+            raise click.UsageError("neighbours needs --key, e.g. --key test-00042")
+        table = q.neighbours(path, key, k=k, space=space)
+    else:
+        table = q.run_sql(path, what)
+    click.echo(q.format_table(table, fmt), nl=False)
+
+
+@cli.command()
+@config_options
+@click.option("--latents", help="The latent table (default: output.latents_dir).")
+@click.option("--out", help="Output directory (default: output.report_dir).")
+@click.option("--checkpoint", help="Checkpoint for reconstructions and samples (default: the table's lineage).")
+@guarded
+def report(config_path, overrides, mnist_dir, latents, out, checkpoint) -> None:
+    """Write figures and index.html: reconstructions, prior samples, the latent space, l_i per digit,
+    the highest-loss digits.
+
+    vaedist report --latents outputs/latents-debug --out outputs/report-debug
+    """
+    from vaedist.report import write_report
+
+    cfg = resolve_config(config_path, overrides, mnist_dir)
+    index = write_report(latents or cfg.output.latents_dir, out or cfg.output.report_dir, checkpoint=checkpoint)
+    click.echo(f"wrote {index}")
+
+
+# --- benchmarks ---------------------------------------------------------------------------------
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that print ratios against a baseline measured in the same run."""
+
+
+@bench.command("train")
+@config_options
+@click.option("--epochs", default=3, show_default=True, help="Epochs for each side.")
+@guarded
+def bench_train(config_path, overrides, mnist_dir, epochs) -> None:
+    """Ray Train + shards (1 worker) vs a plain PyTorch loop over in-memory tensors: samples/s and ratio.
+
+    vaedist bench train --config configs/mnist.yaml --epochs 3
+    """
+    from vaedist.bench import bench_train as run
+
+    run(resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir), epochs, echo=click.echo)
+
+
+@bench.command("encode")
+@config_options
+@click.option("--checkpoint", help="Checkpoint to encode with (default: best of output.run_name).")
+@guarded
+def bench_encode(config_path, overrides, mnist_dir, checkpoint) -> None:
+    """Ray Data encode job vs a plain single-process loop over all 70,000 datapoints, and the loss-by-digit query.
+
+    vaedist bench encode --config configs/mnist.yaml
+    """
+    from vaedist.bench import bench_encode as run
+    from vaedist.encode import resolve_checkpoint
+
+    cfg = resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir)
+    run(cfg, resolve_checkpoint(cfg, checkpoint), echo=click.echo)
 
 
 # --- config -----------------------------------------------------------------------------------

@@ -47,14 +47,16 @@ def evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_s
     eps_mc = per_key_normal(indices, split, seed, STREAM_MC, num_samples_mc, latent_dim).to(device)
     parts = negative_elbo(model, x, num_samples_mc, eps=eps_mc)
     eps_z = per_key_normal(indices, split, seed, STREAM_Z, 1, latent_dim).to(device)[:, 0]
+    # float64 sums, so that loss == recon_nll + kl and gap == log_px + loss hold exactly in the table.
+    recon_nll, kl = parts.recon_nll.double(), parts.kl.double()
     out = {
         "mu": mu.float(), "logvar": logvar.float(),
         "z": (mu + torch.exp(0.5 * logvar) * eps_z).float(),
-        "recon_nll": parts.recon_nll, "kl": parts.kl, "loss": parts.loss,
+        "recon_nll": recon_nll, "kl": kl, "loss": recon_nll + kl,
     }
     if num_samples_iw > 0:
         eps_iw = per_key_normal(indices, split, seed, STREAM_IW, num_samples_iw, latent_dim).to(device)
-        log_px = importance_log_px(model, x, num_samples_iw, chunk_size=iw_chunk_size, eps=eps_iw)
+        log_px = importance_log_px(model, x, num_samples_iw, chunk_size=iw_chunk_size, eps=eps_iw).double()
         out["log_px"] = log_px
-        out["gap"] = log_px + parts.loss
+        out["gap"] = log_px + out["loss"]
     return out

@@ -82,6 +82,18 @@ def _rank_fingerprints(model: torch.nn.Module, device: torch.device) -> list[flo
     return [float(t) for t in gathered]
 
 
+def _rank_node_ids() -> list[str]:
+    """Every rank's Ray node id, gathered: where the worker group was placed."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [node_id]
+    gathered: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(gathered, node_id)
+    return gathered
+
+
 def _unwrap(model: torch.nn.Module) -> VAE:
     return getattr(model, "module", model)
 
@@ -127,6 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # RAY (2): DDP (a no-op wrapper with one worker) and device placement.
     model = ray.train.torch.prepare_model(VAE(cfg.model))
+    node_ids = _rank_node_ids()
     optimizer = make_optimizer(model, cfg.train)
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)
 
@@ -149,12 +162,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.train.epochs):
         _maybe_inject_fault(cfg, epoch, rank, run_dir)
-        if train_images_dev is None:  # streaming: decode this worker's shards again
+        wall = time.perf_counter()
+        if train_images_dev is None:  # streaming: decode this worker's shards again, inside the timing
             _, imgs, _ = _load_rank_arrays(shards_dir, my_train)
             images = torch.from_numpy(imgs).to(device)
         else:
             images = train_images_dev
-        wall = time.perf_counter()
         sums = train_epoch(model, optimizer, images, cfg.train, epoch=epoch, rank=rank, num_steps=num_steps,
                            steps_per_epoch=full_steps, start_step=global_step, device=device,
                            mixed_precision=cfg.train.mixed_precision, scaler=scaler)
@@ -171,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "test_kl": test["kl"] / max(test["count"], 1), "test_count": int(test["count"]),
             "samples_per_s": train["count"] / epoch_seconds, "epoch_seconds": epoch_seconds,
             "world_size": world_size, "restored_from_epoch": restored_from,
-            "rank_param_sums": _rank_fingerprints(model, device),
+            "rank_param_sums": _rank_fingerprints(model, device), "rank_node_ids": node_ids,
         }
         history.append(metrics)
 

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from vaedist import storage
 from vaedist.checkpoint import CheckpointError, checkpoint_dirs, load_model, read_metrics
-from vaedist.config import ConfigError, load_config
+from vaedist.config import ConfigError
 from vaedist.data import DataError, load_split_arrays, read_manifest
 from vaedist.engine import evaluate_sums
 from vaedist.train import train
 
+from conftest import debug_config
+
 pytestmark = pytest.mark.integration
-
-
-def debug_cfg(shards: str, storage_path, run_name: str, *extra: str):
-    return load_config("configs/debug.yaml", [
-        f"data.shards_dir={shards}", "data.max_train_shards=0", "data.max_test_shards=0",
-        f"output.storage_path={storage_path}", f"output.run_name={run_name}",
-        "train.batch_size_per_worker=50", "output.checkpoints_to_keep=2", *extra])
 
 
 def recompute_test_loss(checkpoint_dir: str, shards: str, max_test_shards: int = 0) -> float:
@@ -36,9 +30,8 @@ def recompute_test_loss(checkpoint_dir: str, shards: str, max_test_shards: int =
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
-def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_shards, tmp_path, monkeypatch, num_workers):
-    monkeypatch.chdir(storage.absolute("."))
-    cfg = debug_cfg(small_shards, tmp_path, f"w{num_workers}", f"scaling.num_workers={num_workers}")
+def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_shards, tmp_path, num_workers):
+    cfg = debug_config(small_shards, tmp_path, f"w{num_workers}", f"scaling.num_workers={num_workers}")
     result = train(cfg)
     epochs = result.epochs
     assert [r["epoch"] for r in epochs] == [0, 1]
@@ -54,11 +47,11 @@ def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_sh
     assert recompute_test_loss(latest, small_shards) == pytest.approx(epochs[-1]["test_loss"], rel=1e-6)
     model, saved_cfg, state = load_model(latest)
     assert saved_cfg == cfg and state["epoch"] == 1
-    assert sum(float(p.double().sum()) for p in model.parameters()) == pytest.approx(epochs[-1]["rank_param_sums"][0])
+    assert sum(float(p.detach().double().sum()) for p in model.parameters()) == pytest.approx(epochs[-1]["rank_param_sums"][0])
 
 
 def test_crash_mid_run_resumes_from_last_checkpoint(ray_cluster, small_shards, tmp_path):
-    cfg = debug_cfg(small_shards, tmp_path, "crash", "train.epochs=3", "train.fail_at_epoch=2",
+    cfg = debug_config(small_shards, tmp_path, "crash", "train.epochs=3", "train.fail_at_epoch=2",
                     "output.max_failures=1")
     result = train(cfg)
     rows = result.epochs
@@ -69,23 +62,23 @@ def test_crash_mid_run_resumes_from_last_checkpoint(ray_cluster, small_shards, t
 
 
 def test_rerun_resumes_and_refuses_another_model_shape(ray_cluster, small_shards, tmp_path):
-    cfg = debug_cfg(small_shards, tmp_path, "rerun", "train.epochs=1")
+    cfg = debug_config(small_shards, tmp_path, "rerun", "train.epochs=1")
     first = train(cfg)
     assert [r["epoch"] for r in first.epochs] == [0]
-    again = train(debug_cfg(small_shards, tmp_path, "rerun", "train.epochs=2"))
+    again = train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=2"))
     assert [(r["epoch"], r["restored_from_epoch"]) for r in again.epochs] == [(0, -1), (1, 0)]
     assert again.epochs[0] == first.epochs[0]  # epoch 0 not retrained
     with pytest.raises(CheckpointError, match=r"different model shape: model.latent_dim: checkpoint 8 vs config 5"):
-        train(debug_cfg(small_shards, tmp_path, "rerun", "train.epochs=3", "model.latent_dim=5"))
+        train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=3", "model.latent_dim=5"))
     assert [r["epoch"] for r in read_metrics(again.run_dir) if r["kind"] == "epoch"] == [0, 1]
 
 
 def test_bad_inputs_fail_before_training(ray_cluster, small_shards, tmp_path):
     with pytest.raises(DataError, match="does not exist; run `vaedist data prepare`"):
-        train(debug_cfg(str(tmp_path / "nowhere"), tmp_path, "bad"))
+        train(debug_config(str(tmp_path / "nowhere"), tmp_path, "bad"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="manifest"):
-        train(debug_cfg(str(tmp_path / "empty"), tmp_path, "bad"))
+        train(debug_config(str(tmp_path / "empty"), tmp_path, "bad"))
     broken = tmp_path / "broken"
     shutil.copytree(small_shards, broken)
     shard = broken / "train" / "train-000001.tar"
@@ -93,12 +86,12 @@ def test_bad_inputs_fail_before_training(ray_cluster, small_shards, tmp_path):
     data[5000] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"train-000001.tar does not match its sha256"):
-        train(debug_cfg(str(broken), tmp_path, "bad"))
+        train(debug_config(str(broken), tmp_path, "bad"))
     shard.write_bytes(bytes(data[:4096]))
     with pytest.raises(DataError, match=r"train-000001.tar is 4096 bytes.*truncated"):
-        train(debug_cfg(str(broken), tmp_path, "bad"))
+        train(debug_config(str(broken), tmp_path, "bad"))
     with pytest.raises(ConfigError, match="scaling.num_workers: 5 workers but only 4 training shards"):
-        train(debug_cfg(small_shards, tmp_path, "bad", "scaling.num_workers=5"))
+        train(debug_config(small_shards, tmp_path, "bad", "scaling.num_workers=5"))
     with pytest.raises(ConfigError, match=r"scaling.use_gpu: .* the Ray cluster has 0 GPU"):
-        train(debug_cfg(small_shards, tmp_path, "bad", "scaling.use_gpu=true"))
+        train(debug_config(small_shards, tmp_path, "bad", "scaling.use_gpu=true"))
     assert not storage.exists(storage.join(str(tmp_path), "bad", "epoch-0000"))

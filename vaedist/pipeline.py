@@ -1,0 +1,63 @@
+"""The main job, end to end: shards -> Ray Train -> Ray Data encode -> loss-by-digit summary -> report.
+
+    vaedist run --config configs/quickstart.yaml --mnist-dir ../shared/data/mnist
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/debug.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from vaedist import storage
+from vaedist.config import Config
+from vaedist.data import DataError, prepare_shards, verify_shards
+
+
+@dataclass
+class PipelineResult:
+    shards_dir: str
+    run_dir: str
+    checkpoint: str
+    latents_dir: str
+    report: str
+    summary: str
+
+
+def ensure_shards(cfg: Config, echo: Callable[[str], None]) -> str:
+    """Reuse shards that verify against their manifest; otherwise (re)write them."""
+    shards_dir = storage.absolute(cfg.data.shards_dir)
+    if storage.exists(storage.join(shards_dir, "manifest.json")):
+        try:
+            verify_shards(shards_dir)
+            echo(f"[1/5] shards: {shards_dir} verified, reusing them")
+            return shards_dir
+        except DataError as e:
+            echo(f"[1/5] shards: {e}; writing them again")
+    echo(f"[1/5] shards: writing MNIST to {shards_dir}")
+    prepare_shards(shards_dir, mnist_dir=cfg.data.resolved_mnist_dir(), download_dir=cfg.data.download_dir,
+                   samples_per_shard=cfg.data.samples_per_shard)
+    return shards_dir
+
+
+def run_pipeline(cfg: Config, echo: Callable[[str], None] = print) -> PipelineResult:
+    from vaedist.encode import encode
+    from vaedist.query import format_table, loss_by_digit
+    from vaedist.report import write_report
+    from vaedist.train import train
+
+    shards_dir = ensure_shards(cfg, echo)
+    echo(f"[2/5] train: run {cfg.output.run_name}, {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s)")
+    trained = train(cfg)
+    for row in trained.epochs:
+        echo(f"      epoch {row['epoch']:3d}  train l_i {row['train_loss']:8.3f}  test l_i {row['test_loss']:8.3f}")
+    checkpoint = trained.best_checkpoint
+    echo(f"[3/5] encode: {checkpoint} -> {cfg.output.latents_dir}")
+    encoded = encode(cfg, checkpoint=checkpoint)
+    echo(f"      {sum(encoded.rows.values())} rows in {encoded.seconds:.1f} s ({encoded.rows_per_s:,.0f} rows/s)")
+    summary = format_table(loss_by_digit(encoded.path, split="test"), "table")
+    echo("[4/5] test-set loss by digit (nats):\n" + summary)
+    report = write_report(encoded.path, storage.absolute(cfg.output.report_dir), checkpoint=checkpoint,
+                          shards_dir=shards_dir)
+    echo(f"[5/5] report: {report}")
+    return PipelineResult(shards_dir, trained.run_dir, checkpoint, encoded.path, report, summary)

@@ -1,0 +1,95 @@
+"""The latent table: one row per datapoint. The single source of truth for its columns, shared by
+the encode job (writer), the query and report modules and the tests (readers).
+
+Vectors are Arrow fixed-size lists of float32 (not Ray's tensor extension type) so the Parquet files
+open as plain arrays in DuckDB, pandas and Ray Data with no vaedist code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+LINEAGE_FILE = "_lineage.json"
+SUCCESS_FILE = "_SUCCESS"
+METADATA_KEY = b"vaedist.lineage"
+VIEW_NAME = "latents"
+
+# name -> (description, units); the order is the column order of the table.
+COLUMNS: dict[str, str] = {
+    "key": "the shard's __key__, '<split>-<index>'",
+    "split": "'train' or 'test'",
+    "index": "datapoint index within its split",
+    "label": "digit 0-9",
+    "shard": "shard path relative to the shards directory",
+    "mu": "posterior mean of q(z|x), float32[latent_dim]",
+    "logvar": "posterior log-variance of q(z|x), float32[latent_dim]",
+    "z": "one posterior sample z ~ q(z|x), float32[latent_dim]",
+    "recon_nll": "-E_q[log p(x|z)] in nats, Monte Carlo over S samples",
+    "kl": "KL(q(z|x) || N(0, I)) in nats, analytic",
+    "loss": "l_i = recon_nll + kl (the negative ELBO) in nats",
+    "log_px": "importance-weighted estimate of log p(x) with K samples, nats (null when K = 0)",
+    "gap": "log_px + loss: estimated KL(q(z|x) || p(z|x)), nats (null when K = 0)",
+}
+VECTOR_COLUMNS = ("mu", "logvar", "z")
+
+
+def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None) -> pa.Schema:
+    vec = pa.list_(pa.float32(), latent_dim)
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("mu", vec, nullable=False),
+        pa.field("logvar", vec, nullable=False),
+        pa.field("z", vec, nullable=False),
+        pa.field("recon_nll", pa.float64(), nullable=False),
+        pa.field("kl", pa.float64(), nullable=False),
+        pa.field("loss", pa.float64(), nullable=False),
+        pa.field("log_px", pa.float64()),
+        pa.field("gap", pa.float64()),
+    ]
+    assert [f.name for f in fields] == list(COLUMNS)
+    metadata = {METADATA_KEY: json.dumps(dict(lineage), sort_keys=True).encode()} if lineage else None
+    return pa.schema(fields, metadata=metadata)
+
+
+def _vectors(values: np.ndarray, latent_dim: int) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim != 2 or values.shape[1] != latent_dim:
+        raise ValueError(f"expected a [rows, {latent_dim}] array, got shape {values.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), latent_dim)
+
+
+def to_table(columns: Mapping[str, Any], latent_dim: int, lineage: Mapping[str, Any] | None = None) -> pa.Table:
+    """Build a table in the canonical schema from numpy columns (vectors as [rows, latent_dim])."""
+    missing = set(COLUMNS) - {"log_px", "gap"} - set(columns)
+    if missing:
+        raise ValueError(f"latent table is missing columns {sorted(missing)}")
+    schema = arrow_schema(latent_dim, lineage)
+    rows = len(columns["key"])
+    arrays = []
+    for field in schema:
+        value = columns.get(field.name)
+        if field.name in VECTOR_COLUMNS:
+            arrays.append(_vectors(value, latent_dim))
+        elif value is None:
+            arrays.append(pa.nulls(rows, field.type))
+        else:
+            arrays.append(pa.array(np.asarray(value), type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def latent_dim_of(schema: pa.Schema) -> int:
+    return schema.field("mu").type.list_size
+
+
+def lineage_of(schema: pa.Schema) -> dict[str, Any] | None:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else None
