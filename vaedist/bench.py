@@ -59,8 +59,8 @@ def bench_train(cfg: Config, epochs: int, echo: Callable[[str], None] = print) -
         wall = time.perf_counter() - start
     rows = result.epochs
     ray_sps = sum(r["samples_per_s"] * r["epoch_seconds"] for r in rows) / sum(r["epoch_seconds"] for r in rows)
-    echo(f"(a) Ray Train + WebDataset shards, 1 worker: {ray_sps:,.0f} samples/s "
-         f"(per epoch: {', '.join(f'{r['samples_per_s']:,.0f}' for r in rows)})")
+    per_epoch = ", ".join(f"{r['samples_per_s']:,.0f}" for r in rows)
+    echo(f"(a) Ray Train + WebDataset shards, 1 worker: {ray_sps:,.0f} samples/s (per epoch: {per_epoch})")
     plain_after = plain_train_throughput(cfg, images_u8, epochs, steps)
     echo(f"(b) plain PyTorch loop, again: {plain_after:,.0f} samples/s")
     plain = (plain_before + plain_after) / 2

@@ -18,7 +18,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from vaedist import data
+from vaedist.data import shards as shard_format
 from vaedist.data import (MNIST_FILES, MNIST_MD5, MNIST_NUM_SAMPLES, DataError, dynamic_binarize,
                           fixed_binarize, iter_shard, key_for, load_mnist, load_split_arrays,
                           manifest_hash, parse_key, prepare_shards, read_manifest, shard_paths,
@@ -265,7 +265,7 @@ def test_reprepare_with_fewer_shards_removes_stale_ones(shards_copy, mnist_idx_d
 
 
 def test_crashed_prepare_leaves_no_manifest(shards_copy, mnist_idx_dir, monkeypatch):
-    real = data._shard_bytes
+    real = shard_format._shard_bytes
     calls = []
 
     def crash_on_second(*args):
@@ -274,7 +274,7 @@ def test_crashed_prepare_leaves_no_manifest(shards_copy, mnist_idx_dir, monkeypa
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(data, "_shard_bytes", crash_on_second)
+    monkeypatch.setattr(shard_format, "_shard_bytes", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(str(shards_copy), mnist_dir=str(mnist_idx_dir), samples_per_shard=50, limit_per_split=LIMIT,
                        progress=False)
@@ -379,7 +379,7 @@ def test_load_split_arrays_matches_the_source(small_shards, mnist, split):
     paths = shard_paths(str(out), split)
     counts = [s["num_samples"] for s in manifest["splits"][split]["shards"]]
     # Our own shards take the sliced fast path; a silent fall back to tarfile would be ~50x slower.
-    assert all(data._decode_canonical(Path(p).read_bytes()) is not None for p in paths)
+    assert all(shard_format._decode_canonical(Path(p).read_bytes()) is not None for p in paths)
     indices, images, labels = load_split_arrays(paths, counts)
     assert indices.dtype == np.int64 and images.dtype == np.uint8 and labels.dtype == np.int64
     assert np.array_equal(indices, np.arange(LIMIT))
@@ -396,7 +396,7 @@ def test_load_split_arrays_reads_other_writers_shards(mnist, tmp_path):
     with wds.TarWriter(str(path)) as writer:
         for i in range(10, 20):
             writer.write({"__key__": key_for("test", i), "npy": mnist["test"][0][i], "cls": int(mnist["test"][1][i])})
-    assert data._decode_canonical(path.read_bytes()) is None
+    assert shard_format._decode_canonical(path.read_bytes()) is None
     indices, images, labels = load_split_arrays([str(path)], [10])
     assert np.array_equal(indices, np.arange(10, 20))
     assert np.array_equal(images, mnist["test"][0][10:20].reshape(10, 784))

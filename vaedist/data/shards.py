@@ -1,9 +1,4 @@
-"""MNIST for vaedist: the source files, the WebDataset shards and their manifest, the shard decoder
-every training worker uses, and binarisation. numpy, torch and tarfile; no Ray.
-
-    manifest = prepare_shards("outputs/shards", mnist_dir="/data/mnist")
-    verify_shards("outputs/shards")
-    indices, images, labels = load_split_arrays(shard_paths("outputs/shards", "train"))
+"""The WebDataset shards: reproducible writing, the manifest, verification and the fast reader.
 
 Shard layout (FORMAT_VERSION 1; this module is its one source of truth):
 <shards_dir>/<split>/<split>-000000.tar, ... are plain ustar archives. Datapoint `index` of `split`
@@ -15,161 +10,25 @@ size and sha256; it is written last, so its presence means the shards are comple
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
-import operator
 import os
 import re
 import tarfile
-import zlib
 from typing import Iterator
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from vaedist import storage
-from vaedist.config import MNIST_DIR_ENV
+from vaedist.data.common import (FORMAT_VERSION, IMAGE_SHAPE, NUM_PIXELS, SPLITS, DataError, _check_split,
+                                 key_for, parse_key)
+from vaedist.data.mnist import load_mnist
 
-SPLITS = ("train", "test")
-MNIST_NUM_SAMPLES = {"train": 60000, "test": 10000}
-IMAGE_SHAPE = (28, 28)
-NUM_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
-FORMAT_VERSION = 1
-MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-# Of the decompressed content: a recompressed .gz holds the same data under a different md5.
-MNIST_MD5 = {
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
 MANIFEST_NAME = "manifest.json"
 IMAGE_EXT = "npy"
 LABEL_EXT = "cls"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, shard and/or key."""
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The MNIST source: a local directory of IDX files, or a torchvision download.
-
-def _read_idx_file(mnist_dir: str, name: str) -> tuple[bytes, str]:
-    """The decompressed bytes of `name` (raw) or `name.gz` in mnist_dir, and the path read."""
-    raw, gz = os.path.join(mnist_dir, name), os.path.join(mnist_dir, name + ".gz")
-    path = raw if os.path.isfile(raw) else gz if os.path.isfile(gz) else None
-    if path is None:
-        raise DataError(f"MNIST file {name} (raw or .gz) not found in {mnist_dir}")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if path.endswith(".gz"):
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise DataError(f"MNIST file {path}: cannot read or decompress it ({e})") from None
-    return data, path
-
-
-def _parse_idx(data: bytes, path: str, dims_expected: tuple[int, ...]) -> np.ndarray:
-    """An IDX array of unsigned bytes (LeCun's format: magic 0x0000 08 <ndim>, big-endian dims, data)."""
-    ndim = len(dims_expected)
-    magic = bytes([0, 0, 0x08, ndim])
-    if data[:4] != magic:
-        raise DataError(f"MNIST file {path}: magic number {data[:4].hex()}, expected {magic.hex()} "
-                        f"(uint8, {ndim}-d)")
-    header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4)) if len(data) >= header else ()
-    if dims != dims_expected:
-        raise DataError(f"MNIST file {path}: dimensions {dims}, expected {dims_expected}")
-    expected_len = header + int(np.prod(dims))
-    if len(data) != expected_len:
-        raise DataError(f"MNIST file {path}: {len(data)} bytes decompressed, expected {expected_len} "
-                        "(truncated or trailing data)")
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
-
-
-def _check_md5(data: bytes, path: str, name: str) -> str:
-    digest = hashlib.md5(data).hexdigest()
-    if digest != MNIST_MD5[name]:
-        raise DataError(f"MNIST file {path}: md5 of the decompressed content is {digest}, expected "
-                        f"{MNIST_MD5[name]} (corrupt or not the official {name})")
-    return digest
-
-
-def _load_idx_dir(split: str, mnist_dir: str, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    image_name, label_name = MNIST_FILES[split]
-    n = MNIST_NUM_SAMPLES[split]
-    data, path = _read_idx_file(mnist_dir, image_name)
-    images = _parse_idx(data, path, (n, *IMAGE_SHAPE))
-    files = {image_name: _check_md5(data, path, image_name)}
-    data, path = _read_idx_file(mnist_dir, label_name)
-    labels = _parse_idx(data, path, (n,))
-    if labels.max() > 9:
-        bad = int(np.argmax(labels > 9))
-        raise DataError(f"MNIST file {path}: label {labels[bad]} at index {bad} is outside 0..9")
-    files[label_name] = _check_md5(data, path, label_name)
-    return images, labels, {"kind": kind, "files": files}
-
-
-def load_mnist(split: str, mnist_dir: str | None = None,
-               download_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(images uint8 [N, 28, 28], labels uint8 [N], source info) for one split.
-
-    With mnist_dir: parse its IDX files (raw or .gz) and check magic, dims, counts, labels and the
-    decompressed md5. Without: download with torchvision into download_dir, then parse the same way.
-    Source info: {"kind": "idx" | "torchvision", "files": {file name: decompressed md5}}.
-    """
-    _check_split(split)
-    if mnist_dir is not None:
-        if not os.path.isdir(mnist_dir):
-            raise DataError(f"MNIST directory {mnist_dir} does not exist")
-        return _load_idx_dir(split, mnist_dir, kind="idx")
-    hint = f"pass --mnist-dir or set {MNIST_DIR_ENV} to a directory holding the MNIST IDX files"
-    if download_dir is None:
-        raise DataError(f"no MNIST source given: {hint}, or give a download directory")
-    try:
-        from torchvision.datasets import MNIST
-        raw_folder = MNIST(download_dir, train=split == "train", download=True).raw_folder
-    except Exception as e:  # network, mirror and disk failures all leave the user the same fix
-        raise DataError(f"torchvision could not download MNIST into {download_dir} "
-                        f"({type(e).__name__}: {e}); {hint}") from e
-    # torchvision keeps the decompressed IDX files there; parse them with the same checks.
-    return _load_idx_dir(split, raw_folder, kind="torchvision")
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys and the tar layout.
-
-_KEY_RE = re.compile(rf"({'|'.join(SPLITS)})-(\d{{5,}})")
-
-
-def key_for(split: str, index: int) -> str:
-    """The stable WebDataset __key__ of a datapoint, e.g. "train-00042" (no dots: tar names split there)."""
-    _check_split(split)
-    index = operator.index(index)
-    if index < 0:
-        raise ValueError(f"datapoint index must be >= 0, got {index}")
-    return f"{split}-{index:05d}"
-
-
-def parse_key(key: str) -> tuple[str, int]:
-    """(split, index) from a key made by key_for; DataError on anything else."""
-    match = _KEY_RE.fullmatch(key) if isinstance(key, str) else None
-    if match is None or key_for(match[1], int(match[2])) != key:
-        raise DataError(f"malformed key {key!r}: expected <split>-<index>, e.g. {key_for('train', 42)!r}")
-    return match[1], int(match[2])
 
 
 def _shard_name(split: str, shard_index: int) -> str:
@@ -571,58 +430,3 @@ def verify_shards(shards_dir: str, progress: bool = False) -> dict:
                                 f"num_samples says {entry['num_samples']}")
             summary[split] = {"shards": len(entry["shards"]), "samples": next_index}
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Binarisation: MNIST grey levels p/255 read as Bernoulli probabilities (as in Kingma & Welling's
-# experiments); training draws fresh pixels each epoch, evaluation a fixed draw per datapoint.
-
-def dynamic_binarize(images_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """float32 {0, 1} of the input's shape: a fresh Bernoulli(pixel / 255) draw from `generator`
-    (on the images' device; the caller seeds it from (seed, epoch))."""
-    if not isinstance(images_u8, torch.Tensor) or images_u8.dtype != torch.uint8:
-        raise TypeError(f"dynamic_binarize takes a uint8 tensor of grey levels, got "
-                        f"{getattr(images_u8, 'dtype', type(images_u8))}")
-    return torch.bernoulli(images_u8.float().div_(255), generator=generator)
-
-
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment (the golden ratio in 64 bits)
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 output function (Steele, Lea & Flood 2014) on uint64 arrays: a bijection
-    that turns consecutive counters into independent-looking 64-bit values."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _as_numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def fixed_binarize(images_u8, indices, split: str, seed: int = 0) -> torch.Tensor:
-    """float32 {0, 1} [B, 784], the same for a datapoint whatever batch it is in.
-
-    Pixel j of datapoint (split, index) is 1 iff u < pixel / 255, where u = r / 2**32 and r is
-    the top 32 bits of splitmix64(row + (j + 1) * GAMMA), row = splitmix64(stream + (index + 1) *
-    GAMMA), stream = splitmix64((seed mod 2**64) XOR the first 8 bytes (big-endian) of
-    sha256(split)). Compared in integers, so it is exact on every platform. Images uint8
-    [B, 784] or [B, 28, 28] and indices [B], numpy or torch; the result is on the images' device.
-    """
-    _check_split(split)
-    device = images_u8.device if isinstance(images_u8, torch.Tensor) else torch.device("cpu")
-    pixels, index = _as_numpy(images_u8), _as_numpy(indices)
-    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or int(np.prod(pixels.shape[1:])) != NUM_PIXELS:
-        raise ValueError(f"images must be uint8 [B, {NUM_PIXELS}] or [B, 28, 28], got "
-                         f"{pixels.dtype} {list(pixels.shape)}")
-    if index.shape != (len(pixels),) or not np.issubdtype(index.dtype, np.integer) or (index < 0).any():
-        raise ValueError(f"indices must be {len(pixels)} non-negative integers, got {index.dtype} {list(index.shape)}")
-    split_tag = int.from_bytes(hashlib.sha256(split.encode()).digest()[:8], "big")
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64 by design
-        stream = _splitmix64(np.array([(int(seed) % 2**64) ^ split_tag], np.uint64))
-        rows = _splitmix64(stream + (index.astype(np.uint64) + np.uint64(1)) * _GAMMA)
-        cols = np.arange(1, NUM_PIXELS + 1, dtype=np.uint64) * _GAMMA
-        r = _splitmix64(rows[:, None] + cols[None, :]) >> np.uint64(32)
-    on = r * np.uint64(255) < pixels.reshape(len(pixels), NUM_PIXELS).astype(np.uint64) << np.uint64(32)
-    return torch.from_numpy(on.astype(np.float32)).to(device)
