@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import duckdb
 import numpy as np
@@ -14,6 +17,8 @@ from vaedist import schema, storage
 from vaedist.checkpoint import CheckpointError
 from vaedist.encode import FAIL_ENV, EncodeError, encode
 from vaedist.query import QueryError, loss_by_digit, run_sql
+
+from conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -71,19 +76,23 @@ def test_same_inputs_give_identical_tables_and_single_sample_matches_training_ex
     assert mean == pytest.approx(result.epochs[-1]["test_loss"], rel=1e-9)
 
 
-def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_completes(published, tmp_path, monkeypatch):
+def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_completes(published, tmp_path):
     cfg, result, enc = published
     out = str(tmp_path / "table")
     first = encode(encode_cfg(cfg, "encode.splits=[test]"), checkpoint=result.latest_checkpoint, out=out)
     before, listing = read_sorted(out), sorted(storage.listdir(out))
-    monkeypatch.setenv(FAIL_ENV, "3")
-    with pytest.raises(Exception, match="injected fault"):
-        encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=out)
+    # The real thing: a job process (its own embedded Ray) whose encoder dies after writing began.
+    overrides = [f"--set={o}" for o in (f"data.shards_dir={cfg.data.shards_dir}", "encode.concurrency=1",
+                                        "encode.num_samples_iw=8", "scaling.address=local")]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, FAIL_ENV: "3"}
+    job = subprocess.run([sys.executable, str(REPO / "jobs" / "encode.py"), "--config", str(REPO / "configs/debug.yaml"),
+                          *overrides, "--checkpoint", result.latest_checkpoint, "--out", out],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert job.returncode != 0 and "injected fault" in job.stdout + job.stderr, job.stderr[-2000:]
     # The published path still holds the earlier, complete table; the partial files stayed in staging.
-    assert read_sorted(out).equals(before) and first.rows == {"test": 4000}
-    assert sorted(storage.listdir(out)) == listing
+    assert first.rows == {"test": 4000}
+    assert read_sorted(out).equals(before) and sorted(storage.listdir(out)) == listing
     assert any(n.startswith(".table.staging-") for n in storage.listdir(str(tmp_path)))
-    monkeypatch.delenv(FAIL_ENV)
     done = encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=out)
     table = read_sorted(out)
     assert done.rows == {"train": 4000, "test": 4000} and table.num_rows == 8000
