@@ -296,6 +296,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # Ray starts workers at nice 15. On a small machine every wake-up of Ray's own processes then
+    # preempts one thread of the worker's 2-thread OpenMP team and stalls the other at its barrier:
+    # measured here, 0.77 of plain-PyTorch throughput at nice 15 vs 0.96 at nice 0 (README,
+    # Performance). An embedded Ray is ours alone, so its workers run at normal priority; set
+    # RAY_worker_niceness yourself to choose otherwise.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
