@@ -1,8 +1,13 @@
 """Paths that may be local or in object storage (s3://, gs://, ...), through pyarrow.fs.
 
-Ray Train and Ray Data resolve storage the same way, so one URI works for all three. S3
-credentials and endpoint come from the standard variables (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL).
+resolve() is pyarrow's FileSystem.from_uri, which is also what Ray Train (RunConfig.storage_path)
+and Ray Data (read_*/write_* paths) call on the same URI, so one URI means the same place to all
+three. For S3, from_uri takes credentials and region from the standard variables
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION) and a custom endpoint
+from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, whose scheme picks http or https (MinIO, moto:
+AWS_ENDPOINT_URL=http://127.0.0.1:9000). pyarrow.fs.S3FileSystem() built directly ignores the
+endpoint variables: always go through resolve(). Each process reads the variables itself, so they
+must be set on every Ray node, or passed as the job's runtime_env env_vars, not only on the driver.
 """
 
 from __future__ import annotations

@@ -305,7 +305,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        # "local": a new instance of our own; a bare ray.init() would join whatever cluster
+        # /tmp/ray last recorded, which is not "embedded".
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def train(cfg: Config) -> TrainResult:
