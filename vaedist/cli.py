@@ -41,11 +41,18 @@ def config_options(fn: Callable) -> Callable:
     return fn
 
 
+address_option = click.option("--address", envvar="RAY_ADDRESS",
+                              help="Ray cluster to join [env RAY_ADDRESS]; default: an embedded local Ray.")
+
+
 def resolve_config(config_path: str | None, overrides: tuple[str, ...], mnist_dir: str | None = None,
-                   extra: list[str] | None = None) -> Config:
-    items = list(overrides) + list(extra or [])
+                   address: str | None = None) -> Config:
+    """Defaults < YAML < --set, then the dedicated options (--mnist-dir, --address) on top."""
+    items = list(overrides)
     if mnist_dir:
         items.append(f"data.mnist_dir={mnist_dir}")
+    if address:
+        items.append(f"scaling.address={address}")
     try:
         return load_config(config_path, items)
     except ConfigError as e:
@@ -82,8 +89,7 @@ def cli() -> None:
 
 @cli.command()
 @config_options
-@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [env RAY_ADDRESS]; "
-              "default: an embedded local Ray.")
+@address_option
 @guarded
 def run(config_path, overrides, mnist_dir, address) -> None:
     """The whole pipeline: shards -> train -> encode -> loss-by-digit summary -> report.
@@ -92,7 +98,7 @@ def run(config_path, overrides, mnist_dir, address) -> None:
     """
     from vaedist.pipeline import run_pipeline
 
-    cfg = resolve_config(config_path, overrides, mnist_dir, [f"scaling.address={address}"] if address else None)
+    cfg = resolve_config(config_path, overrides, mnist_dir, address)
     run_pipeline(cfg, echo=click.echo)
 
 
@@ -156,8 +162,7 @@ def print_epoch_table(rows: list[dict]) -> None:
 
 @cli.command()
 @config_options
-@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [env RAY_ADDRESS]; "
-              "default: an embedded local Ray.")
+@address_option
 @guarded
 def train(config_path, overrides, mnist_dir, address) -> None:
     """Train (or resume) a VAE with Ray Train over the shards.
@@ -166,7 +171,7 @@ def train(config_path, overrides, mnist_dir, address) -> None:
     """
     from vaedist.train import train as run_training
 
-    cfg = resolve_config(config_path, overrides, mnist_dir, [f"scaling.address={address}"] if address else None)
+    cfg = resolve_config(config_path, overrides, mnist_dir, address)
     result = run_training(cfg)
     print_epoch_table(result.metrics)
     click.echo(f"run: {result.run_dir}\nbest checkpoint: {result.best_checkpoint}")
@@ -179,7 +184,7 @@ def train(config_path, overrides, mnist_dir, address) -> None:
 @click.option("--checkpoint", help="Checkpoint dir/file or run dir (default: encode.checkpoint, else the "
               "best checkpoint of output.run_name).")
 @click.option("--out", help="Where to publish the latent table (default: output.latents_dir).")
-@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [env RAY_ADDRESS].")
+@address_option
 @guarded
 def encode(config_path, overrides, mnist_dir, checkpoint, out, address) -> None:
     """Encode every datapoint into a Parquet latent table with Ray Data.
@@ -188,7 +193,7 @@ def encode(config_path, overrides, mnist_dir, checkpoint, out, address) -> None:
     """
     from vaedist.encode import encode as run_encode
 
-    cfg = resolve_config(config_path, overrides, mnist_dir, [f"scaling.address={address}"] if address else None)
+    cfg = resolve_config(config_path, overrides, mnist_dir, address)
     result = run_encode(cfg, checkpoint=checkpoint, out=out)
     rows = ", ".join(f"{split} {n}" for split, n in result.rows.items())
     click.echo(f"published {result.path}: {rows} rows ({result.rows_per_s:,.0f} rows/s)")
