@@ -15,11 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from vaedist import schema, storage
+from vaedist import storage
 from vaedist.config import Config, config_from_dict
-from vaedist.data import fixed_binarize, key_for, load_mnist, load_split_arrays, read_manifest
+from vaedist.data import load_mnist, read_manifest
 from vaedist.engine import make_optimizer, train_epoch
-from vaedist.evaluate import evaluate_batch
 from vaedist.model import VAE
 
 
@@ -84,30 +83,25 @@ def bench_train(cfg: Config, epochs: int, echo: Callable[[str], None] = print) -
 
 
 def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:
-    """(b): one process, shard by shard, the same columns written with pyarrow."""
-    from vaedist.checkpoint import load_model
+    """(b): one process, shard by shard, through the job's own read_shard and LatentEncoder (so only
+    Ray differs), each batch's table written with pyarrow."""
+    from vaedist.encode import LatentEncoder, read_shard
 
-    torch.set_num_threads(max(1, int(cfg.encode.cpus_per_actor * cfg.encode.concurrency)))
-    model, model_cfg, _ = load_model(checkpoint)
+    ec = cfg.encode
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
+    encoder = LatentEncoder(checkpoint, ec.num_samples_mc, ec.num_samples_iw, ec.iw_chunk_size, ec.seed,
+                            use_gpu=False, num_threads=int(ec.cpus_per_actor * ec.concurrency), lineage={})
     rows, part = {}, 0
-    ec = cfg.encode
     for split in ec.splits:
         for shard in manifest["splits"][split]["shards"]:
-            idx, imgs, labels = load_split_arrays([storage.join(shards_dir, shard["path"])], [shard["num_samples"]])
-            for start in range(0, len(idx), ec.batch_size):
-                sl = slice(start, start + ec.batch_size)
-                x = fixed_binarize(imgs[sl], idx[sl], split, model_cfg.train.seed)
-                out = evaluate_batch(model, x, idx[sl], split, ec.seed, ec.num_samples_mc, ec.num_samples_iw,
-                                     ec.iw_chunk_size)
-                cols = {k: v.numpy() for k, v in out.items()}
-                cols.update(key=np.array([key_for(split, int(i)) for i in idx[sl]], dtype=object),
-                            split=np.array([split] * len(idx[sl]), dtype=object), index=idx[sl], label=labels[sl],
-                            shard=np.array([shard["path"]] * len(idx[sl]), dtype=object))
-                pq.write_table(schema.to_table(cols, model.latent_dim), f"{out_dir}/part-{part:05d}.parquet")
+            batch = read_shard({"shard": [shard["path"]], "split": [split], "num_samples": [shard["num_samples"]]},
+                               shards_dir)
+            for start in range(0, len(batch["key"]), ec.batch_size):
+                pq.write_table(encoder({k: v[start:start + ec.batch_size] for k, v in batch.items()}),
+                               f"{out_dir}/part-{part:05d}.parquet")
                 part += 1
-            rows[split] = rows.get(split, 0) + len(idx)
+            rows[split] = rows.get(split, 0) + len(batch["key"])
     return rows
 
 
