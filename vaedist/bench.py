@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -83,25 +85,32 @@ def bench_train(cfg: Config, epochs: int, echo: Callable[[str], None] = print) -
 
 
 def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:
-    """(b): one process, shard by shard, through the job's own read_shard and LatentEncoder (so only
-    Ray differs), each batch's table written with pyarrow."""
-    from vaedist.encode import LatentEncoder, read_shard
+    """(b): one process, shard by shard, through the job's own LatentEncoder (so only Ray differs),
+    with all the job's CPUs as threads, written with pyarrow in files as large as the job's."""
+    from vaedist.encode import ROWS_PER_FILE, LatentEncoder, encoder_kwargs
 
     ec = cfg.encode
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
-    encoder = LatentEncoder(checkpoint, ec.num_samples_mc, ec.num_samples_iw, ec.iw_chunk_size, ec.seed,
-                            use_gpu=False, num_threads=int(ec.cpus_per_actor * ec.concurrency), lineage={})
-    rows, part = {}, 0
+    kwargs = encoder_kwargs(cfg, checkpoint, shards_dir, lineage={})
+    kwargs.update(use_gpu=False, num_threads=int(ec.cpus_per_actor * ec.concurrency), fail_after_batches=-1)
+    encoder = LatentEncoder(**kwargs)
+    rows: dict[str, int] = {}
+    pending: list[pa.Table] = []
+
+    def flush() -> None:  # files of ROWS_PER_FILE rows, as the job writes
+        if pending:
+            pq.write_table(pa.concat_tables(pending), f"{out_dir}/part-{len(os.listdir(out_dir)):05d}.parquet")
+            pending.clear()
+
     for split in ec.splits:
         for shard in manifest["splits"][split]["shards"]:
-            batch = read_shard({"shard": [shard["path"]], "split": [split], "num_samples": [shard["num_samples"]]},
-                               shards_dir)
-            for start in range(0, len(batch["key"]), ec.batch_size):
-                pq.write_table(encoder({k: v[start:start + ec.batch_size] for k, v in batch.items()}),
-                               f"{out_dir}/part-{part:05d}.parquet")
-                part += 1
-            rows[split] = rows.get(split, 0) + len(batch["key"])
+            for table in encoder({"shard": [shard["path"]], "split": [split], "num_samples": [shard["num_samples"]]}):
+                pending.append(table)
+                rows[split] = rows.get(split, 0) + table.num_rows
+                if sum(t.num_rows for t in pending) >= ROWS_PER_FILE:
+                    flush()
+    flush()
     return rows
 
 

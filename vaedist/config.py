@@ -165,8 +165,9 @@ class EncodeConfig:
     None: the best checkpoint of output.run_name."""
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     """Which splits to encode."""
-    batch_size: int = 512
-    """Rows per map_batches call."""
+    batch_size: int = 128
+    """Datapoints per forward pass in an encoder actor (S samples each: 128 keeps the decoder's
+    activations in cache, measured ~20% faster than 512 on CPU)."""
     num_samples_mc: int = 16
     """S, Monte Carlo samples of z for each row's recon_nll."""
     num_samples_iw: int = 0

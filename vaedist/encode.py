@@ -3,24 +3,25 @@
     vaedist encode --config configs/debug.yaml [--checkpoint outputs/runs/debug] [--out outputs/latents]
     ray job submit --working-dir . -- python jobs/encode.py --config configs/debug.yaml
 
-shards -> map_batches(read one shard) -> map_batches(LatentEncoder actors) -> write_parquet into a
-hidden staging directory -> verify one row per datapoint -> lineage + _SUCCESS -> publish by rename.
+shards (one row each) -> map_batches(LatentEncoder actors: read a shard, encode it batch by batch)
+-> write_parquet into a hidden staging directory -> verify one row per datapoint -> lineage +
+_SUCCESS -> publish by rename.
 A crash at any point leaves the published path as it was; a rerun starts a fresh staging directory.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import torch
 
 from vaedist import __version__, schema, storage
@@ -39,53 +40,54 @@ class EncodeError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The two per-batch functions Ray Data runs.
+# What the Ray Data actors run.
 
-def read_shard(batch: dict[str, np.ndarray], shards_dir: str) -> dict[str, np.ndarray]:
-    """One row per shard in -> one row per datapoint out (decoded by the verified fast reader)."""
-    keys, splits, indices, labels, shard_names, images = [], [], [], [], [], []
-    for rel, split, count in zip(batch["shard"], batch["split"], batch["num_samples"]):
-        idx, imgs, labs = load_split_arrays([storage.join(shards_dir, str(rel))], [int(count)])
-        keys += [key_for(str(split), int(i)) for i in idx]
-        splits += [str(split)] * len(idx)
-        shard_names += [str(rel)] * len(idx)
-        indices.append(idx)
-        labels.append(labs)
-        images.append(imgs)
-    return {"key": np.array(keys, dtype=object), "split": np.array(splits, dtype=object),
-            "index": np.concatenate(indices), "label": np.concatenate(labels),
-            "shard": np.array(shard_names, dtype=object), "image": np.concatenate(images)}
+def read_shard(shards_dir: str, rel: str, split: str, count: int) -> dict[str, np.ndarray]:
+    """One shard -> one row per datapoint (decoded by the verified fast reader)."""
+    indices, images, labels = load_split_arrays([storage.join(shards_dir, rel)], [count])
+    return {"key": np.array([key_for(split, int(i)) for i in indices], dtype=object),
+            "split": np.full(len(indices), split, dtype=object), "index": indices, "label": labels,
+            "shard": np.full(len(indices), rel, dtype=object), "image": images}
 
 
 class LatentEncoder:
-    """Loads the checkpoint once per actor; __call__ maps a batch of datapoints to latent-table rows."""
+    """Loads the checkpoint once per actor. Called with a batch of shard rows (shard, split,
+    num_samples), it reads each shard and yields latent-table rows, `batch_size` datapoints at a time.
 
-    def __init__(self, checkpoint: str, num_samples_mc: int, num_samples_iw: int, iw_chunk_size: int,
-                 seed: int, use_gpu: bool, num_threads: int, lineage: dict[str, Any], fail_after_batches: int = -1):
+    Reading inside the actor, rather than in a task stage before it, is deliberate: a separate
+    stage needs its own worker processes, each importing torch, and on a small machine starting
+    those cost more than the whole encode (measured: 12 extra processes, ~35 s on 2 cores)."""
+
+    def __init__(self, checkpoint: str, shards_dir: str, batch_size: int, num_samples_mc: int, num_samples_iw: int,
+                 iw_chunk_size: int, seed: int, use_gpu: bool, num_threads: int, lineage: dict[str, Any],
+                 fail_after_batches: int = -1):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, num_threads))
         self.model, cfg, _ = load_model(checkpoint, map_location=self.device)
         self.binarize_seed = cfg.train.seed  # the training run's evaluation binarisation
+        self.shards_dir, self.batch_size = shards_dir, batch_size
         self.num_samples_mc, self.num_samples_iw, self.iw_chunk_size = num_samples_mc, num_samples_iw, iw_chunk_size
         self.seed, self.lineage, self.fail_after_batches, self.batches = seed, lineage, fail_after_batches, 0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, shards: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        for rel, split, count in zip(shards["shard"], shards["split"], shards["num_samples"]):
+            rows = read_shard(self.shards_dir, str(rel), str(split), int(count))
+            for start in range(0, len(rows["key"]), self.batch_size):
+                yield self.encode_rows({name: value[start:start + self.batch_size] for name, value in rows.items()})
+
+    def encode_rows(self, rows: dict[str, np.ndarray]) -> pa.Table:
+        """Decoded datapoints of one split (read_shard's columns) -> latent-table rows."""
         if 0 <= self.fail_after_batches <= self.batches:
             raise RuntimeError(f"injected fault after {self.batches} batches ({FAIL_ENV})")
         self.batches += 1
-        parts = []
-        splits = np.asarray(batch["split"]).astype(str)
-        for split in sorted(set(splits)):  # a batch may straddle shards of both splits
-            rows = np.flatnonzero(splits == split)
-            idx = np.asarray(batch["index"])[rows]
-            x = fixed_binarize(np.asarray(batch["image"])[rows], idx, split, self.binarize_seed).to(self.device)
-            out = evaluate_batch(self.model, x, idx, split, self.seed, self.num_samples_mc,
-                                 self.num_samples_iw, self.iw_chunk_size)
-            columns = {name: value.cpu().numpy() for name, value in out.items()}
-            columns.update({name: np.asarray(batch[name])[rows] for name in ("key", "split", "index", "label", "shard")})
-            parts.append(schema.to_table(columns, self.model.latent_dim, self.lineage))
-        return pa.concat_tables(parts)
+        split = str(rows["split"][0])
+        x = fixed_binarize(rows["image"], rows["index"], split, self.binarize_seed).to(self.device)
+        out = evaluate_batch(self.model, x, rows["index"], split, self.seed, self.num_samples_mc,
+                             self.num_samples_iw, self.iw_chunk_size)
+        columns = {name: value.cpu().numpy() for name, value in out.items()}
+        columns.update({name: rows[name] for name in ("key", "split", "index", "label", "shard")})
+        return schema.to_table(columns, self.model.latent_dim, self.lineage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +126,8 @@ def _staging_prefix(out: str) -> tuple[str, str]:
 
 def verify_table(path: str, expected: dict[str, int]) -> dict[str, int]:
     """Exactly one row per datapoint: row counts per split equal the manifest's, keys unique."""
+    import pyarrow.dataset as pads  # driver only: keeps the encoder actors' start-up lighter
+
     fs, p = storage.resolve(path)
     files = [storage.join(path, f) for f in storage.listdir(path) if f.endswith(".parquet")]
     if not files:
@@ -157,6 +161,16 @@ def publish(staging: str, out: str) -> None:
     for name in [n for n in names if n != schema.SUCCESS_FILE] + [schema.SUCCESS_FILE]:
         storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(staging, name)))
     storage.rmtree(staging)
+
+
+def encoder_kwargs(cfg: Config, checkpoint: str, shards_dir: str, lineage: dict[str, Any]) -> dict[str, Any]:
+    """LatentEncoder's arguments from cfg.encode (shared by the job and the benchmark's plain loop)."""
+    ec = cfg.encode
+    return {"checkpoint": checkpoint, "shards_dir": shards_dir, "batch_size": ec.batch_size,
+            "num_samples_mc": ec.num_samples_mc, "num_samples_iw": ec.num_samples_iw,
+            "iw_chunk_size": ec.iw_chunk_size, "seed": ec.seed, "use_gpu": ec.use_gpu,
+            "num_threads": int(ec.cpus_per_actor), "lineage": lineage,
+            "fail_after_batches": int(os.environ.get(FAIL_ENV, -1))}
 
 
 @dataclass
@@ -208,17 +222,24 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None) -
             storage.rmtree(storage.join(parent, stale))
     staging = storage.join(parent, prefix + uuid.uuid4().hex[:8])
     start = time.perf_counter()
-    (ray.data.from_items(shards, override_num_blocks=len(shards))
-        # Decoding a shard takes ~10 ms: it must not queue behind the encoder actors for a CPU.
-        .map_batches(read_shard, batch_size=1, num_cpus=0, fn_kwargs={"shards_dir": shards_dir})
-        .map_batches(LatentEncoder, batch_size=ec.batch_size, concurrency=ec.concurrency,
-                     num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0,
-                     fn_constructor_kwargs={
-                         "checkpoint": state["path"], "num_samples_mc": ec.num_samples_mc,
-                         "num_samples_iw": ec.num_samples_iw, "iw_chunk_size": ec.iw_chunk_size, "seed": ec.seed,
-                         "use_gpu": ec.use_gpu, "num_threads": int(ec.cpus_per_actor), "lineage": lineage,
-                         "fail_after_batches": int(os.environ.get(FAIL_ENV, -1))})
-        .write_parquet(staging, min_rows_per_file=ROWS_PER_FILE))
+    try:
+        (ray.data.from_items(shards, override_num_blocks=len(shards))
+            .map_batches(LatentEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
+                         num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0,
+                         fn_constructor_kwargs=encoder_kwargs(cfg, state["path"], shards_dir, lineage))
+            # The write tasks only move bytes; without a CPU of their own they write files as the
+            # actors produce rows, instead of queueing behind the actors until the end.
+            .write_parquet(staging, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0}))
+    except Exception as e:
+        failure = f"{type(e).__name__}: {e}"
+    else:
+        failure = None
+    if failure is not None:
+        # Raised afresh, without the original: its traceback holds Ray Data's operators and through
+        # them the encoder actors and their CPUs, for as long as the caller keeps the error (a
+        # notebook keeps the last one), so a retry in the same process would wait for CPUs.
+        gc.collect()
+        raise EncodeError(f"the encode job failed; {out} was left as it was. {failure}")
     seconds = time.perf_counter() - start
     rows = verify_table(staging, expected)
     lineage["rows"] = rows
