@@ -1,11 +1,22 @@
-"""Shared fixtures: the real MNIST files, small real shards, and one small local Ray cluster."""
+"""Shared fixtures: the real MNIST files, small real shards, one small local Ray cluster, and a
+small real latent table (for the query and report tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import torch
+
+from vaedist import schema
+from vaedist.checkpoint import save_checkpoint
+from vaedist.config import Config, ModelConfig
+from vaedist.data import fixed_binarize, key_for, load_split_arrays, manifest_hash, prepare_shards, read_manifest
+from vaedist.evaluate import evaluate_batch
+from vaedist.model import VAE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,3 +96,56 @@ def trained_run(ray_cluster, small_shards, tmp_path_factory):
 
     cfg = debug_config(small_shards, tmp_path_factory.mktemp("runs"), "trained")
     return cfg, train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# A latent table without Ray: an untrained model's rows for real MNIST shards, laid out as the
+# encode job writes them.
+
+LATENT_DIM = 4
+NUM_ROWS = 2000  # 1,000 per split
+
+
+def build_tables(root: Path, mnist_dir: str) -> dict[str, str]:
+    """Shards, a checkpoint, and two published tables: `latents` (K = 8) and `latents_k0` (K = 0).
+
+    Both hold a `.staging` directory of valid Parquet that a reader must skip, and `latents` also a
+    `_leak.parquet`; they duplicate rows, so any leak shows up in the row count.
+    """
+    shards = str(root / "shards")
+    prepare_shards(shards, mnist_dir=mnist_dir, samples_per_shard=500, limit_per_split=1000, progress=False)
+    torch.manual_seed(0)
+    cfg = Config(model=ModelConfig(latent_dim=LATENT_DIM, hidden_dims=[32]))
+    model = VAE(cfg.model).eval()
+    checkpoint = str(root / "checkpoint")
+    save_checkpoint(checkpoint, model_state=model.state_dict(), optimizer_state=None, epoch=1, global_step=0,
+                    config=cfg, manifest_hash=manifest_hash(shards), history=[])
+    lineage = {"checkpoint": checkpoint, "shards_dir": shards, "latent_dim": LATENT_DIM, "num_samples_mc": 2,
+               "num_samples_iw": 8, "seed": 0, "manifest_hash": manifest_hash(shards),
+               "vaedist_version": "test", "config": cfg.to_dict(), "an_unknown_key": [1, 2]}
+    out = {"shards": shards, "checkpoint": checkpoint}
+    for name, k in (("latents", 8), ("latents_k0", 0)):
+        table_dir = root / name
+        (table_dir / ".staging-0").mkdir(parents=True)
+        for split, entry in read_manifest(shards)["splits"].items():
+            for i, shard in enumerate(entry["shards"]):
+                indices, images, labels = load_split_arrays([str(Path(shards, shard["path"]))])
+                x = fixed_binarize(images, indices, split, seed=cfg.train.seed)
+                rows = evaluate_batch(model, x, indices, split, seed=0, num_samples_mc=2, num_samples_iw=k)
+                columns = {name: value.numpy() for name, value in rows.items()}
+                columns.update(key=[key_for(split, int(j)) for j in indices], split=[split] * len(indices),
+                               index=indices, label=labels, shard=[shard["path"]] * len(indices))
+                table = schema.to_table(columns, LATENT_DIM, lineage={**lineage, "num_samples_iw": k})
+                pq.write_table(table, table_dir / f"{split}_{i:06d}_000000.parquet")
+        pq.write_table(table, table_dir / ".staging-0" / "leak.parquet")
+        if k:
+            pq.write_table(table, table_dir / "_leak.parquet")
+        (table_dir / schema.LINEAGE_FILE).write_text(json.dumps({**lineage, "num_samples_iw": k}))
+        (table_dir / schema.SUCCESS_FILE).write_text("")
+        out[name] = str(table_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def latent_tables(tmp_path_factory, mnist_dir) -> dict[str, str]:
+    return build_tables(tmp_path_factory.mktemp("latent-table"), mnist_dir)

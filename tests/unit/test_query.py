@@ -1,8 +1,8 @@
 """The latent table's SQL face, against a real table: an untrained model's rows for real MNIST shards,
 written as Parquet the way the encode job lays them out, read back by real DuckDB.
 
-The table is built once per session (`build_tables`, also used by test_report.py): 1,000 datapoints
-of each split in 500-datapoint shards, one Parquet file per shard.
+The table is conftest's `latent_tables`, built once per session and shared with test_report.py:
+1,000 datapoints of each split in 500-datapoint shards, one Parquet file per shard.
 """
 
 import csv
@@ -16,86 +16,24 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 
+from conftest import LATENT_DIM, NUM_ROWS
 from vaedist import schema
-from vaedist.checkpoint import save_checkpoint
-from vaedist.config import Config, ModelConfig
-from vaedist.data import fixed_binarize, key_for, load_split_arrays, manifest_hash, prepare_shards, read_manifest
-from vaedist.evaluate import evaluate_batch
-from vaedist.model import VAE
 from vaedist.query import (QueryError, connect, format_table, largest_gaps, loss_by_digit, neighbours,
                            read_lineage, run_sql, worst_explained)
 
-LATENT_DIM = 4
-NUM_ROWS = 2000  # 1,000 per split
-_BUILT: dict[str, dict[str, str]] = {}
-
-
-def build_tables(root: Path, mnist_dir: str) -> dict[str, str]:
-    """Shards, a checkpoint, and two published tables: `latents` (K = 8) and `latents_k0` (K = 0).
-
-    Both hold a `.staging` directory of valid Parquet that a reader must skip, and `latents` also a
-    `_leak.parquet`; they duplicate rows, so any leak shows up in the row count.
-    """
-    shards = str(root / "shards")
-    prepare_shards(shards, mnist_dir=mnist_dir, samples_per_shard=500, limit_per_split=1000, progress=False)
-    torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(latent_dim=LATENT_DIM, hidden_dims=[32]))
-    model = VAE(cfg.model).eval()
-    checkpoint = str(root / "checkpoint")
-    save_checkpoint(checkpoint, model_state=model.state_dict(), optimizer_state=None, epoch=1, global_step=0,
-                    config=cfg, manifest_hash=manifest_hash(shards), history=[])
-    lineage = {"checkpoint": checkpoint, "shards_dir": shards, "latent_dim": LATENT_DIM, "num_samples_mc": 2,
-               "num_samples_iw": 8, "seed": 0, "manifest_hash": manifest_hash(shards),
-               "vaedist_version": "test", "config": cfg.to_dict(), "an_unknown_key": [1, 2]}
-    out = {"shards": shards, "checkpoint": checkpoint}
-    for name, k in (("latents", 8), ("latents_k0", 0)):
-        table_dir = root / name
-        (table_dir / ".staging-0").mkdir(parents=True)
-        for split, entry in read_manifest(shards)["splits"].items():
-            for i, shard in enumerate(entry["shards"]):
-                indices, images, labels = load_split_arrays([str(Path(shards, shard["path"]))])
-                x = fixed_binarize(images, indices, split, seed=cfg.train.seed)
-                rows = evaluate_batch(model, x, indices, split, seed=0, num_samples_mc=2, num_samples_iw=k)
-                columns = {name: value.numpy() for name, value in rows.items()}
-                columns.update(key=[key_for(split, int(j)) for j in indices], split=[split] * len(indices),
-                               index=indices, label=labels, shard=[shard["path"]] * len(indices))
-                table = schema.to_table(columns, LATENT_DIM, lineage={**lineage, "num_samples_iw": k})
-                pq.write_table(table, table_dir / f"{split}_{i:06d}_000000.parquet")
-        pq.write_table(table, table_dir / ".staging-0" / "leak.parquet")
-        if k:
-            pq.write_table(table, table_dir / "_leak.parquet")
-        (table_dir / schema.LINEAGE_FILE).write_text(json.dumps({**lineage, "num_samples_iw": k}))
-        (table_dir / schema.SUCCESS_FILE).write_text("")
-        out[name] = str(table_dir)
-    return out
-
-
-def built_tables(tmp_path_factory, mnist_dir: str) -> dict[str, str]:
-    """build_tables once per session, whichever test module asks first."""
-    if mnist_dir not in _BUILT:
-        _BUILT[mnist_dir] = build_tables(tmp_path_factory.mktemp("latent-table"), mnist_dir)
-    return _BUILT[mnist_dir]
-
-
 @pytest.fixture(scope="session")
-def tables(tmp_path_factory, mnist_dir) -> dict[str, str]:
-    return built_tables(tmp_path_factory, mnist_dir)
-
-
-@pytest.fixture(scope="session")
-def frame(tables) -> pd.DataFrame:
+def frame(latent_tables) -> pd.DataFrame:
     """The published rows read by pandas alone, the reference for every number below."""
-    files = sorted(Path(tables["latents"]).glob("*.parquet"))
+    files = sorted(Path(latent_tables["latents"]).glob("*.parquet"))
     return pd.concat([pq.read_table(f).to_pandas() for f in files if not f.name.startswith("_")],
                      ignore_index=True)
 
 
 @pytest.fixture(params=["local", "uri"])
-def latents(request, tables) -> str:
+def latents(request, latent_tables) -> str:
     """The table as a local path (DuckDB's read_parquet) and as a URI (a pyarrow dataset)."""
-    path = tables["latents"]
+    path = latent_tables["latents"]
     return path if request.param == "local" else "file://" + path
 
 
@@ -116,8 +54,8 @@ def test_run_sql_returns_arrow_with_parameters(latents):
 
 
 @pytest.mark.parametrize("split", ["test", "train", None])
-def test_loss_by_digit_matches_pandas(tables, frame, split):
-    result = loss_by_digit(tables["latents"], split=split).to_pandas().set_index("label")
+def test_loss_by_digit_matches_pandas(latent_tables, frame, split):
+    result = loss_by_digit(latent_tables["latents"], split=split).to_pandas().set_index("label")
     rows = frame if split is None else frame[frame.split == split]
     grouped = rows.groupby("label")
     expected = pd.DataFrame({
@@ -135,8 +73,8 @@ def test_loss_by_digit_matches_pandas(tables, frame, split):
     pd.testing.assert_frame_equal(result, expected, check_dtype=False, check_names=False, rtol=1e-12)
 
 
-def test_loss_by_digit_without_log_px_has_no_gap_column(tables):
-    result = loss_by_digit(tables["latents_k0"])
+def test_loss_by_digit_without_log_px_has_no_gap_column(latent_tables):
+    result = loss_by_digit(latent_tables["latents_k0"])
     assert "gap_mean" not in result.column_names
     assert sum(result.column("count").to_pylist()) == NUM_ROWS // 2
 
@@ -160,9 +98,9 @@ def test_largest_gaps_is_numpy_argsort(latents, frame):
                                result.column("log_px").to_numpy() + result.column("loss").to_numpy(), rtol=1e-9)
 
 
-def test_largest_gaps_on_a_table_without_log_px_says_so(tables):
+def test_largest_gaps_on_a_table_without_log_px_says_so(latent_tables):
     with pytest.raises(QueryError, match=r"latents_k0 has no log_px values .*num_samples_iw"):
-        largest_gaps(tables["latents_k0"])
+        largest_gaps(latent_tables["latents_k0"])
 
 
 @pytest.mark.parametrize("space", ["mu", "z"])
@@ -185,15 +123,15 @@ def test_neighbours_exclude_the_key_and_match_numpy(latents, frame, space):
     ("SELECT * FROM other_table", r"other_table does not exist"),
     ("   ", r"empty SQL"),
 ])
-def test_bad_sql_names_the_problem(tables, sql, problem):
+def test_bad_sql_names_the_problem(latent_tables, sql, problem):
     with pytest.raises(QueryError, match=problem):
-        run_sql(tables["latents"], sql)
+        run_sql(latent_tables["latents"], sql)
 
 
-def test_not_a_published_table_names_the_path(tables, tmp_path):
+def test_not_a_published_table_names_the_path(latent_tables, tmp_path):
     with pytest.raises(QueryError, match=rf"{tmp_path}/missing is not a published .* does not exist"):
         connect(str(tmp_path / "missing"))
-    unfinished = shutil.copytree(tables["latents"], tmp_path / "unfinished")
+    unfinished = shutil.copytree(latent_tables["latents"], tmp_path / "unfinished")
     (unfinished / schema.SUCCESS_FILE).unlink()
     with pytest.raises(QueryError, match=rf"{unfinished} is not a published .* no _SUCCESS"):
         connect(str(unfinished))
@@ -210,13 +148,13 @@ def test_not_a_published_table_names_the_path(tables, tmp_path):
     (lambda t: worst_explained(t, k=0), r"k must be a positive integer, got 0"),
     (lambda t: loss_by_digit(t, split="tset"), r"split must be one of train, test or None .* got 'tset'"),
 ])
-def test_bad_arguments_name_the_value(tables, call, problem):
+def test_bad_arguments_name_the_value(latent_tables, call, problem):
     with pytest.raises(QueryError, match=problem):
-        call(tables["latents"])
+        call(latent_tables["latents"])
 
 
-def test_format_table_outputs_parse_back(tables):
-    result = run_sql(tables["latents"], "SELECT key, label, loss, log_px, mu FROM latents ORDER BY key LIMIT 4")
+def test_format_table_outputs_parse_back(latent_tables):
+    result = run_sql(latent_tables["latents"], "SELECT key, label, loss, log_px, mu FROM latents ORDER BY key LIMIT 4")
     rows = result.to_pylist()
 
     parsed = list(csv.DictReader(io.StringIO(format_table(result, "csv"))))
@@ -239,9 +177,9 @@ def test_format_table_outputs_parse_back(tables):
         format_table(result, "xml")
 
 
-def test_table_opens_without_vaedist(tables):
+def test_table_opens_without_vaedist(latent_tables):
     """The published files are plain Parquet: DuckDB and pandas read them with no vaedist code."""
-    path = tables["latents_k0"]
+    path = latent_tables["latents_k0"]
     count, dims, log_px = duckdb.sql(f"SELECT count(*), min(len(mu)), count(log_px) "
                                      f"FROM read_parquet('{path}/*.parquet')").fetchall()[0]
     assert (count, dims, log_px) == (NUM_ROWS, LATENT_DIM, 0)
@@ -250,16 +188,16 @@ def test_table_opens_without_vaedist(tables):
     assert len(df.mu[0]) == LATENT_DIM and df.mu[0].dtype == np.float32
 
 
-def test_lineage_reads_back(tables):
-    lineage = read_lineage(tables["latents"])
-    assert lineage["checkpoint"] == tables["checkpoint"] and lineage["an_unknown_key"] == [1, 2]
+def test_lineage_reads_back(latent_tables):
+    lineage = read_lineage(latent_tables["latents"])
+    assert lineage["checkpoint"] == latent_tables["checkpoint"] and lineage["an_unknown_key"] == [1, 2]
 
 
 @pytest.mark.parametrize("as_uri", [False, True])
-def test_hive_partitioned_table(tables, tmp_path, as_uri):
+def test_hive_partitioned_table(latent_tables, tmp_path, as_uri):
     """Ray Data's partition_cols layout: split=<value>/ directories, the column left out of the files."""
     root = tmp_path / "hive"
-    for f in Path(tables["latents"]).glob("[!_]*.parquet"):
+    for f in Path(latent_tables["latents"]).glob("[!_]*.parquet"):
         table = pq.read_table(f)
         split = table.column("split")[0].as_py()
         (root / f"split={split}").mkdir(parents=True, exist_ok=True)
@@ -268,4 +206,4 @@ def test_hive_partitioned_table(tables, tmp_path, as_uri):
     path = ("file://" if as_uri else "") + str(root)
     assert run_sql(path, "SELECT split, count(*) AS n FROM latents GROUP BY split ORDER BY split").to_pylist() == [
         {"split": "test", "n": 1000}, {"split": "train", "n": 1000}]
-    assert loss_by_digit(path).equals(loss_by_digit(tables["latents"]))
+    assert loss_by_digit(path).equals(loss_by_digit(latent_tables["latents"]))

@@ -1,4 +1,4 @@
-"""The report over a real latent table (built by test_query.build_tables): files, links, determinism
+"""The report over a real latent table (conftest.build_tables): files, links, determinism
 and the errors for missing inputs."""
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_query import LATENT_DIM, built_tables
+from conftest import LATENT_DIM
 from vaedist import schema
 from vaedist.checkpoint import CheckpointError, save_checkpoint
 from vaedist.config import Config, ModelConfig
@@ -22,17 +22,12 @@ from vaedist.report import FIGURES, write_report
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="session")
-def tables(tmp_path_factory, mnist_dir) -> dict[str, str]:
-    return built_tables(tmp_path_factory, mnist_dir)
-
-
 @pytest.fixture(scope="module")
-def reports(tables, tmp_path_factory) -> tuple[Path, Path]:
+def reports(latent_tables, tmp_path_factory) -> tuple[Path, Path]:
     """The same report written twice, from the checkpoint and shards that _lineage.json names."""
     out = tmp_path_factory.mktemp("reports")
-    first = write_report(tables["latents"], str(out / "first"), num_examples=12, seed=3)
-    second = write_report(tables["latents"], str(out / "second"), num_examples=12, seed=3)
+    first = write_report(latent_tables["latents"], str(out / "first"), num_examples=12, seed=3)
+    second = write_report(latent_tables["latents"], str(out / "second"), num_examples=12, seed=3)
     return Path(first).parent, Path(second).parent
 
 
@@ -65,41 +60,41 @@ def test_report_is_reproducible(reports):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
-def test_report_without_log_px(tables, tmp_path):
-    index = write_report(tables["latents_k0"], str(tmp_path / "k0"), num_examples=4)
+def test_report_without_log_px(latent_tables, tmp_path):
+    index = write_report(latent_tables["latents_k0"], str(tmp_path / "k0"), num_examples=4)
     assert "gap_mean" not in Path(index).read_text()
 
 
-def test_missing_checkpoint_is_named(tables, tmp_path):
+def test_missing_checkpoint_is_named(latent_tables, tmp_path):
     missing = tmp_path / "no-checkpoint"
     with pytest.raises(CheckpointError, match=rf"checkpoint {missing} does not exist"):
-        write_report(tables["latents"], str(tmp_path / "out"), checkpoint=str(missing))
+        write_report(latent_tables["latents"], str(tmp_path / "out"), checkpoint=str(missing))
 
 
-def test_missing_checkpoint_from_lineage_points_at_the_lineage(tables, tmp_path):
+def test_missing_checkpoint_from_lineage_points_at_the_lineage(latent_tables, tmp_path):
     table = tmp_path / "latents"
     table.mkdir()
-    for f in Path(tables["latents"]).glob("[!_.]*.parquet"):
+    for f in Path(latent_tables["latents"]).glob("[!_.]*.parquet"):
         (table / f.name).write_bytes(f.read_bytes())
-    lineage = json.loads(Path(tables["latents"], schema.LINEAGE_FILE).read_text())
+    lineage = json.loads(Path(latent_tables["latents"], schema.LINEAGE_FILE).read_text())
     (table / schema.LINEAGE_FILE).write_text(json.dumps({**lineage, "checkpoint": str(tmp_path / "gone")}))
     (table / schema.SUCCESS_FILE).write_text("")
     with pytest.raises(CheckpointError, match=rf"{tmp_path}/gone does not exist \(named in {table}/_lineage.json"):
         write_report(str(table), str(tmp_path / "out"))
 
 
-def test_missing_shards_are_named(tables, tmp_path):
+def test_missing_shards_are_named(latent_tables, tmp_path):
     with pytest.raises(DataError, match=rf"{tmp_path}/no-shards/manifest.json not found"):
-        write_report(tables["latents"], str(tmp_path / "out"), shards_dir=str(tmp_path / "no-shards"))
+        write_report(latent_tables["latents"], str(tmp_path / "out"), shards_dir=str(tmp_path / "no-shards"))
 
 
-def test_checkpoint_of_another_shape_is_refused(tables, tmp_path):
+def test_checkpoint_of_another_shape_is_refused(latent_tables, tmp_path):
     cfg = Config(model=ModelConfig(latent_dim=LATENT_DIM + 1, hidden_dims=[8]))
     torch.manual_seed(0)
     save_checkpoint(str(tmp_path / "other"), model_state=VAE(cfg.model).state_dict(), optimizer_state=None,
                     epoch=1, global_step=0, config=cfg, manifest_hash="x", history=[])
     with pytest.raises(CheckpointError, match=rf"latent_dim {LATENT_DIM + 1} but latent table .* has {LATENT_DIM}"):
-        write_report(tables["latents"], str(tmp_path / "out"), checkpoint=str(tmp_path / "other"))
+        write_report(latent_tables["latents"], str(tmp_path / "out"), checkpoint=str(tmp_path / "other"))
 
 
 def test_not_a_table(tmp_path):
