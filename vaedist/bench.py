@@ -49,7 +49,10 @@ def _fmt(rates: list[float]) -> str:
     return ", ".join(f"{r:,.0f}" for r in rates)
 
 
-def bench_train(cfg: Config, epochs: int, echo: Callable[[str], None] = print) -> dict[str, float]:
+def bench_train(cfg: Config, epochs: int, repeats: int = 1, echo: Callable[[str], None] = print) -> dict[str, float]:
+    """(b), then `repeats` times (a) followed by (b). Each (a) is compared with the mean of the (b)
+    runs either side of it, which cancels load that drifts over minutes; the result is the median of
+    those ratios."""
     from vaedist.train import train
 
     cfg = config_from_dict(cfg.to_dict(), [f"train.epochs={epochs}", "scaling.num_workers=1",
@@ -64,24 +67,31 @@ def bench_train(cfg: Config, epochs: int, echo: Callable[[str], None] = print) -
     echo(f"model {cfg.model.kind} {cfg.model.hidden_dims} z={cfg.model.latent_dim}, batch {cfg.train.batch_size_per_worker}, "
          f"{steps} steps x {epochs} epochs, {cfg.scaling.cpus_per_worker:g} CPU threads; "
          "samples/s averaged over epochs after the first")
-    before = plain_train_epochs(cfg, images_u8, epochs, steps)
-    echo(f"(b) plain PyTorch loop, in-memory tensors: {_steady(before):,.0f} samples/s (per epoch: {_fmt(before)})")
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        result = train(config_from_dict(cfg.to_dict(), [f"output.storage_path={tmp}", "output.run_name=bench"]))
-        wall = time.perf_counter() - start
-    ray_rates = [r["samples_per_s"] for r in result.epochs]
-    echo(f"(a) Ray Train + WebDataset shards, 1 worker: {_steady(ray_rates):,.0f} samples/s (per epoch: {_fmt(ray_rates)})")
-    after = plain_train_epochs(cfg, images_u8, epochs, steps)
-    echo(f"(b) plain PyTorch loop, again: {_steady(after):,.0f} samples/s (per epoch: {_fmt(after)})")
-    plain = (_steady(before) + _steady(after)) / 2
-    ray_sps = _steady(ray_rates)
-    end_to_end = epochs * steps * cfg.train.batch_size_per_worker / wall
-    echo(f"ratio (a)/(b), training epochs: {ray_sps / plain:.3f}")
+    plain = [plain_train_epochs(cfg, images_u8, epochs, steps)]
+    echo(f"(b) plain PyTorch loop, in-memory tensors: {_steady(plain[0]):,.0f} samples/s (per epoch: {_fmt(plain[0])})")
+    ray_runs, walls = [], []
+    for i in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            result = train(config_from_dict(cfg.to_dict(), [f"output.storage_path={tmp}", f"output.run_name=bench-{i}"]))
+            walls.append(time.perf_counter() - start)
+        ray_runs.append([r["samples_per_s"] for r in result.epochs])
+        echo(f"(a) Ray Train + WebDataset shards, 1 worker: {_steady(ray_runs[-1]):,.0f} samples/s "
+             f"(per epoch: {_fmt(ray_runs[-1])})")
+        plain.append(plain_train_epochs(cfg, images_u8, epochs, steps))
+        echo(f"(b) plain PyTorch loop, again: {_steady(plain[-1]):,.0f} samples/s (per epoch: {_fmt(plain[-1])})")
+    ratios = [_steady(run) / ((_steady(plain[i]) + _steady(plain[i + 1])) / 2) for i, run in enumerate(ray_runs)]
+    ratio = statistics.median(ratios)
+    if repeats > 1:
+        echo("ratio of each (a) to the (b) either side: " + ", ".join(f"{r:.3f}" for r in ratios))
+    echo(f"ratio (a)/(b), training epochs{', median' if repeats > 1 else ''}: {ratio:.3f}")
+    # The first Ray run pays Ray's start; later runs reuse the running instance.
+    end_to_end = epochs * steps * cfg.train.batch_size_per_worker / walls[0]
     echo(f"end to end incl. Ray start, shard decode, per-epoch eval and checkpoints: {end_to_end:,.0f} samples/s "
-         f"({wall:.1f} s wall)")
-    return {"ray_samples_per_s": ray_sps, "plain_samples_per_s": plain, "ratio": ray_sps / plain,
-            "end_to_end_samples_per_s": end_to_end}
+         f"({walls[0]:.1f} s wall)")
+    return {"ray_samples_per_s": statistics.median(_steady(r) for r in ray_runs),
+            "plain_samples_per_s": statistics.median(_steady(r) for r in plain), "ratio": ratio,
+            "ratios": ratios, "end_to_end_samples_per_s": end_to_end}
 
 
 def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:

@@ -274,15 +274,18 @@ def bench() -> None:
 @bench.command("train")
 @config_options
 @click.option("--epochs", default=3, show_default=True, help="Epochs for each side.")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Ray runs, each between two plain runs; the ratio is the median.")
 @guarded
-def bench_train(config_path, overrides, mnist_dir, epochs) -> None:
+def bench_train(config_path, overrides, mnist_dir, epochs, repeats) -> None:
     """Ray Train + shards (1 worker) vs a plain PyTorch loop over in-memory tensors: samples/s and ratio.
 
-    vaedist bench train --config configs/mnist.yaml --epochs 3
+    vaedist bench train --config configs/mnist.yaml --epochs 4 --repeats 3
     """
     from vaedist.bench import bench_train as run
 
-    run(resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir), epochs, echo=click.echo)
+    run(resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir), epochs, repeats=repeats,
+        echo=click.echo)
 
 
 @bench.command("encode")
