@@ -139,7 +139,7 @@ def best_checkpoint_dir(run_dir: str) -> str | None:
     if not dirs:
         return None
     scores = {row["epoch"]: row["test_loss"] for row in read_metrics(run_dir)
-              if row.get("kind") == "epoch" and row["epoch"] in dirs}
+              if row.get("kind") == "epoch" and row["epoch"] in dirs and row.get("test_loss") is not None}
     if not scores:
         return dirs[max(dirs)]
     return dirs[min(scores, key=lambda e: (scores[e], -e))]
@@ -151,6 +151,11 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not storage.exists(path):
         return []
     return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+
+
+def format_loss(value: float | None, width: int = 8) -> str:
+    """A loss for the epoch tables; '-' for an epoch without a test evaluation (train.eval_every_epochs)."""
+    return f"{value:{width}.3f}" if value is not None else "-".rjust(width)
 
 
 def write_metrics(run_dir: str, rows: list[dict]) -> None:

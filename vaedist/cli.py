@@ -151,10 +151,12 @@ def data_verify(config_path, overrides, mnist_dir, shards) -> None:
 # --- train ------------------------------------------------------------------------------------
 
 def print_epoch_table(rows: list[dict]) -> None:
+    from vaedist.checkpoint import format_loss
+
     for r in rows:
         if r.get("kind") == "epoch":
             click.echo(f"epoch {r['epoch']:3d}  train l_i {r['train_loss']:8.3f} (recon {r['train_recon_nll']:7.3f} "
-                       f"kl {r['train_kl']:6.3f})  test l_i {r['test_loss']:8.3f}  {r['samples_per_s']:8.0f} samples/s")
+                       f"kl {r['train_kl']:6.3f})  test l_i {format_loss(r['test_loss'])}  {r['samples_per_s']:8.0f} samples/s")
         elif r.get("kind") == "final":
             click.echo(f"final  test NLL (IW, K={r['num_samples_iw']}) {r['test_nll_iw']:.3f} nats   "
                        f"test negative ELBO {r['test_loss']:.3f} nats")

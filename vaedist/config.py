@@ -114,7 +114,8 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     """Cap the optimiser steps per epoch (0: the whole training split). For CI and benchmarks."""
     eval_every_epochs: int = 1
-    """Evaluate the test split every N epochs (and always after the last)."""
+    """Evaluate the test split every N epochs (and always after the last). The epochs in between
+    report no test loss: their checkpoints rank last among the best-k, kept only while latest."""
     num_samples_iw_final: int = 0
     """K, importance samples for the test-set log p(x) estimate after training (0: skip)."""
     seed: int = 0

@@ -41,6 +41,7 @@ def ensure_shards(cfg: Config, echo: Callable[[str], None]) -> str:
 
 
 def run_pipeline(cfg: Config, echo: Callable[[str], None] = print) -> PipelineResult:
+    from vaedist.checkpoint import format_loss
     from vaedist.encode import encode
     from vaedist.query import format_table, loss_by_digit
     from vaedist.report import write_report
@@ -50,7 +51,7 @@ def run_pipeline(cfg: Config, echo: Callable[[str], None] = print) -> PipelineRe
     echo(f"[2/5] train: run {cfg.output.run_name}, {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s)")
     trained = train(cfg)
     for row in trained.epochs:
-        echo(f"      epoch {row['epoch']:3d}  train l_i {row['train_loss']:8.3f}  test l_i {row['test_loss']:8.3f}")
+        echo(f"      epoch {row['epoch']:3d}  train l_i {row['train_loss']:8.3f}  test l_i {format_loss(row['test_loss'])}")
     checkpoint = trained.best_checkpoint
     echo(f"[3/5] encode: {checkpoint} -> {cfg.output.latents_dir}")
     encoded = encode(cfg, checkpoint=checkpoint)

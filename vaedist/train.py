@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -174,14 +175,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         global_step += num_steps
         train = _all_reduce_sums({k: sums[k] for k in ("loss", "recon_nll", "kl", "count")}, device)
         epoch_seconds = time.perf_counter() - wall
-        test = _all_reduce_sums(evaluate_sums(_unwrap(model), test_images, test_indices, "test", cfg.train.seed,
-                                              device), device)
+        # Every rank decides alike (from the epoch alone), so the all-reduce inside stays matched.
+        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch == cfg.train.epochs - 1:
+            test = _all_reduce_sums(evaluate_sums(_unwrap(model), test_images, test_indices, "test", cfg.train.seed,
+                                                  device), device)
+            test_metrics = {"test_loss": test["loss"] / max(test["count"], 1),
+                            "test_recon_nll": test["recon_nll"] / max(test["count"], 1),
+                            "test_kl": test["kl"] / max(test["count"], 1), "test_count": int(test["count"])}
+        else:
+            test_metrics = {"test_loss": None, "test_recon_nll": None, "test_kl": None, "test_count": 0}
         metrics = {
             "kind": "epoch", "epoch": epoch, "step": global_step,
             "train_loss": train["loss"] / train["count"], "train_recon_nll": train["recon_nll"] / train["count"],
-            "train_kl": train["kl"] / train["count"],
-            "test_loss": test["loss"] / max(test["count"], 1), "test_recon_nll": test["recon_nll"] / max(test["count"], 1),
-            "test_kl": test["kl"] / max(test["count"], 1), "test_count": int(test["count"]),
+            "train_kl": train["kl"] / train["count"], **test_metrics,
             "samples_per_s": train["count"] / epoch_seconds, "epoch_seconds": epoch_seconds,
             "world_size": world_size, "restored_from_epoch": restored_from,
             "rank_param_sums": _rank_fingerprints(model, device), "rank_node_ids": node_ids,
@@ -196,7 +202,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                 epoch=epoch, global_step=global_step, config=cfg, manifest_hash=expected_hash,
                                 history=history, scaler_state=scaler.state_dict() if scaler else None)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch))
+            # Ray ranks checkpoints by test_loss and needs a number: NaN ranks an unevaluated epoch
+            # last, so it is kept only while it is the latest.
+            scored = {**metrics, "test_loss": math.nan if metrics["test_loss"] is None else metrics["test_loss"]}
+            ray.train.report(scored, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch))
         on_rank_zero(rank, write_metrics, run_dir, history)
 
     if cfg.train.num_samples_iw_final > 0 and not _has_final(run_dir, cfg.train.epochs):

@@ -50,6 +50,23 @@ def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_sh
     assert sum(float(p.detach().double().sum()) for p in model.parameters()) == pytest.approx(epochs[-1]["rank_param_sums"][0])
 
 
+def test_eval_every_epochs_skips_test_evaluation_in_between(ray_cluster, small_shards, tmp_path, capsys):
+    from vaedist.cli import print_epoch_table
+
+    cfg = debug_config(small_shards, tmp_path, "sparse-eval", "train.epochs=4", "train.eval_every_epochs=2")
+    result = train(cfg)
+    rows = result.epochs
+    assert [r["test_count"] for r in rows] == [0, 4000, 0, 4000]  # every 2nd epoch, and the last
+    assert [r["test_loss"] is None for r in rows] == [True, False, True, False]
+    # Ray ranked the unevaluated checkpoints last: only evaluated epochs survive best-1 + latest.
+    kept = dict(checkpoint_dirs(result.run_dir))
+    assert 3 in kept and set(kept) <= {1, 3}, kept
+    assert result.best_checkpoint in (kept.get(1), kept[3])
+    print_epoch_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and "test l_i        -" in lines[0] and "test l_i        -" not in lines[1]
+
+
 def test_crash_mid_run_resumes_from_last_checkpoint(ray_cluster, small_shards, tmp_path):
     cfg = debug_config(small_shards, tmp_path, "crash", "train.epochs=3", "train.fail_at_epoch=2",
                     "output.max_failures=1")
