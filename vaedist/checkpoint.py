@@ -133,6 +133,20 @@ def latest_checkpoint_dir(run_dir: str) -> str | None:
     return dirs[-1][1] if dirs else None
 
 
+def newest_readable_checkpoint(run_dir: str, after_epoch: int = -1) -> str | None:
+    """The newest checkpoint directory after `after_epoch` whose file loads; torn ones (a failure
+    during the upload) are passed over."""
+    for epoch, directory in reversed(checkpoint_dirs(run_dir)):
+        if epoch <= after_epoch:
+            break
+        try:
+            load_checkpoint(directory)
+        except CheckpointError:
+            continue
+        return directory
+    return None
+
+
 def best_checkpoint_dir(run_dir: str) -> str | None:
     """The kept checkpoint with the lowest test loss, by the run's metrics.jsonl."""
     dirs = dict(checkpoint_dirs(run_dir))

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from vaedist import storage
 from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_model_compatible, checkpoint_dir_name,
-                                latest_checkpoint_dir, load_checkpoint, read_metrics, save_checkpoint,
-                                write_metrics)
+                                latest_checkpoint_dir, load_checkpoint, newest_readable_checkpoint, read_metrics,
+                                save_checkpoint, write_metrics)
 from vaedist.config import Config, ConfigError, config_from_dict
 from vaedist.data import DataError, load_split_arrays, manifest_hash, read_manifest
 from vaedist.engine import evaluate_sums, make_grad_scaler, make_optimizer, train_epoch
@@ -95,6 +95,25 @@ def _rank_node_ids() -> list[str]:
     return gathered
 
 
+def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: int,
+                                   device: torch.device) -> dict | None:
+    """A complete checkpoint in the run directory that is newer than the one Ray restored, if any.
+
+    Ray Train registers a reported checkpoint only when its controller next polls the workers
+    (every 2 s); a node lost inside that window takes the newest checkpoints out of Ray's records
+    although their files are safely in storage, and without this the run would retrain those epochs,
+    or start over. Rank 0 chooses, so every rank loads the same one. Ray never deletes a checkpoint it
+    did not register, so that one stays beside the kept ones."""
+    chosen = None
+    if rank == 0:
+        chosen = newest_readable_checkpoint(run_dir, registered["epoch"] if registered is not None else -1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [chosen]
+        dist.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    return load_checkpoint(chosen, map_location=device) if chosen is not None else None
+
+
 def _unwrap(model: torch.nn.Module) -> VAE:
     return getattr(model, "module", model)
 
@@ -145,10 +164,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)
 
     start_epoch, global_step, history, restored_from = 0, 0, [], -1
+    state = None
     checkpoint = ray.train.get_checkpoint()  # the latest: after a worker failure, or on a rerun
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(ckpt_dir, map_location=device)
+    state = _newer_unregistered_checkpoint(run_dir, state, rank, device) or state
+    if state is not None:
         check_model_compatible(state, cfg)
         if state["manifest_hash"] != expected_hash:
             raise CheckpointError(f"checkpoint {state['path']} was trained on shards with manifest hash "
@@ -274,7 +296,7 @@ def preflight(cfg: Config) -> str:
         raise ConfigError(f"train.batch_size_per_worker: {cfg.train.batch_size_per_worker} is larger than a "
                           f"worker's share of the training data; no full batch per epoch")
     digest = manifest_hash(shards_dir)
-    latest = latest_checkpoint_dir(run_dir_of(cfg))
+    latest = newest_readable_checkpoint(run_dir_of(cfg))
     if latest is not None:  # a rerun resumes: refuse a checkpoint that cannot fit before starting
         state = load_checkpoint(latest)
         check_model_compatible(state, cfg)
@@ -297,6 +319,11 @@ def _check_shard(shards_dir: str, shard: dict) -> None:
         raise DataError(f"shard {path} does not match its sha256 in the manifest (corrupt)")
 
 
+def ray_address(address: str | None = None) -> str | None:
+    """The cluster to join: the given address, else $RAY_ADDRESS; None means an embedded local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join RAY_ADDRESS / the given address, or start an embedded local Ray. Its dashboard listens on
     127.0.0.1 only; Ray Train's placement-group cleaner polls the State API it serves."""
@@ -304,7 +331,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(address)
     # Ray starts workers at nice 15. On a small machine every wake-up of Ray's own processes then
     # preempts one thread of the worker's 2-thread OpenMP team and stalls the other at its barrier:
     # measured here, 0.77 of plain-PyTorch throughput at nice 15 vs 0.96 at nice 0 (README,
@@ -314,6 +341,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # One machine has no node to be preempted; Ray Train's watcher for that is one more idle
+        # actor process waking up beside the training worker.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # "local": a new instance of our own; a bare ray.init() would join whatever cluster
         # /tmp/ray last recorded, which is not "embedded".
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
@@ -327,6 +357,17 @@ def train(cfg: Config) -> TrainResult:
 
     digest = preflight(cfg)
     init_ray(cfg.scaling.address)
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if need > cpus:
+        # Ray Train would wait for the resources forever (it retries starting the worker group
+        # without limit): right on an autoscaling cluster, a hang on one that cannot grow.
+        where = "the embedded local Ray" if ray_address(cfg.scaling.address) is None else "the Ray cluster"
+        message = (f"scaling.num_workers x scaling.cpus_per_worker: {cfg.scaling.num_workers} x "
+                   f"{cfg.scaling.cpus_per_worker:g} = {need:g} CPUs, but {where} has {cpus:g}")
+        if ray_address(cfg.scaling.address) is None:
+            raise ConfigError(message + "; use fewer workers or CPUs per worker")
+        log.warning("%s; the run waits until the cluster (its autoscaler) provides them", message)
     if cfg.scaling.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < cfg.scaling.num_workers:

@@ -90,6 +90,22 @@ def test_rerun_resumes_and_refuses_another_model_shape(ray_cluster, small_shards
     assert [r["epoch"] for r in read_metrics(again.run_dir) if r["kind"] == "epoch"] == [0, 1]
 
 
+def test_resumes_from_checkpoints_that_ray_did_not_register(ray_cluster, small_shards, tmp_path):
+    # Ray Train records a checkpoint only when its controller next polls; a node lost in between
+    # leaves the newest checkpoints in storage but not in Ray's records. Simulated whole: Ray's
+    # records are removed, and the newest file is torn as by a failure during its upload.
+    first = train(debug_config(small_shards, tmp_path, "unregistered", "train.epochs=3"))
+    run_dir = tmp_path / "unregistered"
+    (run_dir / "checkpoint_manager_snapshot.json").unlink()
+    torn = run_dir / "epoch-0002" / "checkpoint.pt"
+    torn.write_bytes(torn.read_bytes()[:1000])
+    again = train(debug_config(small_shards, tmp_path, "unregistered", "train.epochs=4"))
+    # Resumed from epoch 1, the newest readable one: epochs 0-1 not retrained, 2 (torn) retrained.
+    assert [(r["epoch"], r["restored_from_epoch"]) for r in again.epochs] == [(0, -1), (1, -1), (2, 1), (3, 1)]
+    assert again.epochs[:2] == first.epochs[:2]
+    assert load_model(str(run_dir / "epoch-0002"))[2]["epoch"] == 2  # rewritten whole
+
+
 def test_bad_inputs_fail_before_training(ray_cluster, small_shards, tmp_path):
     with pytest.raises(DataError, match="does not exist; run `vaedist data prepare`"):
         train(debug_config(str(tmp_path / "nowhere"), tmp_path, "bad"))
@@ -109,6 +125,9 @@ def test_bad_inputs_fail_before_training(ray_cluster, small_shards, tmp_path):
         train(debug_config(str(broken), tmp_path, "bad"))
     with pytest.raises(ConfigError, match="scaling.num_workers: 5 workers but only 4 training shards"):
         train(debug_config(small_shards, tmp_path, "bad", "scaling.num_workers=5"))
+    # The 2-CPU local Ray cannot grow: refused instead of waiting for resources forever.
+    with pytest.raises(ConfigError, match=r"3 x 1 = 3 CPUs, but the embedded local Ray has 2"):
+        train(debug_config(small_shards, tmp_path, "bad", "scaling.num_workers=3"))
     with pytest.raises(ConfigError, match=r"scaling.use_gpu: .* the Ray cluster has 0 GPU"):
         train(debug_config(small_shards, tmp_path, "bad", "scaling.use_gpu=true"))
     assert not storage.exists(storage.join(str(tmp_path), "bad", "epoch-0000"))
