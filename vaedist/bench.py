@@ -52,8 +52,11 @@ def _fmt(rates: list[float]) -> str:
 def bench_train(cfg: Config, epochs: int, repeats: int = 1, echo: Callable[[str], None] = print) -> dict[str, float]:
     """(b), then `repeats` times (a) followed by (b). Each (a) is compared with the mean of the (b)
     runs either side of it, which cancels load that drifts over minutes; the result is the median of
-    those ratios."""
-    from vaedist.train import train
+    those ratios. An embedded Ray is shut down after each (a): its idle processes would otherwise
+    slow (b) too and hide part of what Ray costs."""
+    import ray
+
+    from vaedist.train import ray_address, train
 
     cfg = config_from_dict(cfg.to_dict(), [f"train.epochs={epochs}", "scaling.num_workers=1",
                                            "train.num_samples_iw_final=0", "train.kl_warmup_epochs=0"])
@@ -75,6 +78,8 @@ def bench_train(cfg: Config, epochs: int, repeats: int = 1, echo: Callable[[str]
             start = time.perf_counter()
             result = train(config_from_dict(cfg.to_dict(), [f"output.storage_path={tmp}", f"output.run_name=bench-{i}"]))
             walls.append(time.perf_counter() - start)
+        if ray_address(cfg.scaling.address) is None:
+            ray.shutdown()
         ray_runs.append([r["samples_per_s"] for r in result.epochs])
         echo(f"(a) Ray Train + WebDataset shards, 1 worker: {_steady(ray_runs[-1]):,.0f} samples/s "
              f"(per epoch: {_fmt(ray_runs[-1])})")
@@ -85,10 +90,10 @@ def bench_train(cfg: Config, epochs: int, repeats: int = 1, echo: Callable[[str]
     if repeats > 1:
         echo("ratio of each (a) to the (b) either side: " + ", ".join(f"{r:.3f}" for r in ratios))
     echo(f"ratio (a)/(b), training epochs{', median' if repeats > 1 else ''}: {ratio:.3f}")
-    # The first Ray run pays Ray's start; later runs reuse the running instance.
-    end_to_end = epochs * steps * cfg.train.batch_size_per_worker / walls[0]
+    wall = statistics.median(walls)
+    end_to_end = epochs * steps * cfg.train.batch_size_per_worker / wall
     echo(f"end to end incl. Ray start, shard decode, per-epoch eval and checkpoints: {end_to_end:,.0f} samples/s "
-         f"({walls[0]:.1f} s wall)")
+         f"({wall:.1f} s wall{', median' if repeats > 1 else ''})")
     return {"ray_samples_per_s": statistics.median(_steady(r) for r in ray_runs),
             "plain_samples_per_s": statistics.median(_steady(r) for r in plain), "ratio": ratio,
             "ratios": ratios, "end_to_end_samples_per_s": end_to_end}
@@ -130,7 +135,6 @@ def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = pri
     from vaedist.query import connect, loss_by_digit
     from vaedist.train import init_ray
 
-    init_ray(cfg.scaling.address)  # started before timing: both sides are timed from a running process
     ec = cfg.encode
     echo(f"checkpoint {checkpoint}; S={ec.num_samples_mc}, K={ec.num_samples_iw}, batch {ec.batch_size}, "
          f"{ec.concurrency} actor(s) x {ec.cpus_per_actor:g} CPU")
@@ -140,6 +144,9 @@ def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = pri
         plain_s = time.perf_counter() - start
         total = sum(rows.values())
         echo(f"(b) plain single-process PyTorch loop + pyarrow: {total / plain_s:,.0f} rows/s ({plain_s:.1f} s)")
+        # Ray starts after (b), which so runs without Ray's idle processes beside it, and before (a)'s
+        # timing: a job is normally submitted to a running cluster.
+        init_ray(cfg.scaling.address)
         start = time.perf_counter()
         result = encode(cfg, checkpoint=checkpoint, out=f"{tmp}/latents")
         ray_s = time.perf_counter() - start
