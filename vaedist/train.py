@@ -9,7 +9,6 @@ shards, prepare_model (DDP), and report (metrics + checkpoint). Everything else 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_mode
                                 latest_checkpoint_dir, load_checkpoint, newest_readable_checkpoint, read_metrics,
                                 save_checkpoint, write_metrics)
 from vaedist.config import Config, ConfigError, config_from_dict
-from vaedist.data import DataError, load_split_arrays, manifest_hash, read_manifest
+from vaedist.data import DataError, load_split_arrays, manifest_hash, read_checked_shard, read_manifest
 from vaedist.engine import evaluate_sums, make_grad_scaler, make_optimizer, train_epoch
 from vaedist.model import VAE
 
@@ -286,7 +285,7 @@ def preflight(cfg: Config) -> str:
     if not train_shards:
         raise DataError(f"{shards_dir}: the manifest lists no training shards")
     for shard in train_shards + test_shards:
-        _check_shard(shards_dir, shard)
+        read_checked_shard(shards_dir, shard)
     if cfg.scaling.num_workers > len(train_shards):
         raise ConfigError(f"scaling.num_workers: {cfg.scaling.num_workers} workers but only {len(train_shards)} "
                           f"training shards in {shards_dir}; use at most {len(train_shards)} workers "
@@ -305,18 +304,6 @@ def preflight(cfg: Config) -> str:
                                   f"{state['manifest_hash'][:12]} vs {digest[:12]} in {shards_dir}); "
                                   "use a new output.run_name")
     return digest
-
-
-def _check_shard(shards_dir: str, shard: dict) -> None:
-    """Present, complete, unmodified: size then sha256 against the manifest."""
-    path = storage.join(shards_dir, shard["path"])
-    if not storage.exists(path):
-        raise DataError(f"shard {path} is missing (listed in {shards_dir}/manifest.json)")
-    size = storage.size(path)
-    if size != shard["bytes"]:
-        raise DataError(f"shard {path} is {size} bytes, the manifest says {shard['bytes']} (truncated?)")
-    if hashlib.sha256(storage.read_bytes(path)).hexdigest() != shard["sha256"]:
-        raise DataError(f"shard {path} does not match its sha256 in the manifest (corrupt)")
 
 
 def ray_address(address: str | None = None) -> str | None:

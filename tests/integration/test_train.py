@@ -118,10 +118,10 @@ def test_bad_inputs_fail_before_training(ray_cluster, small_shards, tmp_path):
     data = bytearray(shard.read_bytes())
     data[5000] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"train-000001.tar does not match its sha256"):
+    with pytest.raises(DataError, match=r"train-000001.tar: sha256 mismatch"):
         train(debug_config(str(broken), tmp_path, "bad"))
     shard.write_bytes(bytes(data[:4096]))
-    with pytest.raises(DataError, match=r"train-000001.tar is 4096 bytes.*truncated"):
+    with pytest.raises(DataError, match=r"train-000001.tar: size mismatch, 4096 bytes.*truncated"):
         train(debug_config(str(broken), tmp_path, "bad"))
     with pytest.raises(ConfigError, match="scaling.num_workers: 5 workers but only 4 training shards"):
         train(debug_config(small_shards, tmp_path, "bad", "scaling.num_workers=5"))

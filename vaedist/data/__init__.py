@@ -15,11 +15,12 @@ from vaedist.data.common import (FORMAT_VERSION, IMAGE_SHAPE, MNIST_NUM_SAMPLES,
                                  key_for, parse_key)
 from vaedist.data.mnist import MNIST_FILES, MNIST_MD5, load_mnist
 from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, iter_shard, load_split_arrays, manifest_hash,
-                                 prepare_shards, read_manifest, shard_paths, verify_shards)
+                                 prepare_shards, read_checked_shard, read_manifest, shard_paths,
+                                 verify_shards)
 
 __all__ = [
     "FORMAT_VERSION", "IMAGE_EXT", "IMAGE_SHAPE", "LABEL_EXT", "MANIFEST_NAME", "MNIST_FILES", "MNIST_MD5",
     "MNIST_NUM_SAMPLES", "NUM_PIXELS", "SPLITS", "DataError", "dynamic_binarize", "fixed_binarize", "iter_shard",
-    "key_for", "load_mnist", "load_split_arrays", "manifest_hash", "parse_key", "prepare_shards", "read_manifest",
-    "shard_paths", "verify_shards",
+    "key_for", "load_mnist", "load_split_arrays", "manifest_hash", "parse_key", "prepare_shards",
+    "read_checked_shard", "read_manifest", "shard_paths", "verify_shards",
 ]

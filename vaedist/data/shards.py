@@ -387,6 +387,20 @@ def shard_paths(shards_dir: str, split: str, max_shards: int = 0, manifest: dict
     return [storage.join(shards_dir, *s["path"].split("/")) for s in shards[: max_shards or None]]
 
 
+def read_checked_shard(shards_dir: str, shard: dict) -> bytes:
+    """A shard the manifest lists, checked present, complete and unmodified (size, then sha256)."""
+    path = storage.join(shards_dir, *shard["path"].split("/"))
+    buf = _read_shard(path)
+    if len(buf) != shard["bytes"]:
+        raise DataError(f"shard {path}: size mismatch, {len(buf)} bytes but the manifest "
+                        f"says {shard['bytes']} (truncated or overwritten)")
+    digest = hashlib.sha256(buf).hexdigest()
+    if digest != shard["sha256"]:
+        raise DataError(f"shard {path}: sha256 mismatch, {digest} but the manifest says "
+                        f"{shard['sha256']} (corrupt)")
+    return buf
+
+
 def verify_shards(shards_dir: str, progress: bool = False) -> dict:
     """Check every shard in the manifest (present, size, sha256, then decoded count, keys, shapes),
     and that no unlisted .tar sits beside them. Returns {split: {"shards": n, "samples": n}}."""
@@ -405,14 +419,7 @@ def verify_shards(shards_dir: str, progress: bool = False) -> dict:
             next_index = 0
             for shard in entry["shards"]:
                 path = storage.join(shards_dir, *shard["path"].split("/"))
-                buf = _read_shard(path)
-                if len(buf) != shard["bytes"]:
-                    raise DataError(f"shard {path}: size mismatch, {len(buf)} bytes but the manifest "
-                                    f"says {shard['bytes']} (truncated or overwritten)")
-                digest = hashlib.sha256(buf).hexdigest()
-                if digest != shard["sha256"]:
-                    raise DataError(f"shard {path}: sha256 mismatch, {digest} but the manifest says "
-                                    f"{shard['sha256']} (corrupt)")
+                buf = read_checked_shard(shards_dir, shard)
                 if shard["first_index"] != next_index:
                     raise DataError(f"{manifest_path}: shard {path} starts at index {shard['first_index']}, "
                                     f"expected {next_index}")
