@@ -108,7 +108,7 @@ def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: 
         chosen = newest_readable_checkpoint(run_dir, registered["epoch"] if registered is not None else -1)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [chosen]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
         chosen = box[0]
     return load_checkpoint(chosen, map_location=device) if chosen is not None else None
 

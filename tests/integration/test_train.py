@@ -93,16 +93,18 @@ def test_rerun_resumes_and_refuses_another_model_shape(ray_cluster, small_shards
 def test_resumes_from_checkpoints_that_ray_did_not_register(ray_cluster, small_shards, tmp_path):
     # Ray Train records a checkpoint only when its controller next polls; a node lost in between
     # leaves the newest checkpoints in storage but not in Ray's records. Simulated whole: Ray's
-    # records are removed, and the newest file is torn as by a failure during its upload.
-    first = train(debug_config(small_shards, tmp_path, "unregistered", "train.epochs=3"))
+    # records are removed, and the newest file is torn as by a failure during its upload. Two
+    # workers: rank 0 chooses, and both must load the same checkpoint.
+    first = train(debug_config(small_shards, tmp_path, "unregistered", "train.epochs=3", "scaling.num_workers=2"))
     run_dir = tmp_path / "unregistered"
     (run_dir / "checkpoint_manager_snapshot.json").unlink()
     torn = run_dir / "epoch-0002" / "checkpoint.pt"
     torn.write_bytes(torn.read_bytes()[:1000])
-    again = train(debug_config(small_shards, tmp_path, "unregistered", "train.epochs=4"))
+    again = train(debug_config(small_shards, tmp_path, "unregistered", "train.epochs=4", "scaling.num_workers=2"))
     # Resumed from epoch 1, the newest readable one: epochs 0-1 not retrained, 2 (torn) retrained.
     assert [(r["epoch"], r["restored_from_epoch"]) for r in again.epochs] == [(0, -1), (1, -1), (2, 1), (3, 1)]
     assert again.epochs[:2] == first.epochs[:2]
+    assert all(len(set(r["rank_param_sums"])) == 1 for r in again.epochs[2:])
     assert load_model(str(run_dir / "epoch-0002"))[2]["epoch"] == 2  # rewritten whole
 
 
