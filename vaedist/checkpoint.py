@@ -133,17 +133,17 @@ def latest_checkpoint_dir(run_dir: str) -> str | None:
     return dirs[-1][1] if dirs else None
 
 
-def newest_readable_checkpoint(run_dir: str, after_epoch: int = -1) -> str | None:
-    """The newest checkpoint directory after `after_epoch` whose file loads; torn ones (a failure
-    during the upload) are passed over."""
+def newest_readable_checkpoint(run_dir: str, after_epoch: int = -1,
+                               map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The state of the newest checkpoint after `after_epoch` that loads; torn ones (a failure during
+    the upload) are passed over."""
     for epoch, directory in reversed(checkpoint_dirs(run_dir)):
         if epoch <= after_epoch:
             break
         try:
-            load_checkpoint(directory)
+            return load_checkpoint(directory, map_location)
         except CheckpointError:
             continue
-        return directory
     return None
 
 

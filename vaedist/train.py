@@ -103,14 +103,15 @@ def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: 
     although their files are safely in storage, and without this the run would retrain those epochs,
     or start over. Rank 0 chooses, so every rank loads the same one. Ray never deletes a checkpoint it
     did not register, so that one stays beside the kept ones."""
-    chosen = None
+    state = None
     if rank == 0:
-        chosen = newest_readable_checkpoint(run_dir, registered["epoch"] if registered is not None else -1)
+        state = newest_readable_checkpoint(run_dir, registered["epoch"] if registered is not None else -1, device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [chosen]
+        box = [state["path"] if state is not None else None]
         dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-        chosen = box[0]
-    return load_checkpoint(chosen, map_location=device) if chosen is not None else None
+        if rank != 0 and box[0] is not None:
+            state = load_checkpoint(box[0], map_location=device)
+    return state
 
 
 def _unwrap(model: torch.nn.Module) -> VAE:
@@ -295,9 +296,8 @@ def preflight(cfg: Config) -> str:
         raise ConfigError(f"train.batch_size_per_worker: {cfg.train.batch_size_per_worker} is larger than a "
                           f"worker's share of the training data; no full batch per epoch")
     digest = manifest_hash(shards_dir)
-    latest = newest_readable_checkpoint(run_dir_of(cfg))
-    if latest is not None:  # a rerun resumes: refuse a checkpoint that cannot fit before starting
-        state = load_checkpoint(latest)
+    state = newest_readable_checkpoint(run_dir_of(cfg))
+    if state is not None:  # a rerun resumes: refuse a checkpoint that cannot fit before starting
         check_model_compatible(state, cfg)
         if state["manifest_hash"] != digest:
             raise CheckpointError(f"run {run_dir_of(cfg)} was trained on different shards (manifest "
@@ -349,10 +349,11 @@ def train(cfg: Config) -> TrainResult:
     if need > cpus:
         # Ray Train would wait for the resources forever (it retries starting the worker group
         # without limit): right on an autoscaling cluster, a hang on one that cannot grow.
-        where = "the embedded local Ray" if ray_address(cfg.scaling.address) is None else "the Ray cluster"
+        embedded = ray_address(cfg.scaling.address) is None
         message = (f"scaling.num_workers x scaling.cpus_per_worker: {cfg.scaling.num_workers} x "
-                   f"{cfg.scaling.cpus_per_worker:g} = {need:g} CPUs, but {where} has {cpus:g}")
-        if ray_address(cfg.scaling.address) is None:
+                   f"{cfg.scaling.cpus_per_worker:g} = {need:g} CPUs, but "
+                   f"{'the embedded local Ray' if embedded else 'the Ray cluster'} has {cpus:g}")
+        if embedded:
             raise ConfigError(message + "; use fewer workers or CPUs per worker")
         log.warning("%s; the run waits until the cluster (its autoscaler) provides them", message)
     if cfg.scaling.use_gpu:
