@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -131,15 +132,28 @@ def kill_tree(roots: set[int], marker: str | None = None, timeout_s: float = 30)
 # ---------------------------------------------------------------------------------------------
 # A head started with the CLI, jobs sent with the CLI.
 
+def head_flags(temp_dir: str) -> tuple[list[str], int, int]:
+    """`ray start --head` flags that put every port of the head on a free one and its files under
+    temp_dir (unix socket paths must stay under 107 bytes): (flags, GCS port, dashboard port)."""
+    (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, runtime_env,
+     metrics) = free_ports(9)
+    low, high = free_port_range(100)
+    flags = ["--node-ip-address=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+             f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent_listen}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+             f"--metrics-export-port={metrics}", f"--min-worker-port={low}", f"--max-worker-port={high}",
+             f"--temp-dir={temp_dir}", "--object-store-memory=200000000", "--disable-usage-stats"]
+    return flags, gcs, dashboard
+
+
 class Head:
     """`ray start --head --block` on free ports and a short private temp dir (unix socket paths
     must stay under 107 bytes). Its processes are children of the blocking `ray start`."""
 
     def __init__(self):
         self.temp_dir = tempfile.mkdtemp(prefix="vdh-", dir="/tmp")
-        (gcs, self.dashboard_port, client, node_manager, object_manager, agent_listen, agent_grpc, runtime_env,
-         metrics) = free_ports(9)
-        low, high = free_port_range(100)
+        flags, gcs, self.dashboard_port = head_flags(self.temp_dir)
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
@@ -150,13 +164,7 @@ class Head:
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
         self.log = open(os.path.join(self.temp_dir, "ray-start.log"), "wb")
         self.process = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-             f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
-             f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent_listen}",
-             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-             f"--metrics-export-port={metrics}", f"--min-worker-port={low}", f"--max-worker-port={high}",
-             f"--temp-dir={self.temp_dir}", "--object-store-memory=200000000", "--disable-usage-stats"],
+            [RAY, "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1", *flags],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def client(self):
@@ -246,45 +254,94 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_ray_job_submit_train_then_encode(head, small_shards, tmp_path):
-    from ray.job_submission import JobStatus
+def readme_commands(containing: str) -> list[str]:
+    """The commands of the README's ```bash block that contains `containing`, continuation lines
+    joined, comments and blank lines dropped."""
+    text = (REPO / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"{len(found)} README bash blocks contain {containing!r}"
+    commands, pending = [], []
+    for line in found[0].splitlines():
+        line = re.sub(r"(^|\s+)#.*$", "", line).rstrip()
+        if line:
+            pending.append(line.removesuffix("\\").strip())
+            if not line.endswith("\\"):
+                commands.append(" ".join(pending))
+                pending = []
+    return commands
 
+
+def repo_copy(dest: Path) -> Path:
+    """The tracked files of this checkout (what a fresh clone has), with .venv linked in."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    (dest / ".venv").symlink_to(REPO / ".venv")
+    return dest
+
+
+def test_readme_head_node_commands_work_as_written(tmp_path, mnist_dir):
+    """The README's "A head node on this machine" block, typed as written into a shell, in a copy of
+    the repository and a home directory of its own. The home holds ~/.ray/auth_token, as after
+    `make run` (any ray.init() writes it): with it there, `ray start` turns token auth on, which is
+    what broke the README's commands before they exported RAY_AUTH_MODE=token. Only what must
+    differ on a shared test machine is changed: the head's ports and temp dir (`ray start` gets flags
+    appended, the job address follows the dashboard port), and the final `ray stop`, which would
+    stop every Ray on the machine, becomes killing this head's processes."""
     from vaedist.checkpoint import checkpoint_dirs, read_metrics
-    from vaedist.query import loss_by_digit
 
-    runs, out = tmp_path / "runs", tmp_path / "latents"
-    common = ["--config", "configs/debug.yaml", "--set", f"data.shards_dir={small_shards}",
-              "--set", f"output.storage_path={runs}", "--set", "output.run_name=submitted"]
-    train_id, cli_output = head.submit("python", "jobs/train.py", *common, "--set", "train.epochs=2")
-    status, info, logs = head.wait_job(train_id)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "best checkpoint:" in logs and "epoch   1" in logs
+    commands = readme_commands("ray start --head")
+    assert commands[-1] == "ray stop", commands
+    assert any(c.startswith("export RAY_AUTH_MODE=token") for c in commands), commands
+    temp_dir = tempfile.mkdtemp(prefix="vdr-", dir="/tmp")
+    flags, _, dashboard_port = head_flags(temp_dir)
+    script = []
+    for command in commands[:-1]:
+        if command.startswith("ray start --head"):
+            command = " ".join([command, *flags])
+        script.append(command.replace("127.0.0.1:8265", f"127.0.0.1:{dashboard_port}"))
+    repo = repo_copy(tmp_path / "repo")
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    token.parent.mkdir(parents=True)
+    token.write_text(secrets.token_hex(32))  # as ray.init() writes it
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "VIRTUAL_ENV")) and k not in ("PYTHONPATH", "VAEDIST_CONFIG", "VAEDIST_SET")}
+    env.update(HOME=str(tmp_path / "home"), VAEDIST_MNIST_DIR=mnist_dir)
+    try:
+        done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", "\n".join(script)], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=1200)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-6000:]
+        package_dirs = [p for p in Path(temp_dir).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
+                        if p.is_dir()]
+        package_sizes = [tree_bytes(p) for p in package_dirs]
+        uploaded = {p.name: sorted(c.name for c in p.iterdir()) for p in package_dirs}
+    finally:
+        left = kill_tree(set(), temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, f"processes of the README's head survived: {sorted(left)}"
+    assert "Job 'raysubmit_" in output and output.count("succeeded") >= 2, output[-6000:]
 
     # The CLI packed and uploaded the repo; Ray left out its default excludes (.git, .venv,
     # __pycache__) and everything .gitignore names (outputs/ with its shards and runs, caches).
-    assert f"Uploading package {info.runtime_env['working_dir']}" in cli_output
-    package = unpacked_working_dir(head, info)
-    assert (package / "vaedist" / "train.py").is_file() and (package / "jobs" / "train.py").is_file()
-    for ignored in (".git", ".venv", "outputs", ".pytest_cache", "vaedist.egg-info"):
-        assert not (package / ignored).exists(), f"{ignored} was uploaded"
-    size = tree_bytes(package)
-    assert size < MAX_PACKAGE_BYTES, f"uploaded working dir is {size / 2**20:.1f} MiB"
+    assert package_dirs and all(size < MAX_PACKAGE_BYTES for size in package_sizes), package_sizes
+    for names in uploaded.values():
+        assert "vaedist" in names and "jobs" in names
+        assert not {".venv", "outputs", ".git"} & set(names), names
 
-    run_dir = str(runs / "submitted")
+    run_dir = str(repo / "outputs" / "runs" / "debug")
     rows = [r for r in read_metrics(run_dir) if r["kind"] == "epoch"]
     assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert [e for e, _ in checkpoint_dirs(run_dir)] == [1]  # debug config keeps 1 (+ the latest)
-
-    encode_id, _ = head.submit("python", "jobs/encode.py", *common, "--set", "encode.num_samples_iw=0",
-                               "--set", "encode.num_samples_mc=1", "--out", str(out))
-    status, info, logs = head.wait_job(encode_id)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert f"published {out}" in logs
-    assert (out / schema.SUCCESS_FILE).is_file()
+    out = repo / "outputs" / "latents-debug"
     lineage = json.loads((out / schema.LINEAGE_FILE).read_text())
-    assert lineage["rows"] == {"train": 4000, "test": 4000}
+    assert lineage["rows"] == {"train": 60000, "test": 10000}
     assert lineage["checkpoint"] == f"{run_dir}/epoch-0001/checkpoint.pt"
-    assert sum(r["count"] for r in loss_by_digit(str(out), split=None).to_pylist()) == 8000
+    # The last command printed the loss-by-digit table of the published table: ten digits.
+    assert "loss_mean" in output and "(10 rows)" in output, output[-3000:]
 
 
 def test_ray_job_submit_head_stops_alone(head):
