@@ -284,7 +284,7 @@ def bench_train(config_path, overrides, mnist_dir, epochs, repeats) -> None:
 
     vaedist bench train --config configs/mnist.yaml --epochs 4 --repeats 3
     """
-    from vaedist.bench import bench_train as run
+    from vaedist.bench.train import bench_train as run
 
     run(resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir), epochs, repeats=repeats,
         echo=click.echo)
@@ -299,7 +299,7 @@ def bench_encode(config_path, overrides, mnist_dir, checkpoint) -> None:
 
     vaedist bench encode --config configs/mnist.yaml
     """
-    from vaedist.bench import bench_encode as run
+    from vaedist.bench.encode import bench_encode as run
     from vaedist.encode import resolve_checkpoint
 
     cfg = resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir)

@@ -83,7 +83,7 @@ def test_same_inputs_give_identical_tables_and_single_sample_matches_training_ex
 def test_benchmark_baseline_writes_the_same_table_as_the_job(published, tmp_path):
     # `vaedist bench encode` compares the job with this plain loop; the comparison is only fair if
     # both compute exactly the same rows.
-    from vaedist.bench import plain_encode
+    from vaedist.bench.encode import plain_encode
 
     cfg, result, enc = published
     rows = plain_encode(encode_cfg(cfg), result.latest_checkpoint, str(tmp_path))

@@ -1,0 +1,86 @@
+"""`vaedist bench encode`: the Ray Data encode job against a plain single-process loop running the
+job's own LatentEncoder, then the loss-by-digit query over the published table.
+
+    vaedist bench encode --config configs/mnist.yaml --checkpoint outputs/runs/vae-mnist
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vaedist import storage
+from vaedist.config import Config
+from vaedist.data import read_manifest
+
+
+def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:
+    """(b): one process, shard by shard, through the job's own LatentEncoder (so only Ray differs),
+    with all the job's CPUs as threads, written with pyarrow in files as large as the job's."""
+    from vaedist.encode import ROWS_PER_FILE, LatentEncoder, encoder_kwargs
+
+    ec = cfg.encode
+    shards_dir = storage.absolute(cfg.data.shards_dir)
+    manifest = read_manifest(shards_dir)
+    kwargs = encoder_kwargs(cfg, checkpoint, shards_dir, lineage={})
+    kwargs.update(use_gpu=False, num_threads=int(ec.cpus_per_actor * ec.concurrency), fail_after_batches=-1)
+    encoder = LatentEncoder(**kwargs)
+    rows: dict[str, int] = {}
+    pending: list[pa.Table] = []
+
+    def flush() -> None:  # files of ROWS_PER_FILE rows, as the job writes
+        if pending:
+            pq.write_table(pa.concat_tables(pending), f"{out_dir}/part-{len(os.listdir(out_dir)):05d}.parquet")
+            pending.clear()
+
+    for split in ec.splits:
+        for shard in manifest["splits"][split]["shards"]:
+            for table in encoder({"shard": [shard["path"]], "split": [split], "num_samples": [shard["num_samples"]]}):
+                pending.append(table)
+                rows[split] = rows.get(split, 0) + table.num_rows
+                if sum(t.num_rows for t in pending) >= ROWS_PER_FILE:
+                    flush()
+    flush()
+    return rows
+
+
+def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = print,
+                 query_repeats: int = 20) -> dict[str, float]:
+    from vaedist.encode import encode
+    from vaedist.query import connect, loss_by_digit
+    from vaedist.train import init_ray
+
+    ec = cfg.encode
+    echo(f"checkpoint {checkpoint}; S={ec.num_samples_mc}, K={ec.num_samples_iw}, batch {ec.batch_size}, "
+         f"{ec.concurrency} actor(s) x {ec.cpus_per_actor:g} CPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        rows = plain_encode(cfg, checkpoint, tmp)
+        plain_s = time.perf_counter() - start
+        total = sum(rows.values())
+        echo(f"(b) plain single-process PyTorch loop + pyarrow: {total / plain_s:,.0f} rows/s ({plain_s:.1f} s)")
+        # Ray starts after (b), which so runs without Ray's idle processes beside it, and before (a)'s
+        # timing: a job is normally submitted to a running cluster.
+        init_ray(cfg.scaling.address)
+        start = time.perf_counter()
+        result = encode(cfg, checkpoint=checkpoint, out=f"{tmp}/latents")
+        ray_s = time.perf_counter() - start
+        echo(f"(a) Ray Data encode job (verify + publish included): {total / ray_s:,.0f} rows/s ({ray_s:.1f} s)")
+        echo(f"ratio (a)/(b): {plain_s / ray_s:.3f}")
+        con = connect(result.path)
+        loss_by_digit(result.path, split="test", con=con)  # warm-up: OS cache, DuckDB metadata
+        times = []
+        for _ in range(query_repeats):
+            t = time.perf_counter()
+            loss_by_digit(result.path, split="test", con=con)
+            times.append(time.perf_counter() - t)
+        query_ms = statistics.median(times) * 1000
+        echo(f"loss-by-digit query over {total} rows, warm: median {query_ms:.1f} ms of {query_repeats}")
+    return {"ray_rows_per_s": total / ray_s, "plain_rows_per_s": total / plain_s, "ratio": plain_s / ray_s,
+            "query_ms": query_ms}
