@@ -75,6 +75,13 @@ def latent_dim_of(model) -> int:
     return getattr(model, "module", model).latent_dim
 
 
+def _recon_and_kl(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> LossParts:
+    """LossParts from decoder logits [B, S, P] of S samples per datapoint and q(z|x)'s parameters."""
+    recon_nll = -bernoulli_log_prob(_acc(logits), x.unsqueeze(1).to(_acc(logits).dtype)).mean(dim=1)
+    kl = gaussian_kl(_acc(mu), _acc(logvar))
+    return LossParts(loss=recon_nll + kl, recon_nll=recon_nll, kl=kl)
+
+
 def negative_elbo(model, x: torch.Tensor, num_samples: int = 1, eps: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> LossParts:
     """l_i with its parts, the reconstruction term averaged over `num_samples` draws of z.
@@ -82,9 +89,16 @@ def negative_elbo(model, x: torch.Tensor, num_samples: int = 1, eps: torch.Tenso
     shape_ref = torch.empty(x.shape[0], latent_dim_of(model), device=x.device, dtype=x.dtype)
     noise = _noise(shape_ref, num_samples, eps, generator)
     logits, mu, logvar = model(x, noise)
-    recon_nll = -bernoulli_log_prob(_acc(logits), x.unsqueeze(1).to(_acc(logits).dtype)).mean(dim=1)
-    kl = gaussian_kl(_acc(mu), _acc(logvar))
-    return LossParts(loss=recon_nll + kl, recon_nll=recon_nll, kl=kl)
+    return _recon_and_kl(logits, x, mu, logvar)
+
+
+def negative_elbo_given_posterior(model, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                                  eps: torch.Tensor) -> LossParts:
+    """negative_elbo for a q(z|x) already computed by model.encode(x): evaluation encodes once and
+    reuses (mu, logvar) for the ELBO, the importance weights and z. eps [B, S, D]."""
+    _noise(mu, eps.shape[1], eps, None)  # shape check
+    logits = model.decode(model.reparameterize(mu, logvar, eps.to(device=mu.device, dtype=mu.dtype)))
+    return _recon_and_kl(logits, x, mu, logvar)
 
 
 def batch_loss(parts: LossParts, kl_weight: float = 1.0) -> torch.Tensor:
@@ -95,24 +109,31 @@ def batch_loss(parts: LossParts, kl_weight: float = 1.0) -> torch.Tensor:
 
 
 def importance_log_px(model, x: torch.Tensor, num_samples: int, chunk_size: int = 100,
-                      eps: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      eps: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """log p(x_i) ~= logmeanexp_k [log p(x_i|z_k) + log p(z_k) - log q(z_k|x_i)], K = num_samples.
 
     Evaluated `chunk_size` samples at a time with a running log-sum-exp, so K = 1000 costs
-    memory for chunk_size decoder passes per datapoint, not K.
+    memory for chunk_size decoder passes per datapoint, not K. `posterior` = (mu, logvar) from an
+    earlier model.encode(x) saves encoding again. `eps` [B, K, D] is the noise, or a callable
+    (start, k) -> [B, k, D] that draws it chunk by chunk (so K x D noise is never held at once).
     """
     if num_samples <= 0:
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
-    mu, logvar = model.encode(x)
+    mu, logvar = posterior if posterior is not None else model.encode(x)
     mu, logvar = _acc(mu), _acc(logvar)
-    if eps is not None:
+    if isinstance(eps, torch.Tensor):
         _noise(mu, num_samples, eps, None)  # shape check
     x = x.to(mu.dtype)
     running = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=mu.dtype)
     for start in range(0, num_samples, chunk_size):
         k = min(chunk_size, num_samples - start)
-        noise = eps[:, start:start + k] if eps is not None else _noise(mu, k, None, generator)
+        if eps is None:
+            noise = _noise(mu, k, None, generator)
+        elif isinstance(eps, torch.Tensor):
+            noise = eps[:, start:start + k]
+        else:
+            noise = eps(start, k)
         noise = noise.to(device=mu.device, dtype=mu.dtype)
         z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * noise     # [B, k, D]
         log_w = (bernoulli_log_prob(_acc(model.decode(z)), x.unsqueeze(1))
