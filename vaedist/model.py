@@ -11,7 +11,26 @@ from torch import nn
 from vaedist.config import ModelConfig
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
-IMAGE_SIDE = 28
+MNIST_SHAPE = (28, 28, 1)
+
+
+class _ToImage(nn.Module):
+    """[B, H*W*C] flattened channels last (the shards' layout) -> [B, C, H, W] (what Conv2d takes).
+    One module in the place of the Unflatten it replaced, so earlier checkpoints keep their keys."""
+
+    def __init__(self, image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.image_shape = image_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.image_shape).permute(0, 3, 1, 2)
+
+
+class _FromImage(nn.Module):
+    """[B, C, H, W] -> [B, H*W*C] channels last: _ToImage's inverse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1)
 
 
 def _mlp(widths: list[int], activation: str) -> nn.Sequential:
@@ -22,12 +41,18 @@ def _mlp(widths: list[int], activation: str) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    """x in [B, num_pixels] (binary) -> q(z|x) = N(mu, diag exp(logvar)); z -> Bernoulli logits [.., num_pixels]."""
+    """x in [B, num_pixels] (binary) -> q(z|x) = N(mu, diag exp(logvar)); z -> Bernoulli logits [.., num_pixels].
 
-    def __init__(self, cfg: ModelConfig, num_pixels: int = IMAGE_SIDE * IMAGE_SIDE):
+    image_shape (height, width, channels) comes from the dataset's manifest; pixels are flattened
+    channels last, as the shards store them. The conv family halves height and width twice, so
+    both must be divisible by 4."""
+
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int] = MNIST_SHAPE):
         super().__init__()
         self.cfg = cfg
-        self.num_pixels = num_pixels
+        self.image_shape = tuple(int(d) for d in image_shape)
+        height, width, channels = self.image_shape
+        self.num_pixels = num_pixels = height * width * channels
         self.latent_dim = cfg.latent_dim
         act = cfg.activation
         if cfg.kind == "mlp":
@@ -37,23 +62,24 @@ class VAE(nn.Module):
             self.decoder = nn.Sequential(_mlp([cfg.latent_dim, *reversed(widths[1:])], act),
                                          nn.Linear(widths[1], num_pixels))
         else:
-            if num_pixels != IMAGE_SIDE * IMAGE_SIDE:
-                raise ValueError(f"the conv model needs 28x28 inputs, got num_pixels={num_pixels}")
+            if height % 4 or width % 4:
+                raise ValueError(f"the conv model halves height and width twice: they must be divisible by 4, "
+                                 f"got image shape {self.image_shape}")
             c1, c2 = cfg.hidden_dims
-            side = IMAGE_SIDE // 4
+            h4, w4 = height // 4, width // 4
             self.encoder = nn.Sequential(
-                nn.Unflatten(1, (1, IMAGE_SIDE, IMAGE_SIDE)),
-                nn.Conv2d(1, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),   # 28 -> 14
-                nn.Conv2d(c1, c2, 4, stride=2, padding=1), _ACTIVATIONS[act](),  # 14 -> 7
+                _ToImage(self.image_shape),
+                nn.Conv2d(channels, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),  # H -> H/2
+                nn.Conv2d(c1, c2, 4, stride=2, padding=1), _ACTIVATIONS[act](),        # H/2 -> H/4
                 nn.Flatten(),
             )
-            self.to_posterior = nn.Linear(c2 * side * side, 2 * cfg.latent_dim)
+            self.to_posterior = nn.Linear(c2 * h4 * w4, 2 * cfg.latent_dim)
             self.decoder = nn.Sequential(
-                nn.Linear(cfg.latent_dim, c2 * side * side), _ACTIVATIONS[act](),
-                nn.Unflatten(1, (c2, side, side)),
-                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),  # 7 -> 14
-                nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),                        # 14 -> 28
-                nn.Flatten(),
+                nn.Linear(cfg.latent_dim, c2 * h4 * w4), _ACTIVATIONS[act](),
+                nn.Unflatten(1, (c2, h4, w4)),
+                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),    # H/4 -> H/2
+                nn.ConvTranspose2d(c1, channels, 4, stride=2, padding=1),                   # H/2 -> H
+                _FromImage(),
             )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 import webdataset as wds
 
 from vaedist.data import shards as shard_format
-from vaedist.data import (MNIST_FILES, MNIST_MD5, MNIST_NUM_SAMPLES, DataError, dynamic_binarize,
+from vaedist.data import (MNIST, MNIST_FILES, MNIST_MD5, MNIST_NUM_SAMPLES, DataError, dynamic_binarize,
                           fixed_binarize, iter_shard, key_for, load_mnist, load_split_arrays,
                           manifest_hash, parse_key, prepare_shards, read_manifest, shard_paths,
                           verify_shards)
@@ -46,7 +46,7 @@ def mnist(mnist_idx_dir) -> dict:
 @pytest.fixture(scope="module")
 def small_shards(mnist_idx_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("shards")
-    manifest = prepare_shards(str(out), mnist_dir=str(mnist_idx_dir), samples_per_shard=PER_SHARD,
+    manifest = prepare_shards(str(out), source_dir=str(mnist_idx_dir), samples_per_shard=PER_SHARD,
                               limit_per_split=LIMIT, progress=False)
     return out, manifest
 
@@ -158,7 +158,7 @@ def test_load_mnist_download_failure_says_how_to_go_offline(monkeypatch, tmp_pat
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(DataError, match=r"could not download MNIST .*--mnist-dir or set VAEDIST_MNIST_DIR"):
+    with pytest.raises(DataError, match=r"could not download MNIST .*offline\? pass --mnist-dir DIR or set VAEDIST_MNIST_DIR=DIR"):
         load_mnist("train", download_dir=str(tmp_path))
     with pytest.raises(DataError, match="VAEDIST_MNIST_DIR"):
         load_mnist("train")
@@ -202,7 +202,9 @@ def test_parse_key_rejects_malformed(key):
 def test_prepare_writes_the_manifest_and_layout(small_shards, mnist):
     out, manifest = small_shards
     assert manifest == read_manifest(str(out))
-    assert manifest["format_version"] == 1 and manifest["image_shape"] == [28, 28]
+    assert manifest["format_version"] == 2
+    assert manifest["dataset"] == {"name": "mnist", "image_shape": [28, 28, 1], "dtype": "uint8",
+                                   "num_classes": 10, "class_names": None}
     assert manifest["members"] == {"image": "npy", "label": "cls"}
     assert manifest["source"] == {"kind": "idx", "files": MNIST_MD5}
     for split in ("train", "test"):
@@ -229,7 +231,7 @@ def test_shards_hold_the_source_datapoints_in_order(small_shards, mnist, split):
 
 def test_prepare_is_byte_reproducible(small_shards, mnist_idx_dir, tmp_path):
     out, manifest = small_shards
-    again = prepare_shards(str(tmp_path / "again"), mnist_dir=str(mnist_idx_dir), samples_per_shard=PER_SHARD,
+    again = prepare_shards(str(tmp_path / "again"), source_dir=str(mnist_idx_dir), samples_per_shard=PER_SHARD,
                            limit_per_split=LIMIT, progress=False)
     for split in ("train", "test"):
         for first, second in zip(manifest["splits"][split]["shards"], again["splits"][split]["shards"]):
@@ -258,7 +260,7 @@ def test_shard_paths_order_and_cap(small_shards):
 
 
 def test_reprepare_with_fewer_shards_removes_stale_ones(shards_copy, mnist_idx_dir):
-    prepare_shards(str(shards_copy), mnist_dir=str(mnist_idx_dir), samples_per_shard=100, limit_per_split=LIMIT,
+    prepare_shards(str(shards_copy), source_dir=str(mnist_idx_dir), samples_per_shard=100, limit_per_split=LIMIT,
                    progress=False)
     assert sorted(p.name for p in (shards_copy / "train").iterdir()) == ["train-000000.tar", "train-000001.tar"]
     assert verify_shards(str(shards_copy)) == {s: {"shards": 2, "samples": LIMIT} for s in ("train", "test")}
@@ -276,7 +278,7 @@ def test_crashed_prepare_leaves_no_manifest(shards_copy, mnist_idx_dir, monkeypa
 
     monkeypatch.setattr(shard_format, "_shard_bytes", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        prepare_shards(str(shards_copy), mnist_dir=str(mnist_idx_dir), samples_per_shard=50, limit_per_split=LIMIT,
+        prepare_shards(str(shards_copy), source_dir=str(mnist_idx_dir), samples_per_shard=50, limit_per_split=LIMIT,
                        progress=False)
     with pytest.raises(DataError, match="manifest.json not found"):
         read_manifest(str(shards_copy))
@@ -332,7 +334,7 @@ GOOD = [("train-00000.cls", b"3"), ("train-00000.npy", npy_bytes(np.zeros((28, 2
     ([("train-00001.cls", b"4"), ("train-00001.npy", npy_bytes(np.zeros((28, 28), np.float32)))], "dtype"),
     ([("train-00001.npy", npy_bytes(np.zeros((28, 28), np.uint8)))], "no .cls member"),
     ([("train-00001.cls", b"4")], "no .npy member"),
-    ([("train-00001.cls", b"12"), ("train-00001.npy", GOOD[1][1])], "not a digit 0..9"),
+    ([("train-00001.cls", b"12"), ("train-00001.npy", GOOD[1][1])], "not a class 0..9"),
     ([("train-00001.cls", b"4"), ("train-00001.npy", b"not an array")], "not a readable array"),
     ([("train-00001.cls", b"4"), ("train-00001.npy", GOOD[1][1]), ("train-00001.png", b"")], "unexpected member"),
 ])
@@ -379,7 +381,7 @@ def test_load_split_arrays_matches_the_source(small_shards, mnist, split):
     paths = shard_paths(str(out), split)
     counts = [s["num_samples"] for s in manifest["splits"][split]["shards"]]
     # Our own shards take the sliced fast path; a silent fall back to tarfile would be ~50x slower.
-    assert all(shard_format._decode_canonical(Path(p).read_bytes()) is not None for p in paths)
+    assert all(shard_format._decode_canonical(Path(p).read_bytes(), MNIST) is not None for p in paths)
     indices, images, labels = load_split_arrays(paths, counts)
     assert indices.dtype == np.int64 and images.dtype == np.uint8 and labels.dtype == np.int64
     assert np.array_equal(indices, np.arange(LIMIT))
@@ -396,7 +398,7 @@ def test_load_split_arrays_reads_other_writers_shards(mnist, tmp_path):
     with wds.TarWriter(str(path)) as writer:
         for i in range(10, 20):
             writer.write({"__key__": key_for("test", i), "npy": mnist["test"][0][i], "cls": int(mnist["test"][1][i])})
-    assert shard_format._decode_canonical(path.read_bytes()) is None
+    assert shard_format._decode_canonical(path.read_bytes(), MNIST) is None
     indices, images, labels = load_split_arrays([str(path)], [10])
     assert np.array_equal(indices, np.arange(10, 20))
     assert np.array_equal(images, mnist["test"][0][10:20].reshape(10, 784))

@@ -15,7 +15,7 @@ from vaedist.model import VAE
 
 def tiny_vae(latent_dim: int, num_pixels: int = 5, seed: int = 0) -> VAE:
     torch.manual_seed(seed)
-    model = VAE(ModelConfig(latent_dim=latent_dim, hidden_dims=[8], activation="tanh"), num_pixels=num_pixels)
+    model = VAE(ModelConfig(latent_dim=latent_dim, hidden_dims=[8], activation="tanh"), image_shape=(1, num_pixels, 1))
     return model.double().eval()
 
 

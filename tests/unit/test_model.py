@@ -40,6 +40,14 @@ def test_samples_from_the_prior_are_binary_and_seeded():
     assert probs.min() >= 0 and probs.max() <= 1
 
 
-def test_conv_refuses_other_image_sizes():
-    with pytest.raises(ValueError, match="28x28"):
-        VAE(ModelConfig(kind="conv", hidden_dims=[8, 16]), num_pixels=100)
+def test_conv_refuses_image_sides_not_divisible_by_4():
+    with pytest.raises(ValueError, match=r"divisible by 4, got image shape \(30, 28, 1\)"):
+        VAE(ModelConfig(kind="conv", hidden_dims=[8, 16]), image_shape=(30, 28, 1))
+
+
+@pytest.mark.parametrize("kind,hidden", [("mlp", [32]), ("conv", [8, 16])])
+def test_other_image_shapes_colour_included(kind, hidden):
+    model = VAE(ModelConfig(kind=kind, latent_dim=3, hidden_dims=hidden), image_shape=(32, 24, 3))
+    x = torch.bernoulli(torch.full((2, 32 * 24 * 3), 0.5))
+    logits, mu, _ = model(x)
+    assert logits.shape == (2, 32 * 24 * 3) and mu.shape == (2, 3) and model.num_pixels == 2304

@@ -1,26 +1,43 @@
-"""MNIST for vaedist. numpy, torch and tarfile; no Ray.
+"""The datasets for vaedist: sources, WebDataset shards, binarisation. numpy, torch and tarfile; no Ray.
 
-    manifest = prepare_shards("outputs/shards", mnist_dir="/data/mnist")
+    manifest = prepare_shards("outputs/shards", "fashion-mnist", source_dir="/data/fashion-mnist")
     verify_shards("outputs/shards")
-    indices, images, labels = load_split_arrays(shard_paths("outputs/shards", "train"))
+    info = manifest_dataset(read_manifest("outputs/shards"))       # name, image shape, class names
+    indices, images, labels = load_split_arrays(shard_paths("outputs/shards", "train"), info=info)
 
-common.py    splits, sizes, the datapoint key, DataError
-mnist.py     the source files: local IDX (gzip or raw) checked by md5, or torchvision's download
+common.py    splits, the datapoint key, DatasetInfo, DataError
+sources.py   the built-in datasets: MNIST and Fashion-MNIST (local IDX files checked by md5, or
+             torchvision's download) and mnist8m (deformed MNIST, deform.py)
 shards.py    the WebDataset shards: reproducible writing, manifest, verification, the fast reader
 binarize.py  dynamic (training) and fixed per-datapoint (evaluation) Bernoulli binarisation
+
+binarize (torch) is imported on first use, so that the shard reader, which Ray Data's decode tasks
+run, starts without importing torch.
 """
 
-from vaedist.data.binarize import dynamic_binarize, fixed_binarize
-from vaedist.data.common import (FORMAT_VERSION, IMAGE_SHAPE, MNIST_NUM_SAMPLES, NUM_PIXELS, SPLITS, DataError,
-                                 key_for, parse_key)
-from vaedist.data.mnist import MNIST_FILES, MNIST_MD5, load_mnist
-from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, iter_shard, load_split_arrays, manifest_hash,
-                                 prepare_shards, read_checked_shard, read_manifest, shard_paths,
+from vaedist.data.common import (FORMAT_VERSION, MNIST, MNIST_NUM_SAMPLES, MNIST_SHAPE, SPLITS, DataError,
+                                 DatasetInfo, key_for, parse_key)
+from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, iter_shard, load_split_arrays, manifest_dataset,
+                                 manifest_hash, prepare_shards, read_checked_shard, read_manifest, shard_paths,
                                  verify_shards)
+from vaedist.data.sources import (DATASETS, FASHION_MNIST, MNIST_FILES, MNIST_MD5, dataset_info, load_idx, load_mnist,
+                                  open_split)
+
+_LAZY = {"dynamic_binarize", "fixed_binarize"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from vaedist.data import binarize
+
+        return getattr(binarize, name)
+    raise AttributeError(f"module 'vaedist.data' has no attribute {name!r}")
+
 
 __all__ = [
-    "FORMAT_VERSION", "IMAGE_EXT", "IMAGE_SHAPE", "LABEL_EXT", "MANIFEST_NAME", "MNIST_FILES", "MNIST_MD5",
-    "MNIST_NUM_SAMPLES", "NUM_PIXELS", "SPLITS", "DataError", "dynamic_binarize", "fixed_binarize", "iter_shard",
-    "key_for", "load_mnist", "load_split_arrays", "manifest_hash", "parse_key", "prepare_shards",
-    "read_checked_shard", "read_manifest", "shard_paths", "verify_shards",
+    "DATASETS", "FASHION_MNIST", "FORMAT_VERSION", "IMAGE_EXT", "LABEL_EXT", "MANIFEST_NAME", "MNIST", "MNIST_FILES",
+    "MNIST_MD5", "MNIST_NUM_SAMPLES", "MNIST_SHAPE", "SPLITS", "DataError", "DatasetInfo", "dataset_info",
+    "dynamic_binarize", "fixed_binarize", "iter_shard", "key_for", "load_idx", "load_mnist", "load_split_arrays",
+    "manifest_dataset", "manifest_hash", "open_split", "parse_key", "prepare_shards", "read_checked_shard",
+    "read_manifest", "shard_paths", "verify_shards",
 ]

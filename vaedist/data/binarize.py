@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import torch
 
-from vaedist.data.common import NUM_PIXELS, _check_split
+from vaedist.data.common import _check_split
 
 def dynamic_binarize(images_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """float32 {0, 1} of the input's shape: a fresh Bernoulli(pixel / 255) draw from `generator`
@@ -35,27 +35,28 @@ def _as_numpy(x) -> np.ndarray:
 
 
 def fixed_binarize(images_u8, indices, split: str, seed: int = 0) -> torch.Tensor:
-    """float32 {0, 1} [B, 784], the same for a datapoint whatever batch it is in.
+    """float32 {0, 1} [B, P], the same for a datapoint whatever batch it is in.
 
     Pixel j of datapoint (split, index) is 1 iff u < pixel / 255, where u = r / 2**32 and r is
     the top 32 bits of splitmix64(row + (j + 1) * GAMMA), row = splitmix64(stream + (index + 1) *
     GAMMA), stream = splitmix64((seed mod 2**64) XOR the first 8 bytes (big-endian) of
-    sha256(split)). Compared in integers, so it is exact on every platform. Images uint8
-    [B, 784] or [B, 28, 28] and indices [B], numpy or torch; the result is on the images' device.
+    sha256(split)), and j runs over the image's P values in row-major (H, W, C) order. Compared in
+    integers, so it is exact on every platform. Images uint8 [B, P] or [B, H, W(, C)] and indices
+    [B], numpy or torch; the result is on the images' device.
     """
     _check_split(split)
     device = images_u8.device if isinstance(images_u8, torch.Tensor) else torch.device("cpu")
     pixels, index = _as_numpy(images_u8), _as_numpy(indices)
-    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or int(np.prod(pixels.shape[1:])) != NUM_PIXELS:
-        raise ValueError(f"images must be uint8 [B, {NUM_PIXELS}] or [B, 28, 28], got "
-                         f"{pixels.dtype} {list(pixels.shape)}")
+    if pixels.dtype != np.uint8 or pixels.ndim < 2:
+        raise ValueError(f"images must be uint8 [B, P] or [B, H, W(, C)], got {pixels.dtype} {list(pixels.shape)}")
+    num_pixels = int(np.prod(pixels.shape[1:]))
     if index.shape != (len(pixels),) or not np.issubdtype(index.dtype, np.integer) or (index < 0).any():
         raise ValueError(f"indices must be {len(pixels)} non-negative integers, got {index.dtype} {list(index.shape)}")
     split_tag = int.from_bytes(hashlib.sha256(split.encode()).digest()[:8], "big")
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64 by design
         stream = _splitmix64(np.array([(int(seed) % 2**64) ^ split_tag], np.uint64))
         rows = _splitmix64(stream + (index.astype(np.uint64) + np.uint64(1)) * _GAMMA)
-        cols = np.arange(1, NUM_PIXELS + 1, dtype=np.uint64) * _GAMMA
+        cols = np.arange(1, num_pixels + 1, dtype=np.uint64) * _GAMMA
         r = _splitmix64(rows[:, None] + cols[None, :]) >> np.uint64(32)
-    on = r * np.uint64(255) < pixels.reshape(len(pixels), NUM_PIXELS).astype(np.uint64) << np.uint64(32)
+    on = r * np.uint64(255) < pixels.reshape(len(pixels), num_pixels).astype(np.uint64) << np.uint64(32)
     return torch.from_numpy(on.astype(np.float32)).to(device)

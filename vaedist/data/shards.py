@@ -1,11 +1,13 @@
 """The WebDataset shards: reproducible writing, the manifest, verification and the fast reader.
 
-Shard layout (FORMAT_VERSION 1; this module is its one source of truth):
+Shard layout (FORMAT_VERSION 2; this module is its one source of truth):
 <shards_dir>/<split>/<split>-000000.tar, ... are plain ustar archives. Datapoint `index` of `split`
 is two adjacent members, `<key>.cls` (the label as ASCII digits) then `<key>.npy` (np.save of the
-uint8 [28, 28] image, original grey levels), key = key_for(split, index); shard i holds indices
-[i * samples_per_shard, ...) in order. <shards_dir>/manifest.json lists every shard with its
-size and sha256; it is written last, so its presence means the shards are complete.
+uint8 image, original grey or colour levels: [H, W] for one channel, else [H, W, C]),
+key = key_for(split, index); shard i holds indices [i * samples_per_shard, ...) in order.
+<shards_dir>/manifest.json names the dataset (name, image shape, class names) and lists every
+shard with its size and sha256; it is written last, so its presence means the shards are complete.
+Version 1 manifests (MNIST only, before datasets had names) are read as MNIST.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ import json
 import os
 import re
 import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from vaedist import storage
-from vaedist.data.common import (FORMAT_VERSION, IMAGE_SHAPE, NUM_PIXELS, SPLITS, DataError, _check_split,
-                                 key_for, parse_key)
-from vaedist.data.mnist import load_mnist
+from vaedist.data.common import MNIST, SPLITS, DataError, DatasetInfo, FORMAT_VERSION, _check_split, key_for, parse_key
 
 MANIFEST_NAME = "manifest.json"
 IMAGE_EXT = "npy"
@@ -44,21 +46,13 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _npy_header() -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(IMAGE_SHAPE, np.uint8))
-    return buf.getvalue()[:-NUM_PIXELS]
-
-
-_NPY_HEADER = _npy_header()  # what np.save writes before the pixels of any uint8 [28, 28] image
-
-
 def _shard_bytes(split: str, first_index: int, images: np.ndarray, labels: np.ndarray) -> bytes:
+    header = _layout(images.shape[1:]).npy_header
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for offset, (image, label) in enumerate(zip(images, labels)):
             key = key_for(split, first_index + offset)
-            for ext, data in ((LABEL_EXT, b"%d" % int(label)), (IMAGE_EXT, _NPY_HEADER + image.tobytes())):
+            for ext, data in ((LABEL_EXT, b"%d" % int(label)), (IMAGE_EXT, header + image.tobytes())):
                 tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
     return buf.getvalue()
 
@@ -68,11 +62,31 @@ def _shard_bytes(split: str, first_index: int, images: np.ndarray, labels: np.nd
 _BLOCK = tarfile.BLOCKSIZE
 _LABEL_AT = _BLOCK
 _IMAGE_HEADER_AT = 2 * _BLOCK
-_PIXELS_AT = 3 * _BLOCK + len(_NPY_HEADER)
-_RECORD = 3 * _BLOCK + -(-(len(_NPY_HEADER) + NUM_PIXELS) // _BLOCK) * _BLOCK
-_LABEL_TEMPLATE = np.frombuffer(_tarinfo("x", 1).tobuf(tarfile.USTAR_FORMAT), np.uint8)
-_IMAGE_TEMPLATE = np.frombuffer(_tarinfo("x", len(_NPY_HEADER) + NUM_PIXELS).tobuf(tarfile.USTAR_FORMAT), np.uint8)
 _NAME, _CHKSUM = slice(0, 100), slice(148, 156)  # ustar header fields that differ between members
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the bytes of one datapoint with a single-digit label lie, for one stored image shape."""
+    npy_header: bytes    # what np.save writes before the pixels of any uint8 image of this shape
+    num_pixels: int
+    pixels_at: int
+    record: int          # bytes per datapoint
+    label_template: np.ndarray
+    image_template: np.ndarray
+
+
+@lru_cache(maxsize=8)
+def _layout(stored_shape: tuple[int, ...]) -> _Layout:
+    num_pixels = int(np.prod(stored_shape))
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(stored_shape, np.uint8))
+    header = buf.getvalue()[:-num_pixels]
+    return _Layout(
+        npy_header=header, num_pixels=num_pixels, pixels_at=3 * _BLOCK + len(header),
+        record=3 * _BLOCK + -(-(len(header) + num_pixels) // _BLOCK) * _BLOCK,
+        label_template=np.frombuffer(_tarinfo("x", 1).tobuf(tarfile.USTAR_FORMAT), np.uint8),
+        image_template=np.frombuffer(_tarinfo("x", len(header) + num_pixels).tobuf(tarfile.USTAR_FORMAT), np.uint8))
 
 
 def _headers_match(headers: np.ndarray, template: np.ndarray, names: list[bytes]) -> bool:
@@ -91,18 +105,20 @@ def _headers_match(headers: np.ndarray, template: np.ndarray, names: list[bytes]
                 and np.array_equal(headers[:, 154:156], np.broadcast_to(template[154:156], (len(headers), 2))))
 
 
-def _decode_canonical(buf: bytes) -> tuple[str, np.ndarray, np.ndarray, np.ndarray] | None:
-    """(split, indices, images [n, 784] view, label bytes) by slicing, with no per-sample Python.
+def _decode_canonical(buf: bytes, info: DatasetInfo) -> tuple[str, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(split, indices, images [n, pixels] view, label bytes) by slicing, with no per-sample Python.
 
-    Only for a shard in exactly the layout _shard_bytes writes, which every byte that tarfile would
-    read is checked against; anything else returns None and the caller falls back to the tarfile
-    reader, which accepts other writers' layouts and names the problem in damaged ones.
+    Only for a shard in exactly the layout _shard_bytes writes for the dataset's image shape, which
+    every byte that tarfile would read is checked against; anything else returns None and the caller
+    falls back to the tarfile reader, which accepts other writers' layouts and names the problem in
+    damaged ones.
     """
+    lay = _layout(info.stored_shape)
     data = np.frombuffer(buf, np.uint8)
-    records = data[: len(data) // _RECORD * _RECORD].reshape(-1, _RECORD)
+    records = data[: len(data) // lay.record * lay.record].reshape(-1, lay.record)
     ends = np.flatnonzero(records[:, 0] == 0)  # the zero blocks that end a tar start with a NUL name
     n = int(ends[0]) if len(ends) else len(records)
-    tail = data[n * _RECORD:]
+    tail = data[n * lay.record:]
     if n == 0 or len(tail) < 2 * _BLOCK or tail.any():
         return None
     records = records[:n]
@@ -113,17 +129,17 @@ def _decode_canonical(buf: bytes) -> tuple[str, np.ndarray, np.ndarray, np.ndarr
         return None
     keys = [key_for(split, first_index + i).encode() for i in range(n)]
     label_ext, image_ext = f".{LABEL_EXT}".encode(), f".{IMAGE_EXT}".encode()
-    npy_header = np.frombuffer(_NPY_HEADER, np.uint8)
+    npy_header = np.frombuffer(lay.npy_header, np.uint8)
     labels = records[:, _LABEL_AT]
-    if not (_headers_match(records[:, :_BLOCK], _LABEL_TEMPLATE, [k + label_ext for k in keys])
-            and _headers_match(records[:, _IMAGE_HEADER_AT:_IMAGE_HEADER_AT + _BLOCK], _IMAGE_TEMPLATE,
+    if not (_headers_match(records[:, :_BLOCK], lay.label_template, [k + label_ext for k in keys])
+            and _headers_match(records[:, _IMAGE_HEADER_AT:_IMAGE_HEADER_AT + _BLOCK], lay.image_template,
                                [k + image_ext for k in keys])
-            and np.array_equal(records[:, _PIXELS_AT - len(npy_header):_PIXELS_AT],
+            and np.array_equal(records[:, lay.pixels_at - len(npy_header):lay.pixels_at],
                                np.broadcast_to(npy_header, (n, len(npy_header))))
-            and ((labels >= ord("0")) & (labels <= ord("9"))).all()):
+            and ((labels >= ord("0")) & (labels < ord("0") + min(info.num_classes, 10))).all()):
         return None
     indices = np.arange(first_index, first_index + n, dtype=np.int64)
-    return split, indices, records[:, _PIXELS_AT:_PIXELS_AT + NUM_PIXELS], labels
+    return split, indices, records[:, lay.pixels_at:lay.pixels_at + lay.num_pixels], labels
 
 
 def _tar_members(buf: bytes, path: str) -> Iterator[tuple[str, bytes]]:
@@ -148,7 +164,7 @@ def _tar_members(buf: bytes, path: str) -> Iterator[tuple[str, bytes]]:
                         "without an end-of-archive marker; truncated or corrupt")
 
 
-def _decode_sample(path: str, key: str, fields: dict[str, bytes]) -> tuple[str, np.ndarray, int]:
+def _decode_sample(path: str, key: str, fields: dict[str, bytes], info: DatasetInfo) -> tuple[str, np.ndarray, int]:
     where = f"shard {path}, key {key!r}"
     try:
         parse_key(key)
@@ -161,22 +177,23 @@ def _decode_sample(path: str, key: str, fields: dict[str, bytes]) -> tuple[str, 
         image = np.load(io.BytesIO(fields[IMAGE_EXT]), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{where}: .{IMAGE_EXT} is not a readable array ({e})") from None
-    if image.shape != IMAGE_SHAPE or image.dtype != np.uint8:
-        raise DataError(f"{where}: image has shape {image.shape} and dtype {image.dtype}, "
-                        f"expected {IMAGE_SHAPE} uint8")
+    if image.shape != info.stored_shape or image.dtype != np.uint8:
+        raise DataError(f"{where}: image has shape {image.shape} and dtype {image.dtype}, but the "
+                        f"{info.name} manifest says {info.stored_shape} uint8")
     text = fields[LABEL_EXT].decode("ascii", "replace").strip()
-    if not (text.isdigit() and int(text) <= 9):
-        raise DataError(f"{where}: label {text[:20]!r} is not a digit 0..9")
+    if not (text.isdigit() and int(text) < info.num_classes):
+        raise DataError(f"{where}: label {text[:20]!r} is not a class 0..{info.num_classes - 1}")
     return key, image, int(text)
 
 
-def _iter_samples(buf: bytes, path: str, expected_count: int | None) -> Iterator[tuple[str, np.ndarray, int]]:
+def _iter_samples(buf: bytes, path: str, expected_count: int | None,
+                  info: DatasetInfo) -> Iterator[tuple[str, np.ndarray, int]]:
     key, fields, seen = None, {}, set()
     for name, data in _tar_members(buf, path):
         member_key, _, ext = name.partition(".")  # WebDataset's rule: the key ends at the first dot
         if member_key != key:
             if key is not None:
-                yield _decode_sample(path, key, fields)
+                yield _decode_sample(path, key, fields, info)
             if member_key in seen:
                 raise DataError(f"shard {path}, key {member_key!r}: members of one datapoint are not adjacent")
             seen.add(member_key)
@@ -186,7 +203,7 @@ def _iter_samples(buf: bytes, path: str, expected_count: int | None) -> Iterator
                             f"(a datapoint is one .{LABEL_EXT} and one .{IMAGE_EXT})")
         fields[ext] = data
     if key is not None:
-        yield _decode_sample(path, key, fields)
+        yield _decode_sample(path, key, fields, info)
     if expected_count is not None and len(seen) != expected_count:
         raise DataError(f"shard {path}: holds {len(seen)} datapoints, expected {expected_count}")
 
@@ -200,22 +217,24 @@ def _read_shard(path: str) -> bytes:
         raise DataError(f"shard {path}: cannot read it ({e})") from None
 
 
-def iter_shard(path: str, expected_count: int | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
-    """(key, image uint8 [28, 28], label) for each datapoint of one shard, in order.
+def iter_shard(path: str, expected_count: int | None = None,
+               info: DatasetInfo = MNIST) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(key, image uint8 of info.stored_shape, label) for each datapoint of one shard, in order.
 
     Any damage (truncated or unreadable tar, a missing or extra member, a bad image or label, a
     count other than expected_count) raises DataError naming the shard and, where known, the key.
     """
-    yield from _iter_samples(_read_shard(path), path, expected_count)
+    yield from _iter_samples(_read_shard(path), path, expected_count, info)
 
 
-def _decode_shard(buf: bytes, path: str, expected_count: int | None) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """(split, indices int64, images uint8 [n, 784], labels int64) of one shard's bytes."""
-    fast = _decode_canonical(buf)
+def decode_shard_bytes(buf: bytes, path: str, expected_count: int | None,
+                  info: DatasetInfo) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(split, indices int64, images uint8 [n, pixels], labels int64) of one shard's bytes."""
+    fast = _decode_canonical(buf, info)
     if fast is not None and (expected_count is None or len(fast[1]) == expected_count):
         split, indices, images, label_bytes = fast
         return split, indices, np.ascontiguousarray(images), label_bytes.astype(np.int64) - ord("0")
-    samples = list(_iter_samples(buf, path, expected_count))
+    samples = list(_iter_samples(buf, path, expected_count, info))
     if not samples:
         raise DataError(f"shard {path} holds no datapoints")
     keys = [parse_key(key) for key, _, _ in samples]
@@ -228,8 +247,9 @@ def _decode_shard(buf: bytes, path: str, expected_count: int | None) -> tuple[st
 
 
 def load_split_arrays(paths: list[str], expected_counts: list[int] | None = None,
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices int64 [N], images uint8 [N, 784], labels int64 [N]) decoded from shards of one split.
+                      info: DatasetInfo = MNIST) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices int64 [N], images uint8 [N, pixels], labels int64 [N]) decoded from shards of one split
+    of the dataset `info` (a manifest's: manifest_dataset(read_manifest(shards_dir))).
 
     The hot path of every training worker: shards in this module's own layout are decoded by
     slicing the tar bytes (see _decode_canonical); others go through tarfile, sample by sample.
@@ -239,14 +259,14 @@ def load_split_arrays(paths: list[str], expected_counts: list[int] | None = None
     counts = expected_counts if expected_counts is not None else [None] * len(paths)
     parts, split_of = [], {}
     for path, count in zip(paths, counts):
-        split, *arrays = _decode_shard(_read_shard(path), path, count)
+        split, *arrays = decode_shard_bytes(_read_shard(path), path, count, info)
         split_of.setdefault(split, path)
         if len(split_of) > 1:
             raise DataError(f"shard {path} is from split {split!r} but {split_of[next(iter(split_of))]} is not; "
                             "load one split at a time")
         parts.append(arrays)
     if not parts:
-        return np.zeros(0, np.int64), np.zeros((0, NUM_PIXELS), np.uint8), np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros((0, info.num_pixels), np.uint8), np.zeros(0, np.int64)
     indices, images, labels = (np.concatenate(column) for column in zip(*parts))
     return indices, images, labels
 
@@ -274,54 +294,62 @@ def _remove_stale_shards(split_dir: str, split: str, keep: set[str]) -> None:
             storage.rmtree(storage.join(split_dir, name))
 
 
-def prepare_shards(out_dir: str, mnist_dir: str | None = None, download_dir: str | None = None,
-                   samples_per_shard: int = 2500, limit_per_split: int | None = None,
+def prepare_shards(out_dir: str, dataset: str = "mnist", source_dir: str | None = None,
+                   download_dir: str | None = None, samples_per_shard: int = 2500,
+                   limit_per_split: int | None = None, variants: int = 20, seed: int = 0,
                    progress: bool = True) -> dict:
-    """Write <out_dir>/<split>/<split>-000000.tar, ... for both splits, then <out_dir>/manifest.json.
+    """Write <out_dir>/<split>/<split>-000000.tar, ... for both splits of `dataset`, then
+    <out_dir>/manifest.json. Returns the manifest.
 
-    Returns the manifest. limit_per_split keeps only the first N datapoints of each split.
+    source_dir: the dataset's local IDX files (None: torchvision downloads into download_dir);
+    limit_per_split keeps only the first N datapoints of each split; variants and seed are
+    mnist8m's (images per MNIST training image, the deformations' seed). Shards are written one at
+    a time, so a dataset larger than memory (mnist8m) never is in memory whole.
     """
+    from vaedist.data.sources import open_split
+
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be > 0, got {samples_per_shard}")
     if limit_per_split is not None and limit_per_split <= 0:
         raise ValueError(f"limit_per_split must be > 0 or None, got {limit_per_split}")
-    arrays, source = {}, {"kind": None, "files": {}}
-    for split in SPLITS:
-        images, labels, info = load_mnist(split, mnist_dir, download_dir)
-        arrays[split] = (images[:limit_per_split], labels[:limit_per_split])
-        source["kind"] = info["kind"]
-        source["files"].update(info["files"])
+    # Both splits' sources open (and are checked) before anything is written.
+    opened = {split: open_split(dataset, split, source_dir, download_dir, variants=variants, seed=seed)
+              for split in SPLITS}
+    info = opened["train"][0].info
+    sources = {"kind": None, "files": {}}
+    for split, (_, source) in opened.items():
+        sources["files"].update(source.pop("files", {}))
+        sources.update(source)
 
     # No manifest from here until the new one lands: a crash can't leave one naming partial shards.
     manifest_path = _manifest_path(out_dir)
     if storage.exists(manifest_path):
         storage.rmtree(manifest_path)
-    num_shards = sum(-(-len(labels) // samples_per_shard) for _, labels in arrays.values())
+    counts = {split: min(src.num_samples, limit_per_split or src.num_samples) for split, (src, _) in opened.items()}
+    num_shards = sum(-(-n // samples_per_shard) for n in counts.values())
     splits = {}
-    with tqdm(total=num_shards, unit="shard", desc="prepare shards", disable=not progress) as bar:
-        for split, (images, labels) in arrays.items():
+    with tqdm(total=num_shards, unit="shard", desc=f"prepare {dataset} shards", disable=not progress) as bar:
+        for split, (src, _) in opened.items():
             split_dir = storage.join(out_dir, split)
             storage.makedirs(split_dir)
             shards = []
-            for first in range(0, len(labels), samples_per_shard):
+            for first in range(0, counts[split], samples_per_shard):
                 name = _shard_name(split, first // samples_per_shard)
-                data = _shard_bytes(split, first, images[first:first + samples_per_shard],
-                                    labels[first:first + samples_per_shard])
+                images, labels = src.read(first, min(first + samples_per_shard, counts[split]))
+                data = _shard_bytes(split, first, images, labels)
                 _write_atomic(storage.join(split_dir, name), data)
-                shards.append({"path": f"{split}/{name}", "first_index": first,
-                               "num_samples": min(samples_per_shard, len(labels) - first),
+                shards.append({"path": f"{split}/{name}", "first_index": first, "num_samples": len(labels),
                                "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
                 bar.update(1)
             _remove_stale_shards(split_dir, split, {os.path.basename(s["path"]) for s in shards})
-            splits[split] = {"num_samples": len(labels), "shards": shards}
+            splits[split] = {"num_samples": counts[split], "shards": shards}
 
     manifest = {
         "format_version": FORMAT_VERSION,
-        "image_shape": list(IMAGE_SHAPE),
-        "image_dtype": "uint8",
+        "dataset": info.to_manifest(),
         "members": {"image": IMAGE_EXT, "label": LABEL_EXT},
         "samples_per_shard": samples_per_shard,
-        "source": source,
+        "source": sources,
         "splits": splits,
     }
     # Canonical bytes (sorted keys, no timestamps) so manifest_hash identifies the data.
@@ -350,10 +378,13 @@ def read_manifest(shards_dir: str) -> dict:
     except ValueError as e:
         raise DataError(f"{path} is not valid JSON ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {version!r}, this vaedist reads {FORMAT_VERSION}; "
+    if version not in (1, FORMAT_VERSION):
+        raise DataError(f"{path}: format_version {version!r}, this vaedist reads 1 and {FORMAT_VERSION}; "
                         "prepare the shards again")
+    if version == 1:  # before datasets had names: MNIST, 28 x 28 grey levels
+        manifest["dataset"] = MNIST.to_manifest()
     try:
+        DatasetInfo.from_manifest(manifest["dataset"])
         for split, entry in manifest["splits"].items():
             _check_split(split)
             int(entry["num_samples"])
@@ -364,6 +395,11 @@ def read_manifest(shards_dir: str) -> dict:
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise DataError(f"{path}: malformed manifest ({e})") from None
     return manifest
+
+
+def manifest_dataset(manifest: dict) -> DatasetInfo:
+    """The dataset a manifest (from read_manifest) describes: name, image shape, class names."""
+    return DatasetInfo.from_manifest(manifest["dataset"])
 
 
 def manifest_hash(shards_dir: str) -> str:
@@ -405,6 +441,7 @@ def verify_shards(shards_dir: str, progress: bool = False) -> dict:
     """Check every shard in the manifest (present, size, sha256, then decoded count, keys, shapes),
     and that no unlisted .tar sits beside them. Returns {split: {"shards": n, "samples": n}}."""
     manifest = read_manifest(shards_dir)
+    info = manifest_dataset(manifest)
     manifest_path = _manifest_path(shards_dir)
     summary = {}
     total = sum(len(entry["shards"]) for entry in manifest["splits"].values())
@@ -423,7 +460,7 @@ def verify_shards(shards_dir: str, progress: bool = False) -> dict:
                 if shard["first_index"] != next_index:
                     raise DataError(f"{manifest_path}: shard {path} starts at index {shard['first_index']}, "
                                     f"expected {next_index}")
-                shard_split, indices, _, _ = _decode_shard(buf, path, shard["num_samples"])
+                shard_split, indices, _, _ = decode_shard_bytes(buf, path, shard["num_samples"], info)
                 expected = np.arange(next_index, next_index + shard["num_samples"])
                 if shard_split != split or not np.array_equal(indices, expected):
                     bad = int(np.argmax(indices != expected)) if shard_split == split else 0
