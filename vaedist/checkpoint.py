@@ -2,7 +2,8 @@
 manifest's hash, in one file that loads with torch.load(weights_only=True). No Ray.
 
 A checkpoint directory holds `checkpoint.pt` and a human-readable `config.yaml`. A run directory
-(storage_path/run_name) holds checkpoint directories named `epoch-NNNN` and `metrics.jsonl`.
+(storage_path/run_name) holds checkpoint directories named `epoch-NNNN` (Ray Train's, the best and
+the latest), `kept/epoch-NNNN` (output.keep_epochs, kept for good) and `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from vaedist.model import VAE
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_DIR_RE = re.compile(r"^epoch-(\d{4,})$")
 METRICS_FILE = "metrics.jsonl"
+KEPT_DIR = "kept"
+MNIST_SHAPE = (28, 28, 1)  # what checkpoints from before datasets had shapes were trained on
 
 
 class CheckpointError(ValueError):
@@ -32,13 +35,20 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
+def run_dir_of(cfg: Config) -> str:
+    """storage_path/run_name, made absolute: where a run's checkpoints and metrics live."""
+    return storage.join(storage.absolute(cfg.output.storage_path), cfg.output.run_name)
+
+
 def save_checkpoint(directory: str, *, model_state: dict, optimizer_state: dict | None, epoch: int,
                     global_step: int, config: Config, manifest_hash: str, history: list[dict],
-                    scaler_state: dict | None = None) -> str:
+                    scaler_state: dict | None = None, dataset: str = "mnist",
+                    image_shape: tuple[int, int, int] = MNIST_SHAPE) -> str:
     """Write checkpoint.pt (+ config.yaml) into `directory`; returns the file path."""
     import yaml
 
     state = {
+        "data": {"dataset": dataset, "image_shape": list(image_shape)},
         "model": {k: v.detach().cpu() for k, v in model_state.items()},
         "optimizer": optimizer_state,
         "scaler": scaler_state,
@@ -97,6 +107,21 @@ def config_of(state: dict) -> Config:
         raise CheckpointError(f"checkpoint {state.get('path')} holds an invalid config: {e}") from None
 
 
+def image_shape_of(state: dict) -> tuple[int, int, int]:
+    """The (height, width, channels) a checkpoint's model takes."""
+    return tuple(state.get("data", {}).get("image_shape", MNIST_SHAPE))
+
+
+def check_data_compatible(state: dict, dataset: str, image_shape: tuple[int, int, int], shards_dir: str) -> None:
+    """Refuse a checkpoint trained on images of another shape than the shards' (its input layer
+    would not fit), naming both."""
+    if image_shape_of(state) != tuple(image_shape):
+        trained_on = state.get("data", {}).get("dataset", "mnist")
+        raise CheckpointError(f"checkpoint {state.get('path')} was trained on {trained_on} images of shape "
+                              f"{list(image_shape_of(state))}, but the shards in {shards_dir} hold {dataset} "
+                              f"images of shape {list(image_shape)}")
+
+
 def check_model_compatible(state: dict, cfg: Config) -> None:
     """Refuse a checkpoint whose model shape differs from the config's, naming the fields."""
     saved = config_of(state).model
@@ -110,7 +135,7 @@ def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[VAE
     """(model in eval mode, the config it was trained with, the raw state)."""
     state = load_checkpoint(path, map_location)
     cfg = config_of(state)
-    model = VAE(cfg.model)
+    model = VAE(cfg.model, image_shape_of(state))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -126,6 +151,20 @@ def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
         if m and storage.exists(storage.join(run_dir, name, CHECKPOINT_FILE)):
             found.append((int(m.group(1)), storage.join(run_dir, name)))
     return sorted(found)
+
+
+def kept_checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """(epoch, directory) of the checkpoints kept for good (output.keep_epochs), oldest first."""
+    return checkpoint_dirs(storage.join(run_dir, KEPT_DIR))
+
+
+def checkpoint_for_epoch(run_dir: str, epoch: int) -> str:
+    """The directory of epoch `epoch`'s checkpoint (kept for good, or still among Ray's)."""
+    found = dict(checkpoint_dirs(run_dir)) | dict(kept_checkpoint_dirs(run_dir))
+    if epoch not in found:
+        raise CheckpointError(f"run {run_dir} has no checkpoint of epoch {epoch}; it has epochs "
+                              f"{sorted(found) or 'none'} (keep more with output.keep_epochs)")
+    return found[epoch]
 
 
 def latest_checkpoint_dir(run_dir: str) -> str | None:

@@ -1,11 +1,12 @@
 """Ray Data batch job: encode every datapoint with a checkpoint into a Parquet latent table.
 
     vaedist encode --config configs/debug.yaml [--checkpoint outputs/runs/debug] [--out outputs/latents]
+    vaedist encode --config configs/debug.yaml --epochs 0,1      # several checkpoints, one table
     ray job submit --working-dir . -- python jobs/encode.py --config configs/debug.yaml
 
-shards (one row each) -> map_batches(LatentEncoder actors: read a shard, encode it batch by batch)
--> write_parquet into a hidden staging directory -> verify one row per datapoint -> lineage +
-_SUCCESS -> publish by rename.
+shards (one row each) -> map_batches(LatentEncoder actors: read a shard, check its sha256, encode it
+batch by batch with each checkpoint) -> write_parquet into a hidden staging directory -> verify one
+row per datapoint (per checkpoint) -> lineage + _SUCCESS -> publish by rename.
 A crash at any point leaves the published path as it was; a rerun starts a fresh staging directory.
 """
 
@@ -15,20 +16,32 @@ import gc
 import json
 import logging
 import os
+import socket
+import sys
 import time
 import uuid
+import warnings
+from datetime import datetime, timezone
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from vaedist import __version__, schema, storage
-from vaedist.checkpoint import CheckpointError, best_checkpoint_dir, config_of, load_checkpoint, load_model
+from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_data_compatible, checkpoint_for_epoch,
+                                config_of, kept_checkpoint_dirs, load_checkpoint, load_model,
+                                run_dir_of)
 from vaedist.config import Config
-from vaedist.data import fixed_binarize, key_for, load_split_arrays, manifest_hash, read_manifest, verify_shards
-from vaedist.evaluate import evaluate_batch
+from vaedist.console import RowsDisplay
+from vaedist.data import (DataError, DatasetInfo, key_for, manifest_dataset, manifest_hash,
+                          read_checked_shard, read_manifest)
+from vaedist.data.shards import decode_shard_bytes
+from vaedist.devices import require_cuda
+from vaedist.rng import NOISE_SCHEME
+from vaedist.evaluate import binarize_for, evaluate_batch
+from vaedist.tracking import check_uri, log_encode, resolve_uri
 
 log = logging.getLogger("vaedist.encode")
 FAIL_ENV = "VAEDIST_ENCODE_FAIL_AFTER_BATCHES"
@@ -42,37 +55,46 @@ class EncodeError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # What the Ray Data actors run.
 
-def read_shard(shards_dir: str, rel: str, split: str, count: int) -> dict[str, np.ndarray]:
-    """One shard -> one row per datapoint (decoded by the verified fast reader)."""
-    indices, images, labels = load_split_arrays([storage.join(shards_dir, rel)], [count])
+def read_shard(shards_dir: str, shard: dict, split: str, info: DatasetInfo) -> dict[str, np.ndarray]:
+    """One shard (its manifest entry), checked against the manifest's size and sha256 as it is read,
+    -> one row per datapoint (decoded by the fast reader)."""
+    buf = read_checked_shard(shards_dir, shard)
+    _, indices, images, labels = decode_shard_bytes(buf, storage.join(shards_dir, shard["path"]),
+                                                    shard["num_samples"], info)
     return {"key": np.array([key_for(split, int(i)) for i in indices], dtype=object),
             "split": np.full(len(indices), split, dtype=object), "index": indices, "label": labels,
-            "shard": np.full(len(indices), rel, dtype=object), "image": images}
+            "shard": np.full(len(indices), shard["path"], dtype=object), "image": images}
 
 
 class LatentEncoder:
-    """Loads the checkpoint once per actor. Called with a batch of shard rows (shard, split,
-    num_samples), it reads each shard and yields latent-table rows, `batch_size` datapoints at a time.
+    """Loads the checkpoints once per actor. Called with a batch of shard rows (the manifest's entry
+    and the split), it reads each shard and yields latent-table rows, `batch_size` datapoints at a
+    time; with several checkpoints (training dynamics), a row per datapoint per checkpoint, marked
+    with the checkpoint's epoch, all drawn with the same per-key noise.
 
     Reading inside the actor, rather than in a task stage before it, is deliberate: a separate
     stage needs its own worker processes, each importing torch, and on a small machine starting
     those cost more than the whole encode (measured: 12 extra processes, ~35 s on 2 cores)."""
 
-    def __init__(self, checkpoint: str, shards_dir: str, batch_size: int, num_samples_mc: int, num_samples_iw: int,
-                 iw_chunk_size: int, seed: int, use_gpu: bool, num_threads: int, lineage: dict[str, Any],
-                 fail_after_batches: int = -1):
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    def __init__(self, checkpoints: list[str], shards_dir: str, dataset: dict, batch_size: int, num_samples_mc: int,
+                 num_samples_iw: int, iw_chunk_size: int, seed: int, use_gpu: bool, num_threads: int,
+                 lineage: dict[str, Any], epochs: list[int] | None = None, fail_after_batches: int = -1):
+        # A GPU actor whose CUDA does not work must fail, not compute on the CPU holding its GPU.
+        self.device = require_cuda("an encode actor (encode.use_gpu)") if use_gpu else torch.device("cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, num_threads))
-        self.model, cfg, _ = load_model(checkpoint, map_location=self.device)
-        self.binarize_seed = cfg.train.seed  # the training run's evaluation binarisation
+        loaded = [load_model(c, map_location=self.device) for c in checkpoints]
+        self.models = [model for model, _, _ in loaded]
+        self.binarize_seed = loaded[0][1].train.seed  # the training run's evaluation binarisation
+        self.epochs = epochs
+        self.info = DatasetInfo.from_manifest(dataset)
         self.shards_dir, self.batch_size = shards_dir, batch_size
         self.num_samples_mc, self.num_samples_iw, self.iw_chunk_size = num_samples_mc, num_samples_iw, iw_chunk_size
         self.seed, self.lineage, self.fail_after_batches, self.batches = seed, lineage, fail_after_batches, 0
 
     def __call__(self, shards: dict[str, np.ndarray]) -> Iterator[pa.Table]:
-        for rel, split, count in zip(shards["shard"], shards["split"], shards["num_samples"]):
-            rows = read_shard(self.shards_dir, str(rel), str(split), int(count))
+        for entry, split in zip(shards["entry"], shards["split"]):
+            rows = read_shard(self.shards_dir, json.loads(entry), str(split), self.info)
             for start in range(0, len(rows["key"]), self.batch_size):
                 yield self.encode_rows({name: value[start:start + self.batch_size] for name, value in rows.items()})
 
@@ -82,12 +104,17 @@ class LatentEncoder:
             raise RuntimeError(f"injected fault after {self.batches} batches ({FAIL_ENV})")
         self.batches += 1
         split = str(rows["split"][0])
-        x = fixed_binarize(rows["image"], rows["index"], split, self.binarize_seed).to(self.device)
-        out = evaluate_batch(self.model, x, rows["index"], split, self.seed, self.num_samples_mc,
-                             self.num_samples_iw, self.iw_chunk_size)
-        columns = {name: value.cpu().numpy() for name, value in out.items()}
-        columns.update({name: rows[name] for name in ("key", "split", "index", "label", "shard")})
-        return schema.to_table(columns, self.model.latent_dim, self.lineage)
+        x = binarize_for(rows["image"], rows["index"], split, self.binarize_seed, self.device)
+        tables = []
+        for i, model in enumerate(self.models):
+            out = evaluate_batch(model, x, rows["index"], split, self.seed, self.num_samples_mc,
+                                 self.num_samples_iw, self.iw_chunk_size)
+            columns = {name: value.cpu().numpy() for name, value in out.items()}
+            columns.update({name: rows[name] for name in ("key", "split", "index", "label", "shard")})
+            if self.epochs is not None:
+                columns["epoch"] = np.full(len(rows["key"]), self.epochs[i], np.int64)
+            tables.append(schema.to_table(columns, model.latent_dim, self.lineage))
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +122,6 @@ class LatentEncoder:
 
 def resolve_checkpoint(cfg: Config, checkpoint: str | None) -> str:
     """--checkpoint, else encode.checkpoint, else the best checkpoint of output.run_name."""
-    from vaedist.train import run_dir_of
-
     chosen = checkpoint or cfg.encode.checkpoint
     if chosen:
         return storage.absolute(chosen)
@@ -104,6 +129,24 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | None) -> str:
     if best is None:
         raise CheckpointError(f"no checkpoint given and run {run_dir_of(cfg)} has none; train first or pass --checkpoint")
     return best
+
+
+def resolve_epoch_checkpoints(cfg: Config, checkpoint: str | None, epochs: list[int] | None,
+                              all_kept: bool) -> list[tuple[int, str]]:
+    """(epoch, checkpoint dir) for --epochs / --all-kept, from the run directory that --checkpoint
+    (or encode.checkpoint) names, else output.run_name's."""
+    run_dir = storage.absolute(checkpoint or cfg.encode.checkpoint or run_dir_of(cfg))
+    if not storage.exists(run_dir):
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    if all_kept:
+        found = kept_checkpoint_dirs(run_dir)
+        if not found:
+            raise CheckpointError(f"run {run_dir} kept no checkpoints for good; train with output.keep_epochs "
+                                  "(or output.keep_every_epochs), or give --epochs")
+        return found
+    if len(set(epochs)) != len(epochs):
+        raise EncodeError(f"--epochs lists an epoch twice: {epochs}")
+    return [(epoch, checkpoint_for_epoch(run_dir, epoch)) for epoch in sorted(epochs)]
 
 
 def check_output_path(out: str) -> None:
@@ -124,21 +167,34 @@ def _staging_prefix(out: str) -> tuple[str, str]:
     return parent, f".{name}.staging-"
 
 
-def verify_table(path: str, expected: dict[str, int]) -> dict[str, int]:
-    """Exactly one row per datapoint: row counts per split equal the manifest's, keys unique."""
+def verify_table(path: str, expected: dict[str, int], epochs: list[int] | None = None) -> dict[str, int]:
+    """Exactly one row per datapoint (per checkpoint): row counts per split equal the manifest's
+    (times the epochs), no (key, epoch) twice. Counted with Arrow over the key and split columns
+    only, so a table of millions of rows is checked without a Python object per row."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads  # driver only: keeps the encoder actors' start-up lighter
 
-    fs, p = storage.resolve(path)
+    fs, _ = storage.resolve(path)
     files = [storage.join(path, f) for f in storage.listdir(path) if f.endswith(".parquet")]
     if not files:
         raise EncodeError(f"{path}: the encode job wrote no Parquet files")
     dataset = pads.dataset([storage.resolve(f)[1] for f in files], filesystem=fs, format="parquet")
-    table = dataset.to_table(columns=["key", "split"])
-    counts = {s: int(n) for s, n in zip(*np.unique(table["split"].to_numpy(zero_copy_only=False), return_counts=True))}
-    if counts != expected:
-        raise EncodeError(f"{path}: rows per split {counts} differ from the manifest's {expected}")
-    if len(set(table["key"].to_pylist())) != table.num_rows:
-        raise EncodeError(f"{path}: duplicate keys in the latent table")
+    columns = ["key", "split"] + (["epoch"] if epochs is not None else [])
+    table = dataset.to_table(columns=columns)
+    per_split = pc.value_counts(table["split"])
+    counts = {str(s): int(n) // (len(epochs) if epochs else 1)
+              for s, n in zip(per_split.field("values").to_pylist(), per_split.field("counts").to_pylist())}
+    if counts != expected or (epochs and table.num_rows != sum(expected.values()) * len(epochs)):
+        raise EncodeError(f"{path}: rows per split {counts} differ from the manifest's {expected}"
+                          + (f" for each of {len(epochs)} checkpoints" if epochs else ""))
+    unique = table["key"] if epochs is None else pc.binary_join_element_wise(
+        table["key"], pc.cast(table["epoch"], pa.string()), "@")
+    if pc.count_distinct(unique).as_py() != table.num_rows:
+        raise EncodeError(f"{path}: duplicate {'keys' if epochs is None else '(key, epoch) pairs'} in the latent table")
+    if epochs is not None:
+        found = sorted(pc.unique(table["epoch"]).to_pylist())
+        if found != sorted(epochs):
+            raise EncodeError(f"{path}: epochs {found} in the table, expected {sorted(epochs)}")
     return counts
 
 
@@ -157,20 +213,28 @@ def publish(staging: str, out: str) -> None:
             storage.rmtree(old)
         return
     storage.rmtree(out)
-    names = storage.listdir(staging)
-    for name in [n for n in names if n != schema.SUCCESS_FILE] + [schema.SUCCESS_FILE]:
+    names = [n for n in storage.listdir(staging) if n not in (schema.LINEAGE_FILE, schema.SUCCESS_FILE)]
+    # The lineage first (it names the job, for readers of a half-copied table), _SUCCESS last.
+    for name in [schema.LINEAGE_FILE, *names, schema.SUCCESS_FILE]:
         storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(staging, name)))
     storage.rmtree(staging)
 
 
-def encoder_kwargs(cfg: Config, checkpoint: str, shards_dir: str, lineage: dict[str, Any]) -> dict[str, Any]:
+def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset: dict, lineage: dict[str, Any],
+                   epochs: list[int] | None = None) -> dict[str, Any]:
     """LatentEncoder's arguments from cfg.encode (shared by the job and the benchmark's plain loop)."""
     ec = cfg.encode
-    return {"checkpoint": checkpoint, "shards_dir": shards_dir, "batch_size": ec.batch_size,
+    return {"checkpoints": checkpoints, "shards_dir": shards_dir, "dataset": dataset, "batch_size": ec.batch_size,
             "num_samples_mc": ec.num_samples_mc, "num_samples_iw": ec.num_samples_iw,
             "iw_chunk_size": ec.iw_chunk_size, "seed": ec.seed, "use_gpu": ec.use_gpu,
-            "num_threads": int(ec.cpus_per_actor), "lineage": lineage,
+            "num_threads": int(ec.cpus_per_actor), "lineage": lineage, "epochs": epochs,
             "fail_after_batches": int(os.environ.get(FAIL_ENV, -1))}
+
+
+def shard_rows(manifest: dict, splits: list[str]) -> list[dict[str, str]]:
+    """The job's input: a row per shard, its manifest entry (as JSON) and split."""
+    return [{"entry": json.dumps(s, sort_keys=True), "split": split}
+            for split in splits for s in manifest["splits"][split]["shards"]]
 
 
 @dataclass
@@ -185,51 +249,96 @@ class EncodeResult:
         return sum(self.rows.values()) / self.seconds
 
 
-def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None) -> EncodeResult:
-    """Encode cfg.encode.splits with a checkpoint into the latent table at `out` (default output.latents_dir)."""
+def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, epochs: list[int] | None = None,
+           all_kept: bool = False, echo: Callable[[str], None] | None = None) -> EncodeResult:
+    """Encode cfg.encode.splits with a checkpoint into the latent table at `out` (default
+    output.latents_dir). With `epochs` (or all_kept), encode those checkpoints of one run into one
+    table with an `epoch` column, a row per datapoint per checkpoint."""
     import ray
 
-    from vaedist.train import init_ray
+    from vaedist.cluster import check_resources, init_ray
 
     out = storage.absolute(out or cfg.output.latents_dir)
     shards_dir = storage.absolute(cfg.data.shards_dir)
-    ckpt = resolve_checkpoint(cfg, checkpoint)
-    state = load_checkpoint(ckpt)
+    if epochs or all_kept:
+        chosen = resolve_epoch_checkpoints(cfg, checkpoint, epochs, all_kept)
+    else:
+        chosen = [(None, resolve_checkpoint(cfg, checkpoint))]
+    states = [load_checkpoint(path) for _, path in chosen]
+    state = states[-1]
     model_cfg = config_of(state)
     manifest = read_manifest(shards_dir)
+    info = manifest_dataset(manifest)
     digest = manifest_hash(shards_dir)
-    if state["manifest_hash"] != digest:
-        raise EncodeError(f"shards in {shards_dir} (manifest {digest[:12]}) do not match the checkpoint "
-                          f"{state['path']} (trained on manifest {state['manifest_hash'][:12]})")
+    for st in states:
+        if st["manifest_hash"] != digest:
+            raise EncodeError(f"shards in {shards_dir} (manifest {digest[:12]}) do not match the checkpoint "
+                              f"{st['path']} (trained on manifest {st['manifest_hash'][:12]})")
+        check_data_compatible(st, info.name, info.image_shape, shards_dir)
+        if config_of(st).model != model_cfg.model or config_of(st).train.seed != model_cfg.train.seed:
+            raise EncodeError(f"checkpoints {st['path']} and {state['path']} are of different models or seeds; "
+                              "one table holds the checkpoints of one run")
     check_output_path(out)
-    verify_shards(shards_dir)
+    tracking_uri = resolve_uri(cfg)
+    if tracking_uri:
+        check_uri(tracking_uri, cfg.tracking.experiment)
     ec = cfg.encode
-    shards = [{"shard": s["path"], "split": split, "num_samples": s["num_samples"]}
-              for split in ec.splits for s in manifest["splits"][split]["shards"]]
+    for split in ec.splits:  # sizes here; the actors check each shard's sha256 as they read it
+        for shard in manifest["splits"][split]["shards"]:
+            path = storage.join(shards_dir, shard["path"])
+            if not storage.exists(path) or storage.size(path) != shard["bytes"]:
+                raise DataError(f"shard {path} is missing or not the size the manifest says ({shard['bytes']} "
+                                "bytes); prepare the shards again")
+    shards = shard_rows(manifest, list(ec.splits))
     expected = {split: manifest["splits"][split]["num_samples"] for split in ec.splits}
+    epoch_list = [e for e, _ in chosen] if chosen[0][0] is not None else None
     lineage = {
         "checkpoint": state["path"], "checkpoint_epoch": state["epoch"], "config": model_cfg.to_dict(),
         "manifest_hash": digest, "shards_dir": shards_dir, "splits": list(ec.splits),
+        "dataset": info.name, "image_shape": list(info.image_shape),
+        "class_names": list(info.class_names) if info.class_names else None,
         "num_samples_mc": ec.num_samples_mc, "num_samples_iw": ec.num_samples_iw, "seed": ec.seed,
         "binarize_seed": model_cfg.train.seed, "latent_dim": model_cfg.model.latent_dim,
-        "schema_version": schema.SCHEMA_VERSION, "vaedist_version": __version__,
+        "noise_scheme": NOISE_SCHEME, "schema_version": schema.SCHEMA_VERSION, "vaedist_version": __version__,
     }
+    if epoch_list is not None:
+        lineage["epochs"] = epoch_list
+        lineage["checkpoints"] = [{"epoch": st["epoch"], "path": st["path"]} for st in states]
 
+    job = {"command": " ".join(["vaedist encode" if os.path.basename(sys.argv[0]) == "vaedist" else sys.argv[0],
+                                *sys.argv[1:]]),
+           "host": socket.gethostname(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     init_ray(cfg.scaling.address)
+    check_resources("encoding", [
+        ("CPU", ec.concurrency * ec.cpus_per_actor, f"encode.concurrency x encode.cpus_per_actor = "
+         f"{ec.concurrency} x {ec.cpus_per_actor:g}", "use fewer actors or CPUs per actor"),
+        ("GPU", ec.concurrency if ec.use_gpu else 0, f"encode.use_gpu with encode.concurrency = {ec.concurrency}",
+         "set encode.use_gpu=false, or run on a cluster with GPU nodes"),
+    ], cfg.scaling.address)
     parent, prefix = _staging_prefix(out)
     for stale in storage.listdir(parent):  # leftovers of a killed run: never published, safe to drop
         if stale.startswith(prefix) or stale.startswith(prefix.replace("staging", "old")):
             storage.rmtree(storage.join(parent, stale))
     staging = storage.join(parent, prefix + uuid.uuid4().hex[:8])
     start = time.perf_counter()
+    total_rows = sum(expected.values()) * (len(epoch_list) if epoch_list else 1)
     try:
-        (ray.data.from_items(shards, override_num_blocks=len(shards))
-            .map_batches(LatentEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
-                         num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0,
-                         fn_constructor_kwargs=encoder_kwargs(cfg, state["path"], shards_dir, lineage))
-            # The write tasks only move bytes; without a CPU of their own they write files as the
-            # actors produce rows, instead of queueing behind the actors until the end.
-            .write_parquet(staging, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0}))
+        with RowsDisplay(staging, total_rows, echo=echo), warnings.catch_warnings():
+            # max_restarts has no named map_batches parameter in Ray 2.60; passing it the old way
+            # warns that such arguments go in 2.64.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            (ray.data.from_items(shards, override_num_blocks=len(shards))
+                # max_restarts=0: Ray Data hands its actors their constructor through the object
+                # store, and Ray 2.60 cannot reliably restart such an actor (ray-project/ray#53727;
+                # it logs an ERROR line for each, #57733). A lost actor fails the job instead, which
+                # then publishes nothing, and a rerun encodes again.
+                .map_batches(LatentEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
+                             num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
+                             fn_constructor_kwargs=encoder_kwargs(cfg, [st["path"] for st in states], shards_dir,
+                                                                  info.to_manifest(), lineage, epoch_list))
+                # The write tasks only move bytes; without a CPU of their own they write files as the
+                # actors produce rows, instead of queueing behind the actors until the end.
+                .write_parquet(staging, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0}))
     except Exception as e:
         failure = f"{type(e).__name__}: {e}"
     else:
@@ -241,10 +350,13 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None) -
         gc.collect()
         raise EncodeError(f"the encode job failed; {out} was left as it was. {failure}")
     seconds = time.perf_counter() - start
-    rows = verify_table(staging, expected)
-    lineage["rows"] = rows
+    rows = verify_table(staging, expected, epoch_list)
+    # _lineage.json also says which job wrote the table (the Parquet files' copy does not, so that the
+    # same inputs still give byte-identical files): an unfinished table's readers name it.
+    lineage = {**lineage, "rows": rows, "job": job}
     storage.write_bytes(storage.join(staging, schema.LINEAGE_FILE), (json.dumps(lineage, indent=2, sort_keys=True) + "\n").encode())
     storage.write_bytes(storage.join(staging, schema.SUCCESS_FILE), b"")
     publish(staging, out)
     log.info("published %s: %s rows in %.1f s", out, rows, seconds)
+    log_encode(tracking_uri, out, experiment=cfg.tracking.experiment)
     return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage)

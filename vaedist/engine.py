@@ -1,7 +1,13 @@
-"""The training step, schedule and epoch loop over in-memory uint8 images. No Ray, no ranks.
+"""The training step, schedule and epoch loop over uint8 image batches. No Ray, no ranks.
 
 Both the Ray Train workers and the plain-PyTorch benchmark baseline run exactly this code, so the
-benchmark measures what Ray and the shard path add, not a difference in the loop.
+benchmark measures what Ray and the data path add, not a difference in the loop.
+
+Nothing here reads a tensor back to the host per step: the step's sums stay on the device and the
+epoch reads them once (a host sync per step would stall a GPU's queue, where a step of this model
+is far shorter than the sync). Randomness (shuffling, binarisation, the reparameterisation noise)
+comes from one generator per (seed, epoch, rank): ranks draw different noise, and a resumed epoch
+draws exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -9,21 +15,45 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from vaedist.config import TrainConfig
-from vaedist.data import dynamic_binarize, fixed_binarize
-from vaedist.evaluate import evaluate_batch
+from vaedist.data import dynamic_binarize
+from vaedist.evaluate import binarize_for, evaluate_batch
 from vaedist.losses import batch_loss, negative_elbo
 
+SUM_KEYS = ("loss", "recon_nll", "kl")
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+
+def optimizer_kernel(cfg: TrainConfig, device: torch.device) -> str:
+    """'fused' or 'foreach' for train.optimizer_kernel on this device: auto is fused on CUDA (one
+    kernel for every parameter) and foreach on CPU, where fused measured no faster (README,
+    Performance)."""
+    if cfg.optimizer_kernel != "auto":
+        return cfg.optimizer_kernel
+    return "fused" if device.type == "cuda" else "foreach"
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    kernel = {"fused": True} if optimizer_kernel(cfg, device) == "fused" else {"foreach": True}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore an optimiser's state with Adam's `step` counters on the CPU, where torch keeps them
+    for its foreach/for-loop kernels: a checkpoint loaded with map_location=<GPU> would put them on
+    the GPU, and those kernels then read each one with .item(), a host sync per parameter tensor
+    per step for the rest of the run. Fused (and capturable) Adam wants them on the parameters'
+    device, and load_state_dict moves them there itself."""
+    steps_on_cpu = {**state, "state": {k: {n: (v.cpu() if n == "step" and isinstance(v, torch.Tensor) else v)
+                                           for n, v in s.items()} for k, s in state["state"].items()}}
+    optimizer.load_state_dict(steps_on_cpu)
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -61,20 +91,15 @@ def make_grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.Gr
     return None
 
 
-@dataclass
-class StepStats:
-    loss: float
-    recon_nll: float
-    kl: float
-
-
 def train_step(model, optimizer, x: torch.Tensor, cfg: TrainConfig, lr: float, kl_w: float,
-               autocast=contextlib.nullcontext(), scaler: torch.amp.GradScaler | None = None) -> StepStats:
-    """One optimiser step on binarised x; returns the batch sums of the unweighted terms."""
+               generator: torch.Generator | None = None, autocast=contextlib.nullcontext(),
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One optimiser step on binarised x; returns the batch sums of the unweighted (loss, recon_nll,
+    kl) as a float64 tensor [3] on x's device, not read back (no host sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast:
-        parts = negative_elbo(model, x, cfg.num_samples_mc)
+        parts = negative_elbo(model, x, cfg.num_samples_mc, generator=generator)
         objective = batch_loss(parts, kl_w)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -85,42 +110,57 @@ def train_step(model, optimizer, x: torch.Tensor, cfg: TrainConfig, lr: float, k
     if cfg.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
     if scaler is not None:
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # reads its inf check: the one sync fp16 cannot avoid
         scaler.update()
     else:
         optimizer.step()
-    return StepStats(float(parts.loss.detach().sum()), float(parts.recon_nll.detach().sum()),
-                     float(parts.kl.detach().sum()))
+    return torch.stack([parts.loss.detach().sum(), parts.recon_nll.detach().sum(),
+                        parts.kl.detach().sum()]).double()
 
 
 def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
-    """Shuffling and dynamic binarisation for one epoch on one worker: seeded from (seed, epoch, rank)."""
+    """Shuffling, dynamic binarisation and reparameterisation noise for one epoch on one worker:
+    seeded from (seed, epoch, rank), so ranks differ and a resumed epoch repeats exactly."""
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
     return gen
 
 
-def train_epoch(model, optimizer, images_u8: torch.Tensor, cfg: TrainConfig, *, epoch: int, rank: int,
-                num_steps: int, steps_per_epoch: int, start_step: int, device: torch.device,
-                mixed_precision: str = "no", scaler=None) -> dict[str, float]:
-    """`num_steps` minibatches from a fresh permutation of images_u8 [N, P] (already on `device`).
-    Returns sums (loss, recon_nll, kl), the sample count and the wall time of the loop."""
+def memory_batches(images_u8: torch.Tensor, batch_size: int, num_steps: int,
+                   generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """`num_steps` minibatches of a fresh permutation of images_u8 [N, P] (already on the device)."""
+    order = torch.randperm(images_u8.shape[0], generator=generator, device=images_u8.device)
+    for i in range(num_steps):
+        yield images_u8[order[i * batch_size:(i + 1) * batch_size]]
+
+
+def train_epoch(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor], cfg: TrainConfig, *,
+                epoch: int, rank: int, num_steps: int, steps_per_epoch: int, start_step: int,
+                device: torch.device, mixed_precision: str = "no", scaler=None,
+                on_progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    """`num_steps` optimiser steps. `batches` is either images_u8 [N, P] on the device (shuffled here,
+    from the epoch's generator) or an iterable of uint8 batches [B, P] (a stream, already shuffled),
+    moved to the device and binarised there. Returns the epoch's sums (loss, recon_nll, kl), the
+    sample count and the wall time of the loop, read from the device once at the end.
+    on_progress(step, sums) is called every cfg.progress_every_steps steps (a host sync each)."""
     gen = epoch_generator(cfg.seed, epoch, rank, device)
-    order = torch.randperm(images_u8.shape[0], generator=gen, device=device)
-    batch = cfg.batch_size_per_worker
+    if isinstance(batches, torch.Tensor):
+        batches = memory_batches(batches, cfg.batch_size_per_worker, num_steps, gen)
     autocast = autocast_context(device, mixed_precision)
-    sums = {"loss": 0.0, "recon_nll": 0.0, "kl": 0.0}
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    count = 0
     model.train()
     start = time.perf_counter()
-    for i in range(num_steps):
+    for i, images in zip(range(num_steps), batches):
         step = start_step + i
-        x = dynamic_binarize(images_u8[order[i * batch:(i + 1) * batch]], gen)
-        stats = train_step(model, optimizer, x, cfg, learning_rate(cfg, step, steps_per_epoch),
-                           kl_weight(cfg, step, steps_per_epoch), autocast, scaler)
-        sums["loss"] += stats.loss
-        sums["recon_nll"] += stats.recon_nll
-        sums["kl"] += stats.kl
-    return {**sums, "count": float(num_steps * batch), "seconds": time.perf_counter() - start}
+        x = dynamic_binarize(images.to(device, non_blocking=True), gen)
+        totals += train_step(model, optimizer, x, cfg, learning_rate(cfg, step, steps_per_epoch),
+                             kl_weight(cfg, step, steps_per_epoch), gen, autocast, scaler)
+        count += images.shape[0]
+        if on_progress is not None and cfg.progress_every_steps and (i + 1) % cfg.progress_every_steps == 0:
+            on_progress(i + 1, {**dict(zip(SUM_KEYS, totals.tolist())), "count": float(count)})
+    sums = dict(zip(SUM_KEYS, totals.tolist()))  # the epoch's one read from the device
+    return {**sums, "count": float(count), "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
@@ -130,15 +170,11 @@ def evaluate_sums(model, images_u8: np.ndarray, indices: np.ndarray, split: str,
     """Sums over datapoints of loss, recon_nll, kl (and log_px) with the fixed binarisation and
     per-key noise; the caller reduces sums and counts across workers for an exact mean."""
     model.eval()
-    sums = {"loss": 0.0, "recon_nll": 0.0, "kl": 0.0, "count": 0.0}
-    if num_samples_iw > 0:
-        sums["log_px"] = 0.0
+    keys = [*SUM_KEYS, "log_px"] if num_samples_iw > 0 else list(SUM_KEYS)
+    totals = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        x = fixed_binarize(images_u8[start:start + batch_size], idx, split, seed).to(device)
+        x = binarize_for(images_u8[start:start + batch_size], idx, split, seed, device)
         out = evaluate_batch(model, x, idx, split, seed, num_samples_mc, num_samples_iw, iw_chunk_size)
-        for key in sums:
-            if key != "count":
-                sums[key] += float(out[key].double().sum())
-        sums["count"] += len(idx)
-    return sums
+        totals += torch.stack([out[key].double().sum() for key in keys])
+    return {**dict(zip(keys, totals.tolist())), "count": float(len(indices))}

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the optional epoch column; the lineage names the dataset and the noise scheme
 LINEAGE_FILE = "_lineage.json"
 SUCCESS_FILE = "_SUCCESS"
 METADATA_KEY = b"vaedist.lineage"
@@ -24,8 +24,9 @@ COLUMNS: dict[str, str] = {
     "key": "the shard's __key__, '<split>-<index>'",
     "split": "'train' or 'test'",
     "index": "datapoint index within its split",
-    "label": "digit 0-9",
+    "label": "class 0-9 (MNIST's digit; the lineage's class_names name them where the dataset has names)",
     "shard": "shard path relative to the shards directory",
+    "epoch": "the checkpoint's epoch: only in tables of several checkpoints of one run (vaedist encode --epochs)",
     "mu": "posterior mean of q(z|x), float32[latent_dim]",
     "logvar": "posterior log-variance of q(z|x), float32[latent_dim]",
     "z": "one posterior sample z ~ q(z|x), float32[latent_dim]",
@@ -38,7 +39,7 @@ COLUMNS: dict[str, str] = {
 VECTOR_COLUMNS = ("mu", "logvar", "z")
 
 
-def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None) -> pa.Schema:
+def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None, with_epoch: bool = False) -> pa.Schema:
     vec = pa.list_(pa.float32(), latent_dim)
     fields = [
         pa.field("key", pa.string(), nullable=False),
@@ -46,6 +47,7 @@ def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None) -> p
         pa.field("index", pa.int64(), nullable=False),
         pa.field("label", pa.int64(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
+        pa.field("epoch", pa.int64(), nullable=False),
         pa.field("mu", vec, nullable=False),
         pa.field("logvar", vec, nullable=False),
         pa.field("z", vec, nullable=False),
@@ -56,6 +58,8 @@ def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None) -> p
         pa.field("gap", pa.float64()),
     ]
     assert [f.name for f in fields] == list(COLUMNS)
+    if not with_epoch:
+        fields = [f for f in fields if f.name != "epoch"]
     metadata = {METADATA_KEY: json.dumps(dict(lineage), sort_keys=True).encode()} if lineage else None
     return pa.schema(fields, metadata=metadata)
 
@@ -69,10 +73,10 @@ def _vectors(values: np.ndarray, latent_dim: int) -> pa.FixedSizeListArray:
 
 def to_table(columns: Mapping[str, Any], latent_dim: int, lineage: Mapping[str, Any] | None = None) -> pa.Table:
     """Build a table in the canonical schema from numpy columns (vectors as [rows, latent_dim])."""
-    missing = set(COLUMNS) - {"log_px", "gap"} - set(columns)
+    missing = set(COLUMNS) - {"log_px", "gap", "epoch"} - set(columns)
     if missing:
         raise ValueError(f"latent table is missing columns {sorted(missing)}")
-    schema = arrow_schema(latent_dim, lineage)
+    schema = arrow_schema(latent_dim, lineage, with_epoch="epoch" in columns)
     rows = len(columns["key"])
     arrays = []
     for field in schema:

@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/train.py --config configs/debug.yaml
 
 The per-worker loop has three Ray touchpoints, labelled RAY (1)-(3): this worker's share of the
-shards, prepare_model (DDP), and report (metrics + checkpoint). Everything else is engine.py.
+data, prepare_model (DDP), and report (metrics + checkpoint). Everything else is engine.py.
 """
 
 from __future__ import annotations
@@ -15,20 +15,25 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from vaedist import storage
-from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_model_compatible, checkpoint_dir_name,
-                                latest_checkpoint_dir, load_checkpoint, newest_readable_checkpoint, read_metrics,
-                                save_checkpoint, write_metrics)
+from vaedist import collective, storage
+from vaedist.checkpoint import (KEPT_DIR, CheckpointError, best_checkpoint_dir, check_data_compatible,
+                                check_model_compatible, checkpoint_dir_name, latest_checkpoint_dir, load_checkpoint,
+                                newest_readable_checkpoint, read_metrics, run_dir_of, save_checkpoint, write_metrics)
+from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, ConfigError, config_from_dict
-from vaedist.data import DataError, load_split_arrays, manifest_hash, read_checked_shard, read_manifest
-from vaedist.engine import evaluate_sums, make_grad_scaler, make_optimizer, train_epoch
+from vaedist.console import EpochDisplay
+from vaedist.data import (DataError, DatasetInfo, load_split_arrays, manifest_dataset, manifest_hash,
+                          read_checked_shard, read_manifest)
+from vaedist.devices import CudaUnavailableError, require_cuda
+from vaedist.engine import evaluate_sums, load_optimizer_state, make_grad_scaler, make_optimizer, train_epoch
+from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_steps
 from vaedist.model import VAE
+from vaedist.tracking import TrainTracker, check_uri, resolve_uri
 
 log = logging.getLogger("vaedist.train")
 FAIL_ENV = "VAEDIST_FAIL_AT_EPOCH"
@@ -48,50 +53,38 @@ def shards_for_rank(shards: list[dict], rank: int, world_size: int) -> list[dict
 
 
 def steps_per_epoch(shards: list[dict], world_size: int, batch_size: int, max_steps: int = 0) -> int:
-    """The same for every rank: the smallest rank's full batches (unequal counts would hang DDP)."""
+    """`memory` ingest: the same for every rank, the smallest rank's full batches (unequal counts
+    would hang DDP)."""
     per_rank = [sum(s["num_samples"] for s in shards_for_rank(shards, r, world_size)) for r in range(world_size)]
     steps = min(per_rank) // batch_size
     return min(steps, max_steps) if max_steps else steps
 
 
-def _load_rank_arrays(shards_dir: str, shards: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _load_rank_arrays(shards_dir: str, shards: list[dict], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     paths = [storage.join(shards_dir, s["path"]) for s in shards]
-    if not paths:
-        return np.zeros(0, np.int64), np.zeros((0, 784), np.uint8), np.zeros(0, np.int64)
-    return load_split_arrays(paths, [s["num_samples"] for s in shards])
+    return load_split_arrays(paths, [s["num_samples"] for s in shards], info)
 
 
-def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Sum each entry over all ranks (exact global means: sum and count, not a mean of means)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums
-    keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, t.tolist()))
-
-
-def _rank_fingerprints(model: torch.nn.Module, device: torch.device) -> list[float]:
-    """Every rank's sum of all parameters (float64), gathered: equal iff DDP kept replicas in sync."""
-    total = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())],
-                         dtype=torch.float64, device=device)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return total.tolist()
-    gathered = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, total)
-    return [float(t) for t in gathered]
+def _evaluate(model, test_data, shards_dir: str, info: DatasetInfo, seed: int, device: torch.device,
+              **kwargs) -> dict[str, float]:
+    """This rank's sums over its test shards: from arrays held in memory, or (stream ingest) read
+    one shard at a time, so that no more than a shard of the test split is in memory at once."""
+    if isinstance(test_data, tuple):
+        indices, images = test_data
+        return evaluate_sums(model, images, indices, "test", seed, device, **kwargs)
+    total: dict[str, float] = {}
+    for shard in test_data:
+        indices, images, _ = _load_rank_arrays(shards_dir, [shard], info)
+        for key, value in evaluate_sums(model, images, indices, "test", seed, device, **kwargs).items():
+            total[key] = total.get(key, 0.0) + value
+    return total or {"loss": 0.0, "recon_nll": 0.0, "kl": 0.0, "count": 0.0}
 
 
 def _rank_node_ids() -> list[str]:
     """Every rank's Ray node id, gathered: where the worker group was placed."""
     import ray
 
-    node_id = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [node_id]
-    gathered: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(gathered, node_id)
-    return gathered
+    return collective.gather_objects(ray.get_runtime_context().get_node_id())
 
 
 def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: int,
@@ -105,16 +98,16 @@ def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: 
     did not register, so that one stays beside the kept ones."""
     state = None
     if rank == 0:
-        state = newest_readable_checkpoint(run_dir, registered["epoch"] if registered is not None else -1, device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [state["path"] if state is not None else None]
-        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-        if rank != 0 and box[0] is not None:
-            state = load_checkpoint(box[0], map_location=device)
+        state = newest_readable_checkpoint(run_dir, registered["epoch"] if registered is not None else -1)
+    path = collective.broadcast_object(state["path"] if state is not None else None, device)
+    if rank != 0 and path is not None:
+        state = load_checkpoint(path)
     return state
 
 
 def _unwrap(model: torch.nn.Module) -> VAE:
+    """The VAE inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 
@@ -128,6 +121,28 @@ def _maybe_inject_fault(cfg: Config, epoch: int, rank: int, run_dir: str) -> Non
         raise RuntimeError(f"injected fault at the start of epoch {epoch} ({FAIL_ENV} / train.fail_at_epoch)")
 
 
+def _progress_logger(rank: int, epoch: int, num_steps: int):
+    """train.progress_every_steps: rank 0 logs the running mean of l_i."""
+    def log_progress(step: int, sums: dict[str, float]) -> None:
+        on_rank_zero(rank, log.info, "epoch %d step %d/%d: train l_i %.3f", epoch, step, num_steps,
+                     sums["loss"] / max(sums["count"], 1))
+    return log_progress
+
+
+def kept_epochs(cfg: Config) -> set[int]:
+    """Epochs whose checkpoints are kept for good (output.keep_epochs, output.keep_every_epochs)."""
+    every = cfg.output.keep_every_epochs
+    periodic = {e for e in range(cfg.train.epochs) if every and (e + 1) % every == 0}
+    return set(cfg.output.keep_epochs) | periodic
+
+
+def _keep_copy(local_dir: str, run_dir: str, epoch: int) -> None:
+    """Copy a checkpoint Ray will rotate away to run_dir/kept/epoch-NNNN, for good."""
+    target = storage.join(run_dir, KEPT_DIR, checkpoint_dir_name(epoch))
+    for name in sorted(os.listdir(local_dir)):
+        storage.write_bytes(storage.join(target, name), open(os.path.join(local_dir, name), "rb").read())
+
+
 # ---------------------------------------------------------------------------------------------
 # The per-worker loop.
 
@@ -137,30 +152,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = config_from_dict(loop_config["config"])
     run_dir, shards_dir, expected_hash = loop_config["run_dir"], loop_config["shards_dir"], loop_config["manifest_hash"]
+    info, ingest = DatasetInfo.from_manifest(loop_config["dataset"]), loop_config["ingest"]
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg.scaling.use_gpu:
+        require_cuda(f"training worker {rank} (scaling.use_gpu)")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
-    # RAY (1): this worker's share of the shards (round-robin by rank), decoded once into memory.
+    # RAY (1): this worker's share of the data. memory: its round-robin shards, decoded once;
+    # stream: its equal share of the Ray Dataset the driver built, anew each epoch.
     manifest = read_manifest(shards_dir)
     train_shards = split_shards(manifest, "train", cfg.data.max_train_shards)
-    test_shards = split_shards(manifest, "test", cfg.data.max_test_shards)
-    my_train = shards_for_rank(train_shards, rank, world_size)
-    my_test = shards_for_rank(test_shards, rank, world_size)
-    num_steps = steps_per_epoch(train_shards, world_size, cfg.train.batch_size_per_worker,
-                                cfg.train.max_steps_per_epoch)
-    full_steps = steps_per_epoch(train_shards, world_size, cfg.train.batch_size_per_worker)
-    _, train_images, _ = _load_rank_arrays(shards_dir, my_train)
-    test_indices, test_images, _ = _load_rank_arrays(shards_dir, my_test)
-    train_images_dev = torch.from_numpy(train_images).to(device) if cfg.data.cache_in_memory else None
+    my_test = shards_for_rank(split_shards(manifest, "test", cfg.data.max_test_shards), rank, world_size)
+    full_steps = loop_config["steps_per_epoch"]
+    num_steps = min(full_steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else full_steps
+    if ingest == "memory":
+        _, train_images, _ = _load_rank_arrays(shards_dir, shards_for_rank(train_shards, rank, world_size), info)
+        train_images = torch.from_numpy(train_images).to(device)
+        test_indices, test_images, _ = _load_rank_arrays(shards_dir, my_test, info)
+        test_data: Any = (test_indices, test_images)
+    else:
+        train_stream = ray.train.get_dataset_shard("train")
+        test_data = my_test
 
     # RAY (2): DDP (a no-op wrapper with one worker) and device placement.
-    model = ray.train.torch.prepare_model(VAE(cfg.model))
+    model = ray.train.torch.prepare_model(VAE(cfg.model, info.image_shape))
+    if cfg.train.compile:
+        model = torch.compile(model)
     node_ids = _rank_node_ids()
-    optimizer = make_optimizer(model, cfg.train)
+    optimizer = make_optimizer(model, cfg.train, device)
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)
 
     start_epoch, global_step, history, restored_from = 0, 0, [], -1
@@ -168,39 +191,49 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()  # the latest: after a worker failure, or on a rerun
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir, map_location=device)
+            state = load_checkpoint(ckpt_dir)  # on the CPU: see engine.load_optimizer_state
     state = _newer_unregistered_checkpoint(run_dir, state, rank, device) or state
     if state is not None:
         check_model_compatible(state, cfg)
+        check_data_compatible(state, info.name, info.image_shape, shards_dir)
         if state["manifest_hash"] != expected_hash:
             raise CheckpointError(f"checkpoint {state['path']} was trained on shards with manifest hash "
                                   f"{state['manifest_hash'][:12]}, but {shards_dir} has {expected_hash[:12]}")
         _unwrap(model).load_state_dict(state["model"])
         if state.get("optimizer"):
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
         history, restored_from = list(state.get("history", [])), state["epoch"]
 
+    # Rank 0 records the run in MLflow (when tracking is on): the same MLflow run after a restart.
+    tracker = None
+    if loop_config.get("tracking_uri"):
+        tracker = on_rank_zero(rank, TrainTracker, loop_config["tracking_uri"], cfg.tracking.experiment, run_dir,
+                               cfg.output.run_name, cfg.to_dict(), manifest_hash=expected_hash, history=history)
+    keep = kept_epochs(cfg)
+    last = cfg.train.epochs - 1
     for epoch in range(start_epoch, cfg.train.epochs):
         _maybe_inject_fault(cfg, epoch, rank, run_dir)
         wall = time.perf_counter()
-        if train_images_dev is None:  # streaming: decode this worker's shards again, inside the timing
-            _, imgs, _ = _load_rank_arrays(shards_dir, my_train)
-            images = torch.from_numpy(imgs).to(device)
+        if ingest == "memory":
+            batches: Any = train_images
         else:
-            images = train_images_dev
-        sums = train_epoch(model, optimizer, images, cfg.train, epoch=epoch, rank=rank, num_steps=num_steps,
+            batches = (b["image"] for b in stream_epoch(train_stream, cfg.train.batch_size_per_worker,
+                                                         cfg.data.shuffle_buffer_rows, cfg.train.seed, epoch, rank,
+                                                         device))
+        sums = train_epoch(model, optimizer, batches, cfg.train, epoch=epoch, rank=rank, num_steps=num_steps,
                            steps_per_epoch=full_steps, start_step=global_step, device=device,
-                           mixed_precision=cfg.train.mixed_precision, scaler=scaler)
+                           mixed_precision=cfg.train.mixed_precision, scaler=scaler,
+                           on_progress=_progress_logger(rank, epoch, num_steps))
         global_step += num_steps
-        train = _all_reduce_sums({k: sums[k] for k in ("loss", "recon_nll", "kl", "count")}, device)
+        train = collective.all_reduce_sums({k: sums[k] for k in ("loss", "recon_nll", "kl", "count")}, device)
         epoch_seconds = time.perf_counter() - wall
-        # Every rank decides alike (from the epoch alone), so the all-reduce inside stays matched.
-        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch == cfg.train.epochs - 1:
-            test = _all_reduce_sums(evaluate_sums(_unwrap(model), test_images, test_indices, "test", cfg.train.seed,
-                                                  device), device)
+        # Every rank decides alike (from the epoch alone), so the collectives inside stay matched.
+        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch == last:
+            test = collective.all_reduce_sums(_evaluate(_unwrap(model), test_data, shards_dir, info, cfg.train.seed,
+                                                        device), device)
             test_metrics = {"test_loss": test["loss"] / max(test["count"], 1),
                             "test_recon_nll": test["recon_nll"] / max(test["count"], 1),
                             "test_kl": test["kl"] / max(test["count"], 1), "test_count": int(test["count"])}
@@ -211,33 +244,51 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": train["loss"] / train["count"], "train_recon_nll": train["recon_nll"] / train["count"],
             "train_kl": train["kl"] / train["count"], **test_metrics,
             "samples_per_s": train["count"] / epoch_seconds, "epoch_seconds": epoch_seconds,
-            "world_size": world_size, "restored_from_epoch": restored_from,
-            "rank_param_sums": _rank_fingerprints(model, device), "rank_node_ids": node_ids,
+            "world_size": world_size, "restored_from_epoch": restored_from, "ingest": ingest,
+            "rank_sample_counts": [int(c) for c in collective.gather_floats(
+                torch.tensor([sums["count"]], dtype=torch.float64, device=device))],
+            "rank_param_sums": collective.param_fingerprints(model, device), "rank_node_ids": node_ids,
         }
         history.append(metrics)
+        save_now = (epoch + 1) % cfg.output.checkpoint_every_epochs == 0 or epoch == last or epoch in keep
 
-        # RAY (3): report metrics with a checkpoint; rank 0 writes it, Ray persists it to storage.
+        # RAY (3): report metrics, with a checkpoint on checkpoint epochs; rank 0 writes it, Ray
+        # persists it to storage.
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0:
+            if rank == 0 and save_now:
                 save_checkpoint(tmp, model_state=_unwrap(model).state_dict(), optimizer_state=optimizer.state_dict(),
                                 epoch=epoch, global_step=global_step, config=cfg, manifest_hash=expected_hash,
-                                history=history, scaler_state=scaler.state_dict() if scaler else None)
+                                history=history, scaler_state=scaler.state_dict() if scaler else None,
+                                dataset=info.name, image_shape=info.image_shape)
+                if epoch in keep:
+                    _keep_copy(tmp, run_dir, epoch)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             # Ray ranks checkpoints by test_loss and needs a number: NaN ranks an unevaluated epoch
             # last, so it is kept only while it is the latest.
             scored = {**metrics, "test_loss": math.nan if metrics["test_loss"] is None else metrics["test_loss"]}
-            ray.train.report(scored, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch))
-        on_rank_zero(rank, write_metrics, run_dir, history)
+            ray.train.report(scored, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch) if ckpt else None)
+        if save_now:
+            on_rank_zero(rank, write_metrics, run_dir, history)
+        if tracker:
+            tracker.log_epoch(metrics)  # after write_metrics: its best-checkpoint tag reads metrics.jsonl
 
-    if cfg.train.num_samples_iw_final > 0 and not _has_final(run_dir, cfg.train.epochs):
-        final = _all_reduce_sums(evaluate_sums(_unwrap(model), test_images, test_indices, "test", cfg.train.seed, device,
-                                               batch_size=100, num_samples_iw=cfg.train.num_samples_iw_final), device)
-        row = {"kind": "final", "epoch": cfg.train.epochs - 1, "num_samples_iw": cfg.train.num_samples_iw_final,
+    # Rank 0 decides whether the final estimate is still to do and tells the others: every rank
+    # reading metrics.jsonl itself, right after rank 0 rewrote it, could read it torn.
+    todo = cfg.train.num_samples_iw_final > 0 and (rank != 0 or not _has_final(run_dir, cfg.train.epochs))
+    if collective.broadcast_object(todo, device):
+        final = collective.all_reduce_sums(_evaluate(_unwrap(model), test_data, shards_dir, info, cfg.train.seed,
+                                                     device, batch_size=100,
+                                                     num_samples_iw=cfg.train.num_samples_iw_final), device)
+        row = {"kind": "final", "epoch": last, "num_samples_iw": cfg.train.num_samples_iw_final,
                "test_nll_iw": -final["log_px"] / final["count"], "test_loss": final["loss"] / final["count"],
                "test_count": int(final["count"])}
         ray.train.report(row)
         on_rank_zero(rank, write_metrics, run_dir, history + [row])
+        if tracker:
+            tracker.log_final(row)
+    if tracker:
+        tracker.finish()
 
 
 def _has_final(run_dir: str, epochs: int) -> bool:
@@ -271,27 +322,53 @@ class TrainResult:
         return [r for r in self.metrics if r.get("kind") == "epoch"]
 
 
-def run_dir_of(cfg: Config) -> str:
-    return storage.join(storage.absolute(cfg.output.storage_path), cfg.output.run_name)
+@dataclass
+class Plan:
+    """What preflight found: the data, how it reaches the workers, and how many steps they take."""
+    manifest_hash: str
+    info: DatasetInfo
+    train_shards: list[dict]
+    ingest: str
+    ingest_reason: str
+    steps_per_epoch: int
 
 
-def preflight(cfg: Config) -> str:
-    """Everything that can be checked before the cluster starts work. Returns the manifest hash."""
+def preflight(cfg: Config) -> Plan:
+    """Everything that can be checked before the cluster starts work."""
     shards_dir = storage.absolute(cfg.data.shards_dir)
     if not storage.exists(shards_dir):
         raise DataError(f"shards directory {shards_dir} does not exist; run `vaedist data prepare` first")
     manifest = read_manifest(shards_dir)
+    info = manifest_dataset(manifest)
+    if info.name != cfg.data.dataset:
+        raise DataError(f"{shards_dir} holds {info.name} (its manifest.json says so), but data.dataset is "
+                        f"{cfg.data.dataset!r}; point data.shards_dir at {cfg.data.dataset} shards or set "
+                        f"data.dataset={info.name}")
     train_shards = split_shards(manifest, "train", cfg.data.max_train_shards)
     test_shards = split_shards(manifest, "test", cfg.data.max_test_shards)
     if not train_shards:
         raise DataError(f"{shards_dir}: the manifest lists no training shards")
-    for shard in train_shards + test_shards:
-        read_checked_shard(shards_dir, shard)
-    if cfg.scaling.num_workers > len(train_shards):
-        raise ConfigError(f"scaling.num_workers: {cfg.scaling.num_workers} workers but only {len(train_shards)} "
-                          f"training shards in {shards_dir}; use at most {len(train_shards)} workers "
-                          "(or prepare smaller shards: data.samples_per_shard)")
-    steps = steps_per_epoch(train_shards, cfg.scaling.num_workers, cfg.train.batch_size_per_worker)
+    num_train = sum(s["num_samples"] for s in train_shards)
+    ingest, why = choose_ingest(cfg.data, info, num_train, cfg.scaling.num_workers)
+    if ingest == "memory":
+        for shard in train_shards + test_shards:
+            read_checked_shard(shards_dir, shard)
+        if cfg.scaling.num_workers > len(train_shards):
+            raise ConfigError(f"scaling.num_workers: {cfg.scaling.num_workers} workers but only {len(train_shards)} "
+                              f"training shards in {shards_dir}; use at most {len(train_shards)} workers "
+                              "(or prepare smaller shards: data.samples_per_shard, or set data.ingest=stream)")
+        steps = steps_per_epoch(train_shards, cfg.scaling.num_workers, cfg.train.batch_size_per_worker)
+    else:
+        # Sizes only: reading every byte of a large dataset here would double its first epoch. The
+        # decode tasks check each shard's sha256 as they read it, and name any that fails.
+        for shard in train_shards + test_shards:
+            path = storage.join(shards_dir, shard["path"])
+            if not storage.exists(path):
+                raise DataError(f"shard {path} is missing")
+            if storage.size(path) != shard["bytes"]:
+                raise DataError(f"shard {path}: size mismatch, {storage.size(path)} bytes but the manifest says "
+                                f"{shard['bytes']} (truncated or overwritten)")
+        steps = stream_steps(num_train, cfg.scaling.num_workers, cfg.train.batch_size_per_worker)
     if steps == 0:
         raise ConfigError(f"train.batch_size_per_worker: {cfg.train.batch_size_per_worker} is larger than a "
                           f"worker's share of the training data; no full batch per epoch")
@@ -299,87 +376,81 @@ def preflight(cfg: Config) -> str:
     state = newest_readable_checkpoint(run_dir_of(cfg))
     if state is not None:  # a rerun resumes: refuse a checkpoint that cannot fit before starting
         check_model_compatible(state, cfg)
+        check_data_compatible(state, info.name, info.image_shape, shards_dir)
         if state["manifest_hash"] != digest:
             raise CheckpointError(f"run {run_dir_of(cfg)} was trained on different shards (manifest "
                                   f"{state['manifest_hash'][:12]} vs {digest[:12]} in {shards_dir}); "
                                   "use a new output.run_name")
-    return digest
+    return Plan(digest, info, train_shards, ingest, why, steps)
 
 
-def ray_address(address: str | None = None) -> str | None:
-    """The cluster to join: the given address, else $RAY_ADDRESS; None means an embedded local Ray."""
-    return address or os.environ.get("RAY_ADDRESS") or None
+def _our_error(error: BaseException) -> BaseException | None:
+    """The vaedist input error (bad data, checkpoint, CUDA) behind a failed run, if that is what failed:
+    raised again on the driver with its own message instead of Ray's wrapped traceback."""
+    failures = list(getattr(error, "worker_failures", {}).values()) or [error]
+    for failure in failures:
+        seen = failure
+        while seen is not None:
+            for kind in (DataError, CheckpointError, CudaUnavailableError):
+                if isinstance(seen, kind):
+                    message = str(seen).strip().splitlines()
+                    text = next((line for line in reversed(message) if kind.__name__ in line), message[-1])
+                    return kind(text.split(f"{kind.__name__}: ", 1)[-1])
+            seen = seen.__cause__
+    return None
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join RAY_ADDRESS / the given address, or start an embedded local Ray. Its dashboard listens on
-    127.0.0.1 only; Ray Train's placement-group cleaner polls the State API it serves."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = ray_address(address)
-    # Ray starts workers at nice 15. On a small machine every wake-up of Ray's own processes then
-    # preempts one thread of the worker's 2-thread OpenMP team and stalls the other at its barrier:
-    # measured here, 0.77 of plain-PyTorch throughput at nice 15 vs 0.96 at nice 0 (README,
-    # Performance). An embedded Ray is ours alone, so its workers run at normal priority; set
-    # RAY_worker_niceness yourself to choose otherwise.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # One machine has no node to be preempted; Ray Train's watcher for that is one more idle
-        # actor process waking up beside the training worker.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # "local": a new instance of our own; a bare ray.init() would join whatever cluster
-        # /tmp/ray last recorded, which is not "embedded".
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
-
-
-def train(cfg: Config) -> TrainResult:
-    """Run (or resume) the training run cfg.output.run_name; returns its checkpoints and metrics."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def train(cfg: Config, echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or resume) the training run cfg.output.run_name; returns its checkpoints and metrics.
+    Each epoch's line (or a bar, on a terminal) shows as the epoch ends; `echo` prints the lines."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    digest = preflight(cfg)
+    plan = preflight(cfg)
+    tracking_uri = resolve_uri(cfg)  # on the driver: a submitted job's environment names the store
+    if tracking_uri:
+        check_uri(tracking_uri, cfg.tracking.experiment)
     init_ray(cfg.scaling.address)
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if need > cpus:
-        # Ray Train would wait for the resources forever (it retries starting the worker group
-        # without limit): right on an autoscaling cluster, a hang on one that cannot grow.
-        embedded = ray_address(cfg.scaling.address) is None
-        message = (f"scaling.num_workers x scaling.cpus_per_worker: {cfg.scaling.num_workers} x "
-                   f"{cfg.scaling.cpus_per_worker:g} = {need:g} CPUs, but "
-                   f"{'the embedded local Ray' if embedded else 'the Ray cluster'} has {cpus:g}")
-        if embedded:
-            raise ConfigError(message + "; use fewer workers or CPUs per worker")
-        log.warning("%s; the run waits until the cluster (its autoscaler) provides them", message)
-    if cfg.scaling.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < cfg.scaling.num_workers:
-            raise ConfigError(f"scaling.use_gpu: the config asks for {cfg.scaling.num_workers} GPU worker(s) but the "
-                              f"Ray cluster has {gpus:g} GPU(s); set scaling.use_gpu=false or add GPU nodes")
+    workers, cpus = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    check_resources("training", [
+        ("CPU", workers * cpus, f"scaling.num_workers x scaling.cpus_per_worker = {workers} x {cpus:g}",
+         "use fewer workers or CPUs per worker"),
+        ("GPU", workers if cfg.scaling.use_gpu else 0, f"scaling.use_gpu with scaling.num_workers = {workers}",
+         "set scaling.use_gpu=false, or run on a cluster with GPU nodes"),
+    ], cfg.scaling.address)
+    log.info("ingest: %s, %s", plan.ingest, plan.ingest_reason)
     run_dir = run_dir_of(cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "manifest_hash": digest,
-                           "shards_dir": storage.absolute(cfg.data.shards_dir)},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                                           **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
-        run_config=RunConfig(
-            name=cfg.output.run_name,
-            storage_path=storage.absolute(cfg.output.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.checkpoints_to_keep,
-                                               checkpoint_score_attribute="test_loss",
-                                               checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=cfg.output.max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    shards_dir = storage.absolute(cfg.data.shards_dir)
+    datasets = {}
+    if plan.ingest == "stream":
+        limit = (workers * cfg.train.max_steps_per_epoch * cfg.train.batch_size_per_worker
+                 if cfg.train.max_steps_per_epoch else 0)
+        datasets["train"] = stream_dataset(shards_dir, plan.train_shards, plan.info, cfg.train.seed, limit)
+    progress = tempfile.NamedTemporaryFile(prefix="vaedist-epochs-", suffix=".jsonl", delete=False).name
+    with EpochDisplay(progress, cfg.train.epochs, echo=echo) as display:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "manifest_hash": plan.manifest_hash,
+                               "shards_dir": shards_dir, "dataset": plan.info.to_manifest(), "ingest": plan.ingest,
+                               "steps_per_epoch": plan.steps_per_epoch, "tracking_uri": tracking_uri},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+            datasets=datasets or None,
+            dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
+            run_config=RunConfig(
+                name=cfg.output.run_name,
+                storage_path=storage.absolute(cfg.output.storage_path),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.checkpoints_to_keep,
+                                                   checkpoint_score_attribute="test_loss",
+                                                   checkpoint_score_order="min"),
+                failure_config=FailureConfig(max_failures=cfg.output.max_failures),
+                callbacks=[display.callback()],
+            ),
+        )
+        try:
+            trainer.fit()
+        except TrainingFailedError as e:
+            raise _our_error(e) or e
     return TrainResult(run_dir=run_dir, latest_checkpoint=latest_checkpoint_dir(run_dir),
                        best_checkpoint=best_checkpoint_dir(run_dir), metrics=read_metrics(run_dir))
+

@@ -157,7 +157,7 @@ def test_bad_inputs_are_refused_before_anything_published_is_lost(published, tmp
     from vaedist.data import prepare_shards
     from conftest import find_mnist_dir
 
-    prepare_shards(str(other), mnist_dir=find_mnist_dir(), samples_per_shard=1000, limit_per_split=3000, progress=False)
+    prepare_shards(str(other), source_dir=find_mnist_dir(), samples_per_shard=1000, limit_per_split=3000, progress=False)
     with pytest.raises(EncodeError, match="do not match the checkpoint"):
         encode(encode_cfg(cfg, f"data.shards_dir={other}"), checkpoint=result.latest_checkpoint, out=enc.path)
     precious = tmp_path / "precious"

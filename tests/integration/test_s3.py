@@ -80,7 +80,7 @@ def test_prepare_train_encode_query_on_s3(s3, s3_ray, mnist_dir, tmp_path, monke
 
     monkeypatch.chdir(tmp_path)  # anything written to a local path by mistake would land here
     shards = f"s3://{BUCKET}/shards"
-    prepare_shards(shards, mnist_dir=mnist_dir, samples_per_shard=500, limit_per_split=1000, progress=False)
+    prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=500, limit_per_split=1000, progress=False)
     assert keys_under(s3, "shards/") == ["shards/manifest.json", "shards/test/test-000000.tar",
                                          "shards/test/test-000001.tar", "shards/train/train-000000.tar",
                                          "shards/train/train-000001.tar"]

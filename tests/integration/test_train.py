@@ -51,7 +51,7 @@ def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_sh
 
 
 def test_eval_every_epochs_skips_test_evaluation_in_between(ray_cluster, small_shards, tmp_path, capsys):
-    from vaedist.cli import print_epoch_table
+    from vaedist.console import format_epoch
 
     cfg = debug_config(small_shards, tmp_path, "sparse-eval", "train.epochs=4", "train.eval_every_epochs=2")
     result = train(cfg)
@@ -62,9 +62,8 @@ def test_eval_every_epochs_skips_test_evaluation_in_between(ray_cluster, small_s
     kept = dict(checkpoint_dirs(result.run_dir))
     assert 3 in kept and set(kept) <= {1, 3}, kept
     assert result.best_checkpoint in (kept.get(1), kept[3])
-    print_epoch_table(rows)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and "test l_i        -" in lines[0] and "test l_i        -" not in lines[1]
+    lines = [format_epoch(r) for r in rows]
+    assert "test l_i        -" in lines[0] and "test l_i        -" not in lines[1]
 
 
 def test_crash_mid_run_resumes_from_last_checkpoint(ray_cluster, small_shards, tmp_path):
@@ -128,8 +127,9 @@ def test_bad_inputs_fail_before_training(ray_cluster, small_shards, tmp_path):
     with pytest.raises(ConfigError, match="scaling.num_workers: 5 workers but only 4 training shards"):
         train(debug_config(small_shards, tmp_path, "bad", "scaling.num_workers=5"))
     # The 2-CPU local Ray cannot grow: refused instead of waiting for resources forever.
-    with pytest.raises(ConfigError, match=r"3 x 1 = 3 CPUs, but the embedded local Ray has 2"):
+    with pytest.raises(ConfigError, match=r"= 3 x 1: training needs 3 CPU\(s\), but the embedded local Ray has 2"):
         train(debug_config(small_shards, tmp_path, "bad", "scaling.num_workers=3"))
-    with pytest.raises(ConfigError, match=r"scaling.use_gpu: .* the Ray cluster has 0 GPU"):
+    with pytest.raises(ConfigError, match=r"scaling.use_gpu with .*: training needs 1 GPU\(s\), but the embedded "
+                                          r"local Ray has 0; set scaling.use_gpu=false"):
         train(debug_config(small_shards, tmp_path, "bad", "scaling.use_gpu=true"))
     assert not storage.exists(storage.join(str(tmp_path), "bad", "epoch-0000"))

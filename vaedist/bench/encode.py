@@ -17,18 +17,18 @@ import pyarrow.parquet as pq
 
 from vaedist import storage
 from vaedist.config import Config
-from vaedist.data import read_manifest
+from vaedist.data import manifest_dataset, read_manifest
 
 
 def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:
     """(b): one process, shard by shard, through the job's own LatentEncoder (so only Ray differs),
     with all the job's CPUs as threads, written with pyarrow in files as large as the job's."""
-    from vaedist.encode import ROWS_PER_FILE, LatentEncoder, encoder_kwargs
+    from vaedist.encode import ROWS_PER_FILE, LatentEncoder, encoder_kwargs, shard_rows
 
     ec = cfg.encode
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
-    kwargs = encoder_kwargs(cfg, checkpoint, shards_dir, lineage={})
+    kwargs = encoder_kwargs(cfg, [checkpoint], shards_dir, manifest_dataset(manifest).to_manifest(), lineage={})
     kwargs.update(use_gpu=False, num_threads=int(ec.cpus_per_actor * ec.concurrency), fail_after_batches=-1)
     encoder = LatentEncoder(**kwargs)
     rows: dict[str, int] = {}
@@ -39,13 +39,12 @@ def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:
             pq.write_table(pa.concat_tables(pending), f"{out_dir}/part-{len(os.listdir(out_dir)):05d}.parquet")
             pending.clear()
 
-    for split in ec.splits:
-        for shard in manifest["splits"][split]["shards"]:
-            for table in encoder({"shard": [shard["path"]], "split": [split], "num_samples": [shard["num_samples"]]}):
-                pending.append(table)
-                rows[split] = rows.get(split, 0) + table.num_rows
-                if sum(t.num_rows for t in pending) >= ROWS_PER_FILE:
-                    flush()
+    for row in shard_rows(manifest, list(ec.splits)):
+        for table in encoder({"entry": [row["entry"]], "split": [row["split"]]}):
+            pending.append(table)
+            rows[row["split"]] = rows.get(row["split"], 0) + table.num_rows
+            if sum(t.num_rows for t in pending) >= ROWS_PER_FILE:
+                flush()
     flush()
     return rows
 
@@ -54,7 +53,7 @@ def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = pri
                  query_repeats: int = 20) -> dict[str, float]:
     from vaedist.encode import encode
     from vaedist.query import connect, loss_by_digit
-    from vaedist.train import init_ray
+    from vaedist.cluster import init_ray
 
     ec = cfg.encode
     echo(f"checkpoint {checkpoint}; S={ec.num_samples_mc}, K={ec.num_samples_iw}, batch {ec.batch_size}, "

@@ -11,14 +11,23 @@ import tempfile
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from vaedist import storage
 from vaedist.config import Config, config_from_dict
-from vaedist.data import load_mnist, read_manifest
+from vaedist.data import load_split_arrays, manifest_dataset, read_manifest
 from vaedist.engine import make_optimizer, train_epoch
 from vaedist.model import VAE
+
+
+def train_images(cfg: Config) -> torch.Tensor:
+    """The training split's uint8 images [N, pixels], decoded from the same shards (a) trains on."""
+    shards_dir = storage.absolute(cfg.data.shards_dir)
+    manifest = read_manifest(shards_dir)
+    shards = manifest["splits"]["train"]["shards"]
+    _, images, _ = load_split_arrays([storage.join(shards_dir, s["path"]) for s in shards],
+                                     [s["num_samples"] for s in shards], manifest_dataset(manifest))
+    return torch.from_numpy(images)
 
 
 def plain_train_epochs(cfg: Config, images_u8: torch.Tensor, epochs: int, steps: int) -> list[float]:
@@ -26,7 +35,7 @@ def plain_train_epochs(cfg: Config, images_u8: torch.Tensor, epochs: int, steps:
     samples/s of each epoch."""
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
-    model = VAE(cfg.model)
+    model = VAE(cfg.model, manifest_dataset(read_manifest(storage.absolute(cfg.data.shards_dir))).image_shape)
     optimizer = make_optimizer(model, cfg.train)
     rates = []
     for epoch in range(epochs):
@@ -53,7 +62,8 @@ def bench_train(cfg: Config, epochs: int, repeats: int = 1, echo: Callable[[str]
     slow (b) too and hide part of what Ray costs."""
     import ray
 
-    from vaedist.train import ray_address, train
+    from vaedist.cluster import ray_address
+    from vaedist.train import train
 
     cfg = config_from_dict(cfg.to_dict(), [f"train.epochs={epochs}", "scaling.num_workers=1",
                                            "train.num_samples_iw_final=0", "train.kl_warmup_epochs=0"])
@@ -62,8 +72,7 @@ def bench_train(cfg: Config, epochs: int, repeats: int = 1, echo: Callable[[str]
     steps = n // cfg.train.batch_size_per_worker
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    images, _, _ = load_mnist("train", cfg.data.resolved_mnist_dir(), cfg.data.download_dir)
-    images_u8 = torch.from_numpy(np.ascontiguousarray(images.reshape(len(images), -1)))
+    images_u8 = train_images(cfg)
     echo(f"model {cfg.model.kind} {cfg.model.hidden_dims} z={cfg.model.latent_dim}, batch {cfg.train.batch_size_per_worker}, "
          f"{steps} steps x {epochs} epochs, {cfg.scaling.cpus_per_worker:g} CPU threads; "
          "samples/s averaged over epochs after the first")
