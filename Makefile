@@ -8,27 +8,45 @@ CONFIG ?= configs/quickstart.yaml
 # else torchvision downloads MNIST.
 VAEDIST_MNIST_DIR ?= $(wildcard $(abspath ../shared/data/mnist))
 export VAEDIST_MNIST_DIR
+# Fashion-MNIST's likewise (configs/fashion-mnist.yaml, and the tests that run it).
+VAEDIST_FASHION_MNIST_DIR ?= $(wildcard $(abspath ../shared/data/fashion-mnist))
+export VAEDIST_FASHION_MNIST_DIR
 
-.PHONY: install run test test-unit test-integration bench-train bench-encode clean
+.PHONY: install chromium run test test-unit test-integration bench-train bench-encode clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,mlflow]"
 	touch $(STAMP)
+
+# Debian's Chromium for the report's browser test (tests/integration/test_report_browser.py), installed
+# only where it is missing and apt-get can run (root); elsewhere, or if the install fails, that test
+# skips and says why. --no-install-recommends: headless needs none of them (fonts come via fontconfig).
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium >/dev/null; } || echo "chromium could not be installed: the browser test will skip"; \
+	  else \
+	    echo "$(CHROMIUM) missing and apt-get unusable here (not root?): the browser test will skip"; \
+	  fi; \
+	fi
 
 run: $(STAMP)  ## the whole pipeline on an embedded local Ray
 	$(BIN)/vaedist run --config $(CONFIG)
 
-test: $(STAMP)  ## unit and integration tiers
+test: $(STAMP) chromium  ## unit and integration tiers
 	$(BIN)/pytest -q
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -m "not integration"
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) chromium
 	$(BIN)/pytest -q -m integration
 
 bench-train: $(STAMP)

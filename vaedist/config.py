@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 MNIST_DIR_ENV = "VAEDIST_MNIST_DIR"
+FASHION_MNIST_DIR_ENV = "VAEDIST_FASHION_MNIST_DIR"
+# The environment variable naming each built-in dataset's local source directory (mnist8m deforms MNIST).
+DATASET_DIR_ENV = {"mnist": MNIST_DIR_ENV, "fashion-mnist": FASHION_MNIST_DIR_ENV, "mnist8m": MNIST_DIR_ENV}
 
 
 class ConfigError(ValueError):
@@ -34,32 +37,61 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class DataConfig:
+    dataset: Literal["mnist", "fashion-mnist", "mnist8m"] = "mnist"
+    """The dataset `vaedist data prepare` writes and training expects in the shards' manifest:
+    mnist; fashion-mnist (the same IDX layout, 10 clothing classes); mnist8m (each MNIST training
+    image and mnist8m_variants - 1 deterministic elastic/affine deformations of it, after Loosli,
+    Canu & Bottou 2007; MNIST's own test set)."""
     shards_dir: str = "outputs/shards"
     """Where the WebDataset shards and manifest.json live: a local path or a URI (s3://...)."""
     mnist_dir: str | None = None
-    """Local directory of the MNIST IDX files (gzip or raw). None: use $VAEDIST_MNIST_DIR if set,
+    """Local directory of the MNIST IDX files (gzip or raw), for mnist and mnist8m. None: use
+    $VAEDIST_MNIST_DIR if set, else download with torchvision into download_dir."""
+    fashion_mnist_dir: str | None = None
+    """Local directory of the Fashion-MNIST IDX files. None: $VAEDIST_FASHION_MNIST_DIR if set,
     else download with torchvision into download_dir."""
-    download_dir: str = "outputs/mnist-download"
-    """Where torchvision downloads MNIST when no local directory is given."""
+    download_dir: str = "outputs/download"
+    """Where torchvision downloads a dataset when no local directory is given."""
+    mnist8m_variants: int = 20
+    """mnist8m: images made from each MNIST training image, the original included (20: 1.2M
+    training images, ~0.9 GB of pixels; 135: 8.1M as Loosli et al.)."""
     samples_per_shard: int = 2500
-    """Datapoints per tar shard when preparing (train: 24 shards, test: 4)."""
+    """Datapoints per tar shard when preparing (MNIST: 24 train shards, 4 test)."""
     max_train_shards: int = 0
     """Train on only the first N training shards (0: all). For debug runs."""
     max_test_shards: int = 0
     """Evaluate on only the first N test shards (0: all). For debug runs."""
-    cache_in_memory: bool = True
-    """Each worker decodes its shards once and keeps the uint8 images in memory (47 MB for all of
-    MNIST); False streams and decodes the shards again every epoch."""
+    ingest: Literal["memory", "stream", "auto"] = "auto"
+    """How training workers get their images. memory: each decodes its share of the shards once and
+    keeps it (fastest; MNIST's share is 47 MB). stream: Ray Data reads and decodes the shards
+    every epoch and feeds each worker an equal share through a local shuffle buffer, so a worker's
+    memory is bounded by the buffer and the object store, not by the dataset. auto: memory when a
+    worker's share fits memory_budget_mb, else stream."""
+    memory_budget_mb: int = 2048
+    """ingest auto: the most a worker's share of the training images may take in memory."""
+    shuffle_buffer_rows: int = 4096
+    """ingest stream: rows in each worker's local shuffle buffer (it also shuffles the shards' order
+    every epoch)."""
 
     def __post_init__(self) -> None:
         _check(self.samples_per_shard > 0, "data.samples_per_shard", f"must be > 0, got {self.samples_per_shard}")
         _check(self.max_train_shards >= 0, "data.max_train_shards", f"must be >= 0 (0 = all), got {self.max_train_shards}")
         _check(self.max_test_shards >= 0, "data.max_test_shards", f"must be >= 0 (0 = all), got {self.max_test_shards}")
         _check(bool(self.shards_dir), "data.shards_dir", "must not be empty")
+        _check(self.mnist8m_variants > 0, "data.mnist8m_variants", f"must be > 0, got {self.mnist8m_variants}")
+        _check(self.memory_budget_mb > 0, "data.memory_budget_mb", f"must be > 0, got {self.memory_budget_mb}")
+        _check(self.shuffle_buffer_rows >= 0, "data.shuffle_buffer_rows",
+               f"must be >= 0 (0 = no buffer), got {self.shuffle_buffer_rows}")
 
     def resolved_mnist_dir(self) -> str | None:
-        """The local IDX directory in force: the config's, else the environment's, else None."""
+        """The local MNIST IDX directory in force: the config's, else the environment's, else None."""
         return self.mnist_dir or os.environ.get(MNIST_DIR_ENV) or None
+
+    def resolved_source_dir(self) -> str | None:
+        """The local source directory of data.dataset: its config key, else its environment variable."""
+        if self.dataset == "fashion-mnist":
+            return self.fashion_mnist_dir or os.environ.get(FASHION_MNIST_DIR_ENV) or None
+        return self.resolved_mnist_dir()
 
 
 @dataclass
@@ -96,6 +128,15 @@ class TrainConfig:
     """Decoupled weight decay (AdamW)."""
     optimizer: Literal["adam", "adamw"] = "adam"
     """Optimiser."""
+    optimizer_kernel: Literal["auto", "fused", "foreach"] = "auto"
+    """Adam's implementation: fused (one kernel for all parameters), foreach (a few batched kernels
+    per step), or auto: fused on CUDA, foreach on CPU (fused measured no faster there)."""
+    compile: bool = False
+    """torch.compile the model before training (off: measured no faster for these models, and the
+    first epoch pays the compilation; see README, Performance)."""
+    progress_every_steps: int = 0
+    """Log the running training loss every N optimiser steps (0: once per epoch). Each log reads
+    the sums back from the device, a host sync."""
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     """Learning-rate schedule over the run (per step); cosine decays to lr_min_ratio * lr."""
     lr_min_ratio: float = 0.05
@@ -135,6 +176,8 @@ class TrainConfig:
         _check(self.kl_warmup_epochs >= 0, "train.kl_warmup_epochs", f"must be >= 0, got {self.kl_warmup_epochs}")
         _check(self.num_samples_mc > 0, "train.num_samples_mc", f"must be > 0, got {self.num_samples_mc}")
         _check(self.grad_clip_norm >= 0, "train.grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}")
+        _check(self.progress_every_steps >= 0, "train.progress_every_steps",
+               f"must be >= 0 (0 = once per epoch), got {self.progress_every_steps}")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch",
                f"must be >= 0 (0 = no cap), got {self.max_steps_per_epoch}")
         _check(self.eval_every_epochs > 0, "train.eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
@@ -206,6 +249,16 @@ class OutputConfig:
     """Run directory name under storage_path; rerunning a name resumes it."""
     checkpoints_to_keep: int = 2
     """Best checkpoints kept by test loss (the latest is always kept too)."""
+    checkpoint_every_epochs: int = 1
+    """Checkpoint (and rewrite metrics.jsonl) every N epochs and after the last. On a GPU an epoch
+    of MNIST is well under a second, and a synchronous checkpoint every epoch would dominate it;
+    a failure then retrains at most N - 1 epochs."""
+    keep_epochs: list[int] = field(default_factory=list)
+    """Epochs whose checkpoints are kept for good, besides the best and the latest (for training
+    dynamics: `vaedist encode --epochs 1,5,20` encodes several into one table). They are always
+    checkpointed, whatever checkpoint_every_epochs says."""
+    keep_every_epochs: int = 0
+    """Also keep every N-th epoch's checkpoint for good (0: none)."""
     max_failures: int = 2
     """Restarts from the last checkpoint after a worker dies."""
     latents_dir: str = "outputs/latents"
@@ -217,7 +270,36 @@ class OutputConfig:
         _check(bool(self.run_name) and "/" not in self.run_name, "output.run_name",
                f"must be a non-empty name without '/', got {self.run_name!r}")
         _check(self.checkpoints_to_keep > 0, "output.checkpoints_to_keep", f"must be > 0, got {self.checkpoints_to_keep}")
+        _check(self.checkpoint_every_epochs > 0, "output.checkpoint_every_epochs",
+               f"must be > 0, got {self.checkpoint_every_epochs}")
+        for i, epoch in enumerate(self.keep_epochs):
+            _check(epoch >= 0, f"output.keep_epochs[{i}]", f"must be an epoch >= 0, got {epoch}")
+        _check(len(set(self.keep_epochs)) == len(self.keep_epochs), "output.keep_epochs",
+               f"has duplicates: {self.keep_epochs}")
+        _check(self.keep_every_epochs >= 0, "output.keep_every_epochs", f"must be >= 0 (0 = none), got {self.keep_every_epochs}")
         _check(self.max_failures >= -1, "output.max_failures", f"must be >= 0, or -1 for unlimited, got {self.max_failures}")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool | None = None
+    """MLflow tracking: null (default) tracks when a URI is given (mlflow_uri or
+    $MLFLOW_TRACKING_URI); true tracks, into the default store when no URI is given; false never
+    tracks, even with $MLFLOW_TRACKING_URI set."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (http://host:5000, sqlite:////abs/path/mlflow.db, databricks, ...). None:
+    $MLFLOW_TRACKING_URI on the driver if set, else (with enabled: true) the SQLite store
+    storage_path/mlflow.db, which `mlflow ui --backend-store-uri sqlite:///<that path>` opens."""
+    experiment: str = "vaedist"
+    """MLflow experiment the runs are recorded in (created when missing)."""
+
+    def __post_init__(self) -> None:
+        if self.mlflow_uri is not None:
+            # A bare path would select MLflow's file store, which MLflow 3 refuses by default.
+            _check("://" in self.mlflow_uri or self.mlflow_uri.startswith("databricks"), "tracking.mlflow_uri",
+                   f"must be a tracking URI such as http://127.0.0.1:5000 or sqlite:////abs/path/mlflow.db, "
+                   f"got {self.mlflow_uri!r}")
+        _check(bool(self.experiment.strip()), "tracking.experiment", "must not be empty")
 
 
 @dataclass
@@ -228,6 +310,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
