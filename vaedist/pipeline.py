@@ -24,6 +24,14 @@ class PipelineResult:
     summary: str
 
 
+def prepare_from_config(cfg: Config, out: str | None = None, progress: bool = True) -> dict:
+    """`vaedist data prepare`: write cfg.data.dataset's shards (to `out`, default data.shards_dir)."""
+    d = cfg.data
+    return prepare_shards(out or d.shards_dir, d.dataset, source_dir=d.resolved_source_dir(),
+                          download_dir=d.download_dir, samples_per_shard=d.samples_per_shard,
+                          variants=d.mnist8m_variants, progress=progress)
+
+
 def ensure_shards(cfg: Config, echo: Callable[[str], None]) -> str:
     """Reuse shards that verify against their manifest; otherwise (re)write them."""
     shards_dir = storage.absolute(cfg.data.shards_dir)
@@ -34,14 +42,12 @@ def ensure_shards(cfg: Config, echo: Callable[[str], None]) -> str:
             return shards_dir
         except DataError as e:
             echo(f"[1/5] shards: {e}; writing them again")
-    echo(f"[1/5] shards: writing MNIST to {shards_dir}")
-    prepare_shards(shards_dir, mnist_dir=cfg.data.resolved_mnist_dir(), download_dir=cfg.data.download_dir,
-                   samples_per_shard=cfg.data.samples_per_shard)
+    echo(f"[1/5] shards: writing {cfg.data.dataset} to {shards_dir}")
+    prepare_from_config(cfg, shards_dir)
     return shards_dir
 
 
 def run_pipeline(cfg: Config, echo: Callable[[str], None] = print) -> PipelineResult:
-    from vaedist.checkpoint import format_loss
     from vaedist.encode import encode
     from vaedist.query import format_table, loss_by_digit
     from vaedist.report import write_report
@@ -49,16 +55,17 @@ def run_pipeline(cfg: Config, echo: Callable[[str], None] = print) -> PipelineRe
 
     shards_dir = ensure_shards(cfg, echo)
     echo(f"[2/5] train: run {cfg.output.run_name}, {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s)")
-    trained = train(cfg)
-    for row in trained.epochs:
-        echo(f"      epoch {row['epoch']:3d}  train l_i {row['train_loss']:8.3f}  test l_i {format_loss(row['test_loss'])}")
+    trained = train(cfg, echo=lambda line: echo("      " + line))
     checkpoint = trained.best_checkpoint
     echo(f"[3/5] encode: {checkpoint} -> {cfg.output.latents_dir}")
-    encoded = encode(cfg, checkpoint=checkpoint)
+    encoded = encode(cfg, checkpoint=checkpoint, echo=lambda line: echo("      " + line))
     echo(f"      {sum(encoded.rows.values())} rows in {encoded.seconds:.1f} s ({encoded.rows_per_s:,.0f} rows/s)")
     summary = format_table(loss_by_digit(encoded.path, split="test"), "table")
     echo("[4/5] test-set loss by digit (nats):\n" + summary)
     report = write_report(encoded.path, storage.absolute(cfg.output.report_dir), checkpoint=checkpoint,
                           shards_dir=shards_dir)
     echo(f"[5/5] report: {report}")
+    from vaedist.tracking import log_encode, resolve_uri
+
+    log_encode(resolve_uri(cfg), encoded.path, experiment=cfg.tracking.experiment, report_dir=report)
     return PipelineResult(shards_dir, trained.run_dir, checkpoint, encoded.path, report, summary)
