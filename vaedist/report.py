@@ -2,9 +2,10 @@
 
     index = write_report("outputs/latents", "outputs/report")
 
-The checkpoint and the shards default to the ones named in the table's _lineage.json. Same inputs
-give the same bytes: seeded choices, fixed colour limits, the default style whatever the user's
-matplotlibrc, and no Software stamp in the PNGs.
+The checkpoint and the shards default to the ones named in the table's _lineage.json; the training
+curves come from the metrics.jsonl of the run the checkpoint belongs to (<run_dir>/[kept/]epoch-NNNN/
+checkpoint.pt). Same inputs give the same bytes: seeded choices, fixed colour limits, the default
+style whatever the user's matplotlibrc, and no Software stamp in the PNGs.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
+import os
 from typing import Any
 
 import matplotlib.style
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from vaedist import data, query, schema, storage
-from vaedist.checkpoint import CheckpointError, load_model
+from vaedist.checkpoint import CHECKPOINT_DIR_RE, KEPT_DIR, METRICS_FILE, CheckpointError, load_model, read_metrics
 
 IMAGE_SIDE = 28
 GRID_COLUMNS = 8
@@ -34,6 +38,8 @@ FIGURES = {
     "loss_by_digit.png": "Loss per digit",
     "worst_explained.png": "Highest-loss digits",
 }
+# Written only when the checkpoint's run has metrics; its section comes after the figures above.
+TRAINING_FIGURE = "training.png"
 
 
 def _save(fig: Figure, path: str) -> None:
@@ -167,6 +173,126 @@ def _worst(con, latents_dir: str, shards_dir: str, n: int, split: str | None, sp
     return _image_grid(tiles, titles, 255.0), caption
 
 
+def _run_dir_of(checkpoint_file: str) -> str | None:
+    """<run_dir>/epoch-NNNN/checkpoint.pt or <run_dir>/kept/epoch-NNNN/checkpoint.pt -> <run_dir>;
+    None for a checkpoint outside a run directory. (os.path splits URIs too: their separators are '/'.)"""
+    checkpoint_dir = os.path.dirname(checkpoint_file)
+    if not CHECKPOINT_DIR_RE.match(os.path.basename(checkpoint_dir)):
+        return None
+    parent = os.path.dirname(checkpoint_dir)
+    return os.path.dirname(parent) if os.path.basename(parent) == KEPT_DIR else parent
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _training_metrics(run_dir: str) -> tuple[list[dict], dict | None]:
+    """The run's epoch rows (sorted by epoch) and its last final row, checked field by field."""
+    path = storage.join(run_dir, METRICS_FILE)
+    try:
+        rows = read_metrics(run_dir)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not JSON lines: {e}") from None
+
+    def bad(n: int, field: str, value: Any, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path} row {n}: {field} is {value!r}, expected {expected}")
+
+    epochs, final = [], None
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise bad(n, "the row", row, "a JSON object")
+        if row.get("kind") == "epoch":
+            if not _is_int(row.get("epoch"), 0):
+                raise bad(n, "epoch", row.get("epoch"), "an integer >= 0")
+            if not _is_number(row.get("train_loss")):
+                raise bad(n, "train_loss", row.get("train_loss"), "a finite number")
+            # null on epochs without a test evaluation (train.eval_every_epochs)
+            if row.get("test_loss") is not None and not _is_number(row["test_loss"]):
+                raise bad(n, "test_loss", row["test_loss"], "a finite number or null")
+            epochs.append(row)
+        elif row.get("kind") == "final":
+            if not _is_number(row.get("test_nll_iw")):
+                raise bad(n, "test_nll_iw", row.get("test_nll_iw"), "a finite number")
+            if not _is_int(row.get("num_samples_iw"), 1):
+                raise bad(n, "num_samples_iw", row.get("num_samples_iw"), "an integer > 0")
+            if "epoch" in row and not _is_int(row["epoch"], 0):
+                raise bad(n, "epoch", row["epoch"], "an integer >= 0")
+            final = row
+    return sorted(epochs, key=lambda r: r["epoch"]), final
+
+
+def _training_inputs(run_dir: str | None,
+                     checkpoint_file: str) -> tuple[str | None, list[dict], dict | None, str | None]:
+    """(run directory, epoch rows, final row, why there are no epoch rows or None). An explicit
+    run_dir must exist; the default, the checkpoint's own run, may not be there at all."""
+    if run_dir is not None:
+        run_dir = str(run_dir)
+        if not storage.exists(run_dir):
+            raise CheckpointError(f"run directory {run_dir} does not exist")
+    else:
+        run_dir = _run_dir_of(checkpoint_file)
+    if run_dir is None:
+        return None, [], None, (f"checkpoint {checkpoint_file} is not inside a run directory "
+                                "(<run_dir>/[kept/]epoch-NNNN/checkpoint.pt)")
+    epochs, final = _training_metrics(run_dir)
+    if epochs:
+        return run_dir, epochs, final, None
+    path = storage.join(run_dir, METRICS_FILE)
+    return run_dir, [], final, f"{path} {'has no epoch rows' if storage.exists(path) else 'does not exist'}"
+
+
+def _training(epochs: list[dict], final: dict | None) -> tuple[Figure, str]:
+    evaluated = [r for r in epochs if r.get("test_loss") is not None]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], marker="o", markersize=4,
+            label="train")
+    ax.plot([r["epoch"] for r in evaluated], [r["test_loss"] for r in evaluated], marker="s", markersize=4,
+            label="test")
+    if final is not None:
+        ax.plot([final.get("epoch", epochs[-1]["epoch"])], [final["test_nll_iw"]], marker="*", markersize=10,
+                linestyle="none", color="black", label=f"test NLL, importance-weighted (K = {final['num_samples_iw']})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (as numbered in metrics.jsonl and epoch-NNNN)")
+    ax.set_ylabel("nats per datapoint")
+    ax.legend()
+    caption = (f"The mean per-datapoint loss l_i (negative ELBO, nats) over {len(epochs)} epochs. Train: averaged "
+               "over the epoch's minibatches while the weights changed, with fresh binarisation and without the "
+               f"KL warm-up weight. Test: at the end of the {len(evaluated)} evaluated epochs, with the fixed "
+               "binarisation (epochs without a test evaluation are left out).")
+    if final is not None:
+        caption += " The star is the importance-weighted test NLL after training."
+    return fig, caption
+
+
+def _training_html(figure: tuple[str, str] | None, final: dict | None, no_metrics: str | None,
+                   run_dir: str | None) -> str:
+    """The Training section: the figure (name, caption) and the final NLL, or why there is none."""
+    if figure is None:
+        return f'<h2>Training</h2>\n<p class="no-training-metrics">No training metrics: {html.escape(no_metrics)}.</p>'
+    name, caption = figure
+    parts = ["<h2>Training</h2>",
+             (f'<figure><img src="{html.escape(name)}" alt="Training curves">'
+              f"<figcaption>{html.escape(caption)}</figcaption></figure>")]
+    if final is None:
+        metrics_path = storage.join(run_dir, METRICS_FILE)
+        parts.append(f'<p class="final-nll">No importance-weighted test NLL: {html.escape(metrics_path)} has no '
+                     "final row (train.num_samples_iw_final = 0, or the run has not finished).</p>")
+    else:
+        count = f", {final['test_count']:,} test datapoints" if _is_int(final.get("test_count"), 1) else ""
+        elbo = (f"; the test negative ELBO at the same point: {final['test_loss']:.2f} nats"
+                if _is_number(final.get("test_loss")) else "")
+        parts.append(f'<p class="final-nll">Importance-weighted test NLL after training: '
+                     f"<strong>{final['test_nll_iw']:.2f} nats</strong> (K = {final['num_samples_iw']} importance "
+                     f"samples{count}{elbo}).</p>")
+    return "\n".join(parts)
+
+
 def _html_table(table) -> str:
     def cell(v: Any) -> str:
         return "" if v is None else f"{v:.2f}" if isinstance(v, float) else html.escape(str(v))
@@ -177,17 +303,22 @@ def _html_table(table) -> str:
 
 
 def _index_html(sections: list[tuple[str, str, str]], summary_html: str, summary_note: str,
-                inputs: dict[str, str], lineage: dict) -> str:
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>vaedist report</title>',
+                inputs: dict[str, str], lineage: dict, training_html: str) -> str:
+    # The empty icon: otherwise browsers ask the server for /favicon.ico, a 404 on every view.
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>vaedist report</title>'
+             '<link rel="icon" href="data:,">',
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-             "figure{margin:2em 0}img{max-width:100%}figcaption{color:#444}</style></head><body>",
+             # Long paths wrap, and long lineage lines scroll in their box, rather than widen the page.
+             "figure{margin:2em 0}img{max-width:100%}figcaption{color:#444}code{overflow-wrap:anywhere}"
+             "pre{overflow-x:auto}</style></head><body>",
              "<h1>vaedist report</h1>", "<ul>"]
     parts += [f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>" for k, v in inputs.items()]
     parts += ["</ul>", f"<h2>Loss by digit</h2>\n<p>{html.escape(summary_note)}</p>", summary_html]
     for name, title, caption in sections:
         parts.append(f'<figure><h2>{html.escape(title)}</h2><img src="{html.escape(name)}" '
                      f'alt="{html.escape(title)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+    parts.append(training_html)
     parts += ["<h2>Lineage</h2>", f"<pre>{html.escape(json.dumps(lineage, indent=2, sort_keys=True))}</pre>",
               "</body></html>", ""]
     return "\n".join(parts)
@@ -208,12 +339,14 @@ def _resolve_inputs(latents_dir: str, checkpoint: str | None, shards_dir: str | 
 
 
 def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, shards_dir: str | None = None,
-                 num_examples: int = 16, seed: int = 0) -> str:
+                 num_examples: int = 16, seed: int = 0, run_dir: str | None = None) -> str:
     """Write the figures and index.html into out_dir (local or a URI); returns index.html's path.
 
     checkpoint and shards_dir default to the ones in the table's _lineage.json. num_examples is the
     number of reconstructions, samples and highest-loss digits; seed picks the reconstructed test
-    datapoints and the prior samples.
+    datapoints and the prior samples. run_dir, whose metrics.jsonl gives the training curves, defaults
+    to the run the checkpoint belongs to (<run_dir>/[kept/]epoch-NNNN/checkpoint.pt); without metrics the
+    Training section says why.
     """
     latents_dir, out_dir = str(latents_dir), str(out_dir)
     if num_examples <= 0:
@@ -222,7 +355,7 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
     lineage, checkpoint, shards_dir = _resolve_inputs(latents_dir, checkpoint, shards_dir)
     from_lineage = f" (named in {storage.join(latents_dir, schema.LINEAGE_FILE)}; give another explicitly)"
     try:
-        model, cfg, _ = load_model(checkpoint)
+        model, cfg, state = load_model(checkpoint)
     except CheckpointError as e:
         raise CheckpointError(f"{e}{from_lineage if checkpoint == lineage.get('checkpoint') else ''}") from None
     try:
@@ -252,6 +385,8 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
     loss = rows.column("loss").to_numpy()
     mu = rows.column("mu").combine_chunks().flatten().to_numpy().reshape(len(rows), latent_dim).astype(np.float64)
 
+    run_dir, epochs, final, no_metrics = _training_inputs(run_dir, state["path"])
+
     storage.makedirs(out_dir)
     sections = []
     with matplotlib.style.context("default"):
@@ -265,10 +400,17 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
         for name, (fig, caption) in figures.items():
             _save(fig, storage.join(out_dir, name))
             sections.append((name, FIGURES[name], caption))
+        training_figure = None
+        if epochs:
+            fig, caption = _training(epochs, final)
+            _save(fig, storage.join(out_dir, TRAINING_FIGURE))
+            training_figure = (TRAINING_FIGURE, caption)
 
     summary = query.loss_by_digit(latents_dir, split=split, con=con)
-    inputs = {"latent table": latents_dir, "checkpoint": checkpoint, "shards": shards_dir}
+    inputs = {"latent table": latents_dir, "checkpoint": checkpoint, "shards": shards_dir,
+              "run": run_dir if run_dir is not None else "none"}
     index = storage.join(out_dir, "index.html")
     storage.write_bytes(index, _index_html(sections, _html_table(summary), f"{split_note} datapoints, nats",
-                                           inputs, lineage).encode())
+                                           inputs, lineage, _training_html(training_figure, final, no_metrics,
+                                                                          run_dir)).encode())
     return index

@@ -1,0 +1,164 @@
+"""The report in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright
+loads index.html over HTTP from a local server, as someone would open a published report.
+
+The report is built from real artefacts: a copy of the session's trained run (conftest.trained_run)
+finished with train.num_samples_iw_final, so its metrics.jsonl has epoch rows and a final NLL row;
+the encode job's table of that run's checkpoint; then `write_report`.
+
+Served over http://127.0.0.1 rather than opened as file://: every request then has a status, so a
+broken link shows up as a 404 response (file:// has none), and the page loads as it would from any
+web server the report directory is copied to.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import start_local_ray
+
+CHROMIUM = "/usr/bin/chromium"
+# As the machine notes say for a closed network: without the background-networking flags Chromium
+# keeps trying to reach Google's hosts; --no-sandbox because CI runs as root.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+# naturalWidth alone is no proof of decoding: Chromium reads it from the PNG's header, and gives it
+# (and resolves img.decode()) for a file cut short after that. So each image is also drawn onto a
+# canvas and its share of opaque pixels read back; a truncated PNG draws nothing. (Reading a canvas
+# back needs a same-origin image: one more reason to serve over HTTP, where file:// taints it.)
+DECODED_IMAGES_JS = """els => els.map(e => {
+    const canvas = document.createElement("canvas");
+    canvas.width = e.naturalWidth;
+    canvas.height = e.naturalHeight;
+    const context = canvas.getContext("2d");
+    context.drawImage(e, 0, 0);
+    const pixels = e.naturalWidth ? context.getImageData(0, 0, e.naturalWidth, e.naturalHeight).data : [];
+    let opaque = 0;
+    for (let k = 3; k < pixels.length; k += 4) opaque += pixels[k] === 255;
+    return {src: e.getAttribute("src"), complete: e.complete, width: e.naturalWidth, height: e.naturalHeight,
+            opaque: pixels.length ? opaque / (pixels.length / 4) : 0};
+})"""
+
+pytestmark = pytest.mark.integration
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"chromium not installed ({CHROMIUM} missing): apt-get install chromium (make test does, as root)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed: pip install -e '.[test]'")
+
+
+@pytest.fixture(scope="module")
+def report(ray_cluster, trained_run, tmp_path_factory):
+    """(report directory, the finished run's TrainResult, the encoded table's path)."""
+    from vaedist.config import config_from_dict
+    from vaedist.encode import encode
+    from vaedist.report import write_report
+    from vaedist.train import train
+
+    if not ray_cluster.is_initialized():  # a module with a cluster of its own shut the shared one down
+        start_local_ray()
+    cfg, result = trained_run
+    # Rerunning a finished run resumes after its last epoch: only the final importance-weighted test
+    # NLL is computed. On a copy, so the session's run stays as other tests expect it.
+    storage_path = tmp_path_factory.mktemp("runs")
+    shutil.copytree(result.run_dir, storage_path / cfg.output.run_name)
+    finished_cfg = config_from_dict(cfg.to_dict(), [f"output.storage_path={storage_path}",
+                                                    "train.num_samples_iw_final=8"])
+    finished = train(finished_cfg)
+    assert finished.final is not None and len(finished.epochs) == len(result.epochs)
+    # The test split only, no log p(x): all the report draws on, at the least encoding time.
+    encode_cfg = config_from_dict(finished_cfg.to_dict(), ["encode.splits=[test]", "encode.num_samples_iw=0",
+                                                           "encode.concurrency=1"])
+    table = encode(encode_cfg, checkpoint=finished.latest_checkpoint,
+                   out=str(tmp_path_factory.mktemp("latents") / "table")).path
+    index = write_report(table, str(tmp_path_factory.mktemp("report") / "report"), num_examples=8)
+    return Path(index).parent, finished, table
+
+
+@pytest.fixture
+def served(report):
+    """http://127.0.0.1:<free port>/ serving the report directory from a thread."""
+    directory, _, _ = report
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep pytest's output to failures
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_report_renders_in_chromium(report, served, tmp_path):
+    from PIL import Image
+
+    from vaedist.query import loss_by_digit
+    from vaedist.report import FIGURES, TRAINING_FIGURE
+
+    _, finished, table = report
+    console_errors, page_errors, failed, bad_status = [], [], [], []
+    with sync_api.sync_playwright() as p:
+        # A fresh, empty profile for every run.
+        browser = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=CHROMIUM,
+                                                       headless=True, args=CHROMIUM_ARGS,
+                                                       viewport={"width": 1280, "height": 900})
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.on("requestfailed", lambda r: failed.append(f"{r.url}: {r.failure}"))
+            page.on("response", lambda r: bad_status.append(f"{r.url}: {r.status}") if r.status >= 400 else None)
+            response = page.goto(served + "index.html", wait_until="load")
+            assert response is not None and response.status == 200
+
+            images = page.eval_on_selector_all("img", DECODED_IMAGES_JS)
+            header = page.locator("table tr th").all_inner_texts()
+            rows = [row.locator("td").all_inner_texts() for row in page.locator("table tr").all()[1:]]
+            lineage = json.loads(page.locator("h2:text-is('Lineage') + pre").inner_text())
+            training_caption = page.locator(f"figure:has(img[src='{TRAINING_FIGURE}']) figcaption").inner_text()
+            final_text = page.locator("p.final-nll").inner_text()
+            overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+            screenshot = tmp_path / "report.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+
+    assert not console_errors and not page_errors, (console_errors, page_errors)
+    assert not failed and not bad_status, (failed, bad_status)
+    assert overflow <= 0, f"the page is {overflow} px wider than the window (a long line that does not wrap?)"
+    # Every figure, the training curves included, decoded whole (matplotlib's PNGs are opaque).
+    assert sorted(i["src"] for i in images) == sorted([*FIGURES, TRAINING_FIGURE])
+    for image in images:
+        assert image["complete"] and image["width"] > 0 and image["height"] > 0, image
+        assert image["opaque"] > 0.99, image
+
+    # The loss-by-digit table is the query's result, one row per digit of the test split.
+    expected = loss_by_digit(table, split="test")
+    assert header == expected.column_names
+    assert [int(r[0]) for r in rows] == expected.column("label").to_pylist() == list(range(10))
+    assert sum(int(r[1]) for r in rows) == 4000
+    # The lineage is the encode job's, naming the run's checkpoint the curves come from.
+    assert lineage["checkpoint"] == f"{finished.latest_checkpoint}/checkpoint.pt"
+    assert f"over {len(finished.epochs)} epochs" in training_caption
+    final = finished.final
+    assert final_text.startswith(f"Importance-weighted test NLL after training: {final['test_nll_iw']:.2f} nats "
+                                 f"(K = 8 importance samples, {final['test_count']:,} test datapoints")
+
+    # Not blank: a full page of text, figures and colours.
+    picture = Image.open(screenshot).convert("RGB")
+    assert picture.width == 1280 and picture.height > 2000, picture.size
+    colours = picture.getcolors(maxcolors=1 << 24)
+    non_white = sum(n for n, c in colours if c != (255, 255, 255)) / (picture.width * picture.height)
+    assert len(colours) > 100 and non_white > 0.05, (len(colours), non_white)
