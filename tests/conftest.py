@@ -45,7 +45,7 @@ def small_shards(mnist_dir, tmp_path_factory) -> str:
     from vaedist.data import prepare_shards
 
     out = str(tmp_path_factory.mktemp("shards") / "shards")
-    prepare_shards(out, mnist_dir=mnist_dir, samples_per_shard=1000, limit_per_split=4000, progress=False)
+    prepare_shards(out, source_dir=mnist_dir, samples_per_shard=1000, limit_per_split=4000, progress=False)
     return out
 
 
@@ -113,7 +113,7 @@ def build_tables(root: Path, mnist_dir: str) -> dict[str, str]:
     `_leak.parquet`; they duplicate rows, so any leak shows up in the row count.
     """
     shards = str(root / "shards")
-    prepare_shards(shards, mnist_dir=mnist_dir, samples_per_shard=500, limit_per_split=1000, progress=False)
+    prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=500, limit_per_split=1000, progress=False)
     torch.manual_seed(0)
     cfg = Config(model=ModelConfig(latent_dim=LATENT_DIM, hidden_dims=[32]))
     model = VAE(cfg.model).eval()
@@ -149,3 +149,34 @@ def build_tables(root: Path, mnist_dir: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def latent_tables(tmp_path_factory, mnist_dir) -> dict[str, str]:
     return build_tables(tmp_path_factory.mktemp("latent-table"), mnist_dir)
+
+
+def write_latent_table(table_dir: Path, shards: str, models: dict, lineage: dict, num_samples_iw: int = 8,
+                       splits: tuple[str, ...] = ("train", "test")) -> str:
+    """Publish a latent table of `models` over `shards` without Ray, laid out as the encode job writes
+    it. models maps epoch -> VAE: the single key None gives a one-checkpoint table; otherwise every row
+    carries its checkpoint's `epoch`, with the same per-key noise at every epoch."""
+    binarize_seed = Config().train.seed
+    lineage = {**lineage, "splits": list(splits), "num_samples_iw": num_samples_iw}
+    if None not in models:
+        lineage["epochs"] = sorted(models)  # as the encode job writes it
+    table_dir.mkdir(parents=True)
+    for epoch, model in models.items():
+        for split in splits:
+            for i, shard in enumerate(read_manifest(shards)["splits"][split]["shards"]):
+                indices, images, labels = load_split_arrays([str(Path(shards, shard["path"]))])
+                x = fixed_binarize(images, indices, split, seed=binarize_seed)
+                with torch.no_grad():
+                    rows = evaluate_batch(model.eval(), x, indices, split, seed=0, num_samples_mc=2,
+                                          num_samples_iw=num_samples_iw)
+                columns = {name: value.numpy() for name, value in rows.items()}
+                columns.update(key=[key_for(split, int(j)) for j in indices], split=[split] * len(indices),
+                               index=indices, label=labels, shard=[shard["path"]] * len(indices))
+                if epoch is not None:
+                    columns["epoch"] = [epoch] * len(indices)
+                name = f"{split}_{i:06d}" if epoch is None else f"epoch{epoch:04d}_{split}_{i:06d}"
+                table = schema.to_table(columns, model.latent_dim, lineage=lineage)
+                pq.write_table(table, table_dir / f"{name}.parquet")
+    (table_dir / schema.LINEAGE_FILE).write_text(json.dumps(lineage))
+    (table_dir / schema.SUCCESS_FILE).write_text("")
+    return str(table_dir)

@@ -43,6 +43,9 @@ def config_options(fn: Callable) -> Callable:
 
 address_option = click.option("--address", envvar="RAY_ADDRESS",
                               help="Ray cluster to join [env RAY_ADDRESS]; default: an embedded local Ray.")
+verbose_option = click.option("--verbose", "-v", is_flag=True, envvar="VAEDIST_VERBOSE",
+                              help="Also show Ray's own log lines, its workers' output and Ray Data's progress "
+                                   "(Ray's log files always keep them) [env VAEDIST_VERBOSE=1].")
 
 
 def resolve_config(config_path: str | None, overrides: tuple[str, ...], mnist_dir: str | None = None,
@@ -90,14 +93,17 @@ def cli() -> None:
 @cli.command()
 @config_options
 @address_option
+@verbose_option
 @guarded
-def run(config_path, overrides, mnist_dir, address) -> None:
+def run(config_path, overrides, mnist_dir, address, verbose) -> None:
     """The whole pipeline: shards -> train -> encode -> loss-by-digit summary -> report.
 
     vaedist run --config configs/quickstart.yaml --mnist-dir ../shared/data/mnist
     """
+    from vaedist.console import set_verbose
     from vaedist.pipeline import run_pipeline
 
+    set_verbose(verbose)
     cfg = resolve_config(config_path, overrides, mnist_dir, address)
     run_pipeline(cfg, echo=click.echo)
 
@@ -114,16 +120,19 @@ def data() -> None:
 @click.option("--out", help="Shards directory (default: data.shards_dir).")
 @guarded
 def data_prepare(config_path, overrides, mnist_dir, out) -> None:
-    """Write MNIST train/test as WebDataset tar shards plus manifest.json.
+    """Write a dataset's train/test splits (data.dataset: mnist, fashion-mnist, mnist8m) as
+    WebDataset tar shards plus manifest.json.
 
+    \b
     vaedist data prepare --mnist-dir ../shared/data/mnist --out outputs/shards
+    vaedist data prepare --config configs/fashion-mnist.yaml
+    vaedist data prepare --set data.dataset=mnist8m --set data.mnist8m_variants=20 --out outputs/shards-1m
     """
-    from vaedist.data import prepare_shards
+    from vaedist.pipeline import prepare_from_config
 
     cfg = resolve_config(config_path, overrides, mnist_dir)
     out = out or cfg.data.shards_dir
-    manifest = prepare_shards(out, mnist_dir=cfg.data.resolved_mnist_dir(), download_dir=cfg.data.download_dir,
-                              samples_per_shard=cfg.data.samples_per_shard)
+    manifest = prepare_from_config(cfg, out)
     for split, entry in manifest["splits"].items():
         click.echo(f"{split}: {entry['num_samples']} datapoints in {len(entry['shards'])} shards")
     click.echo(f"wrote {out}/manifest.json")
@@ -150,32 +159,22 @@ def data_verify(config_path, overrides, mnist_dir, shards) -> None:
 
 # --- train ------------------------------------------------------------------------------------
 
-def print_epoch_table(rows: list[dict]) -> None:
-    from vaedist.checkpoint import format_loss
-
-    for r in rows:
-        if r.get("kind") == "epoch":
-            click.echo(f"epoch {r['epoch']:3d}  train l_i {r['train_loss']:8.3f} (recon {r['train_recon_nll']:7.3f} "
-                       f"kl {r['train_kl']:6.3f})  test l_i {format_loss(r['test_loss'])}  {r['samples_per_s']:8.0f} samples/s")
-        elif r.get("kind") == "final":
-            click.echo(f"final  test NLL (IW, K={r['num_samples_iw']}) {r['test_nll_iw']:.3f} nats   "
-                       f"test negative ELBO {r['test_loss']:.3f} nats")
-
-
 @cli.command()
 @config_options
 @address_option
+@verbose_option
 @guarded
-def train(config_path, overrides, mnist_dir, address) -> None:
-    """Train (or resume) a VAE with Ray Train over the shards.
+def train(config_path, overrides, mnist_dir, address, verbose) -> None:
+    """Train (or resume) a VAE with Ray Train over the shards; a line per epoch as it ends.
 
     vaedist train --config configs/debug.yaml --set scaling.num_workers=2
     """
+    from vaedist.console import set_verbose
     from vaedist.train import train as run_training
 
+    set_verbose(verbose)
     cfg = resolve_config(config_path, overrides, mnist_dir, address)
-    result = run_training(cfg)
-    print_epoch_table(result.metrics)
+    result = run_training(cfg, echo=click.echo)
     click.echo(f"run: {result.run_dir}\nbest checkpoint: {result.best_checkpoint}")
 
 
@@ -186,40 +185,77 @@ def train(config_path, overrides, mnist_dir, address) -> None:
 @click.option("--checkpoint", help="Checkpoint dir/file or run dir (default: encode.checkpoint, else the "
               "best checkpoint of output.run_name).")
 @click.option("--out", help="Where to publish the latent table (default: output.latents_dir).")
+@click.option("--epochs", help="Encode these kept epochs of the run into one table with an epoch column, "
+              "e.g. --epochs 0,4,19 (the run: --checkpoint's run directory, else output.run_name's).")
+@click.option("--all-kept", is_flag=True, help="Encode every checkpoint the run kept for good (output.keep_epochs).")
 @address_option
+@verbose_option
 @guarded
-def encode(config_path, overrides, mnist_dir, checkpoint, out, address) -> None:
+def encode(config_path, overrides, mnist_dir, checkpoint, out, epochs, all_kept, address, verbose) -> None:
     """Encode every datapoint into a Parquet latent table with Ray Data.
 
+    \b
     vaedist encode --config configs/debug.yaml --out outputs/latents-debug
+    vaedist encode --config configs/debug.yaml --epochs 0,1 --out outputs/latents-dynamics
     """
+    from vaedist.console import set_verbose
     from vaedist.encode import encode as run_encode
 
+    set_verbose(verbose)
     cfg = resolve_config(config_path, overrides, mnist_dir, address)
-    result = run_encode(cfg, checkpoint=checkpoint, out=out)
+    epoch_list = None
+    if epochs:
+        try:
+            epoch_list = [int(e) for e in epochs.split(",") if e.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{epochs!r}: expected epochs separated by commas, e.g. 0,4,19",
+                                     param_hint="--epochs") from None
+    if epoch_list and all_kept:
+        raise click.UsageError("give --epochs or --all-kept, not both")
+    result = run_encode(cfg, checkpoint=checkpoint, out=out, epochs=epoch_list, all_kept=all_kept, echo=click.echo)
     rows = ", ".join(f"{split} {n}" for split, n in result.rows.items())
     click.echo(f"published {result.path}: {rows} rows ({result.rows_per_s:,.0f} rows/s)")
 
 
 # --- query and report -----------------------------------------------------------------------------
 
-ANALYSES = ("loss-by-digit", "worst", "gaps", "neighbours")
+ANALYSES = ("loss-by-digit", "worst", "gaps", "neighbours", "active-units", "kl-per-dim", "totals", "gap-by-digit",
+            "outliers", "compare", "compare-top", "curves", "digit-curves", "learned-late", "forgotten")
 
 
 @cli.command()
 @config_options
 @click.argument("what")
-@click.option("--latents", help="The latent table (default: output.latents_dir).")
+@click.option("--latents", help="The latent table (default: output.latents_dir); table A of compare.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default=None,
-              help="Restrict an analysis to one split (loss-by-digit defaults to test).")
-@click.option("--k", "k", default=10, show_default=True, help="Rows for worst / gaps / neighbours.")
-@click.option("--key", help="The datapoint for neighbours, e.g. test-00042.")
+              help="Restrict an analysis to one split (loss-by-digit, gap-by-digit, compare and digit-curves "
+                   "default to test, the others to all).")
+@click.option("--k", "k", default=10, show_default=True,
+              help="Rows for worst / gaps / neighbours / outliers / curves / learned-late / forgotten; "
+                   "compare-top shows k of each.")
+@click.option("--key", multiple=True, help="The datapoint for neighbours, e.g. test-00042; curves: repeatable.")
 @click.option("--space", type=click.Choice(["mu", "z"]), default="mu", show_default=True)
+@click.option("--threshold", default=0.01, show_default=True,
+              help="active-units: a dimension is active when the variance of mu_d over datapoints exceeds it.")
+@click.option("--against", help="compare / compare-top: table B; delta = l_i(A) - l_i(B), negative where A "
+                                "(--latents) explains the datapoint better.")
+@click.option("--epoch", type=int, help="The checkpoint of a table with an epoch column (compare: of both "
+                                        "tables unless --against-epoch).")
+@click.option("--against-epoch", type=int, help="compare / compare-top: the checkpoint of table B.")
+@click.option("--within", default=1.0, show_default=True, help="learned-late: nats from the final l_i.")
+@click.option("--after", type=int, help="learned-late: first within --within only after this epoch "
+                                        "(default: the first kept epoch).")
+@click.option("--by", default=2.0, show_default=True, help="forgotten: rise of l_i in nats.")
+@click.option("--from-epoch", type=int, help="forgotten: between these two epochs instead of consecutive ones.")
+@click.option("--to-epoch", type=int, help="forgotten: see --from-epoch.")
 @guarded
-def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, space) -> None:
+def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, space, threshold, against,
+          epoch, against_epoch, within, after, by, from_epoch, to_epoch) -> None:
     """Query a latent table with SQL over the view `latents`, or run a ready-made analysis
-    (loss-by-digit, worst, gaps, neighbours).
+    (loss-by-digit, worst, gaps, neighbours; active-units, kl-per-dim, totals, gap-by-digit, outliers;
+    compare, compare-top of two tables; curves, digit-curves, learned-late, forgotten over a table of
+    several checkpoints, one with an epoch column).
 
     \b
     vaedist query "SELECT label, avg(loss) FROM latents GROUP BY label ORDER BY label"
@@ -227,11 +263,23 @@ def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, 
     vaedist query worst --k 5
     vaedist query gaps --k 5
     vaedist query neighbours --key test-00042 --k 5
+    vaedist query active-units --threshold 0.01
+    vaedist query totals --split test
+    vaedist query outliers --k 10
+    vaedist query compare --latents outputs/latents-a --against outputs/latents-b
+    vaedist query compare-top --latents outputs/run-epochs --epoch 50 --against outputs/run-epochs --against-epoch 5
+    vaedist query curves --key test-00042 --key test-00043 --latents outputs/latents-epochs
+    vaedist query learned-late --within 1.0 --after 5 --latents outputs/latents-epochs
+    vaedist query forgotten --by 2.0 --latents outputs/latents-epochs
     """
+    from vaedist import analysis as a
     from vaedist import query as q
 
     path = latents or resolve_config(config_path, overrides, mnist_dir).output.latents_dir
     which = None if split == "all" else split
+    split_kw = {} if split is None else {"split": which}  # absent: the analysis's own default
+    if what in ("compare", "compare-top") and not against:
+        raise click.UsageError(f"{what} needs --against, the table to compare --latents with")
     if what == "loss-by-digit":
         table = q.loss_by_digit(path, split="test" if split is None else which)
     elif what == "worst":
@@ -239,12 +287,37 @@ def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, 
     elif what == "gaps":
         table = q.largest_gaps(path, k=k, split=which)
     elif what == "neighbours":
-        if not key:
-            raise click.UsageError("neighbours needs --key, e.g. --key test-00042")
-        table = q.neighbours(path, key, k=k, space=space)
+        if len(key) != 1:
+            raise click.UsageError("neighbours needs --key, e.g. --key test-00042 (one key)")
+        table = q.neighbours(path, key[0], k=k, space=space)
+    elif what == "active-units":
+        table = a.active_units(path, threshold, epoch=epoch, **split_kw)
+    elif what == "kl-per-dim":
+        table = a.kl_per_dim(path, epoch=epoch, **split_kw)
+    elif what == "totals":
+        table = a.totals(path, epoch=epoch, **split_kw)
+    elif what == "gap-by-digit":
+        table = a.gap_by_digit(path, epoch=epoch, **split_kw)
+    elif what == "outliers":
+        table = a.outliers(path, k=k, epoch=epoch, **split_kw)
+    elif what == "compare":
+        table = a.compare_by_digit(path, against, epoch=epoch, against_epoch=against_epoch, **split_kw)
+    elif what == "compare-top":
+        table = a.compare_top(path, against, k=k, epoch=epoch, against_epoch=against_epoch, **split_kw)
+    elif what == "curves":
+        table = a.curves(path, keys=list(key) or None, k=k, **split_kw)
+    elif what == "digit-curves":
+        table = a.digit_curves(path, **split_kw)
+    elif what == "learned-late":
+        table = a.learned_late(path, within=within, after=after, k=k, **split_kw)
+    elif what == "forgotten":
+        table = a.forgotten(path, by=by, k=k, from_epoch=from_epoch, to_epoch=to_epoch, **split_kw)
     else:
         table = q.run_sql(path, what)
     click.echo(q.format_table(table, fmt), nl=False)
+    if what == "active-units" and fmt == "table":
+        click.echo(f"{sum(table.column('active').to_pylist())} of {table.num_rows} dimensions active "
+                   f"(variance of mu_d over datapoints > {threshold:g})")
 
 
 @cli.command()
@@ -304,6 +377,36 @@ def bench_encode(config_path, overrides, mnist_dir, checkpoint) -> None:
 
     cfg = resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir)
     run(cfg, resolve_checkpoint(cfg, checkpoint), echo=click.echo)
+
+
+@bench.command("analyses")
+@config_options
+@click.option("--latents", help="The latent table (default: output.latents_dir).")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1), help="Warm runs per analysis.")
+@guarded
+def bench_analyses(config_path, overrides, mnist_dir, latents, repeats) -> None:
+    """Each ready-made analysis, warm, median ms and ratio to loss-by-digit on the same table (target ≤ 100 ms).
+
+    vaedist bench analyses --latents outputs/latents --repeats 20
+    """
+    from vaedist.bench.analyses import bench_analyses as run
+
+    run(latents or resolve_config(config_path, overrides, mnist_dir).output.latents_dir, repeats=repeats,
+        echo=click.echo)
+
+
+@bench.command("noise")
+@click.option("--rows", default=128, show_default=True, type=click.IntRange(min=1), help="Datapoints per call.")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Timed calls per side, old and new interleaved; rows/s of the best call.")
+def bench_noise(rows, repeats) -> None:
+    """Per-datapoint noise and fixed binarisation on one CPU thread: the per-row generator loop and NumPy vs vaedist.rng.
+
+    vaedist bench noise --rows 128 --repeats 20
+    """
+    from vaedist.bench.noise import bench_noise as run
+
+    run(echo=click.echo, rows=rows, repeats=repeats)
 
 
 # --- config -----------------------------------------------------------------------------------

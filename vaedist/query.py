@@ -109,9 +109,27 @@ def table_files(latents_dir: str) -> tuple[pafs.FileSystem, list[str]]:
     if not files:
         raise _not_published(latents_dir, "it holds no .parquet files")
     if fs.get_file_info(f"{root}/{schema.SUCCESS_FILE}").type != pafs.FileType.File:
-        raise _not_published(latents_dir, f"no {schema.SUCCESS_FILE} marker (the encode job has not "
-                                          "finished, or failed)")
+        raise _not_published(latents_dir, _unfinished(fs, root))
     return fs, sorted(files)
+
+
+def _unfinished(fs: pafs.FileSystem, root: str) -> str:
+    """Why a directory of Parquet files without _SUCCESS is not a table: an encode job that has not
+    finished (or died), named as far as its files tell."""
+    name = root.rsplit("/", 1)[-1]
+    why = f"it has no {schema.SUCCESS_FILE} marker: it is unfinished"
+    if ".staging-" in name:
+        why += f" (the staging directory of an encode job publishing to {name.split('.staging-')[0].lstrip('.')})"
+    try:
+        with fs.open_input_stream(f"{root}/{schema.LINEAGE_FILE}") as f:
+            lineage = json.loads(f.read())
+        job = lineage.get("job") or {}
+        written = f"; written by `{job['command']}` on {job.get('host', '?')} at {job.get('started', '?')}" \
+            if job.get("command") else ""
+        why += f"{written}, encoding checkpoint {lineage.get('checkpoint', '?')}"
+    except (OSError, ValueError, AttributeError):
+        why += "; written by an encode job that had not yet written its lineage"
+    return why + ". Wait for that job, or run `vaedist encode` again (it republishes the table whole)"
 
 
 def _hive(root: str, files: list[str]) -> bool:
@@ -137,19 +155,22 @@ def _cursor() -> duckdb.DuckDBPyConnection:
     return con
 
 
-def connect(latents_dir: str) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a view `latents` over the published table at latents_dir."""
+def connect(latents_dir: str, *, view: str = schema.VIEW_NAME,
+            con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with a view `latents` over the published table at latents_dir.
+    view names the view otherwise; con adds it to that connection (e.g. two tables side by side)."""
     latents_dir = str(latents_dir)
     fs, files = table_files(latents_dir)
     root = storage.resolve(latents_dir)[1].rstrip("/")
     hive = _hive(root, files)
-    con = _cursor()
+    own = con is None
+    con = _cursor() if own else con
     try:
         if storage.is_uri(latents_dir):
             # DuckDB's httpfs extension cannot be installed offline; pyarrow's S3 client is built in.
             dataset = pads.dataset(files, filesystem=fs, format="parquet",
                                    partitioning="hive" if hive else None, partition_base_dir=root)
-            con.register(schema.VIEW_NAME, dataset)
+            con.register(view, dataset)
         else:
             # DuckDB reads fixed-size lists back from Parquet as FLOAT[]; cast to FLOAT[n] so the
             # view has the same types as an Arrow scan (and array_distance works directly).
@@ -158,10 +179,11 @@ def connect(latents_dir: str) -> duckdb.DuckDBPyConnection:
                      if c in file_schema.names and pa.types.is_fixed_size_list(file_schema.field(c).type)]
             replace = f" REPLACE ({', '.join(casts)})" if casts else ""
             file_list = ", ".join(_sql_string(f) for f in files)
-            con.execute(f"CREATE TEMP VIEW {schema.VIEW_NAME} AS SELECT *{replace} FROM "
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT *{replace} FROM "
                         f"read_parquet([{file_list}], hive_partitioning = {str(hive).lower()})")
     except (duckdb.Error, pa.ArrowException, OSError) as e:
-        con.close()
+        if own:
+            con.close()
         raise QueryError(f"latent table {latents_dir} cannot be read: {_trim(e)}") from None
     return con
 

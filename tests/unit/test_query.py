@@ -40,7 +40,7 @@ def latents(request, latent_tables) -> str:
 def test_view_exposes_every_column_and_only_published_files(latents):
     con = connect(latents)
     described = con.sql("DESCRIBE latents").fetchall()
-    assert [row[0] for row in described] == list(schema.COLUMNS)
+    assert [row[0] for row in described] == [c for c in schema.COLUMNS if c != "epoch"]  # one checkpoint: no epoch
     types = {row[0]: row[1] for row in described}
     assert types["mu"] == types["logvar"] == types["z"] == f"FLOAT[{LATENT_DIM}]"
     assert con.sql("SELECT count(*), count(DISTINCT key) FROM latents").fetchall() == [(NUM_ROWS, NUM_ROWS)]
@@ -133,8 +133,18 @@ def test_not_a_published_table_names_the_path(latent_tables, tmp_path):
         connect(str(tmp_path / "missing"))
     unfinished = shutil.copytree(latent_tables["latents"], tmp_path / "unfinished")
     (unfinished / schema.SUCCESS_FILE).unlink()
-    with pytest.raises(QueryError, match=rf"{unfinished} is not a published .* no _SUCCESS"):
+    lineage = json.loads((unfinished / schema.LINEAGE_FILE).read_text())
+    (unfinished / schema.LINEAGE_FILE).write_text(json.dumps({**lineage, "job": {
+        "command": "vaedist encode --config c.yaml", "host": "node-7", "started": "2026-11-24T10:00:00+00:00"}}))
+    with pytest.raises(QueryError, match=rf"{unfinished} is not a published .* no _SUCCESS marker: it is unfinished; "
+                                         r"written by `vaedist encode --config c.yaml` on node-7 at 2026-11-24T10:00:00"
+                                         rf"\+00:00, encoding checkpoint {lineage['checkpoint']}\. Wait for that job"):
         connect(str(unfinished))
+    staging = shutil.copytree(unfinished, tmp_path / ".latents.staging-1234abcd")
+    (staging / schema.LINEAGE_FILE).unlink()
+    with pytest.raises(QueryError, match=r"unfinished \(the staging directory of an encode job publishing to latents\); "
+                                         r"written by an encode job that had not yet written its lineage"):
+        connect(str(staging))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / schema.SUCCESS_FILE).write_text("")
