@@ -60,6 +60,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             if _is_auth_error(e):
                 raise ClusterError(f"cannot join the Ray cluster at {address}: {type(e).__name__}; "
                                    f"{AUTH_HINT}") from None
+            if isinstance(e, ConnectionError) and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                # A cluster that wants a token turns a client without one away as a failed connection
+                # (Ray logs "Unauthenticated" from C++ and raises only ConnectionError).
+                raise ClusterError(f"cannot join the Ray cluster at {address} ({e}). If the address is right, "
+                                   f"{AUTH_HINT}") from None
             raise
     else:
         # One machine has no node to be preempted; Ray Train's watcher for that is one more idle

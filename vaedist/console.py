@@ -63,6 +63,36 @@ def ray_logging_level() -> int:
     return logging.INFO if is_verbose() else logging.WARNING
 
 
+class LineProgress:
+    """A progress display for work counted in units: a tqdm bar on a terminal, else a plain line
+    at every ~10% (CI logs and `ray job logs` stay readable); nothing when disabled."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True):
+        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.done, self.next_line, self.bar = 0, max(total // 10, 1), None
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> "LineProgress":
+        if self.enabled and interactive():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit=self.unit, desc=self.desc, dynamic_ncols=True)
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (self.done >= self.next_line or self.done == self.total):
+            self.next_line = self.done + max(self.total // 10, 1)
+            print(f"{self.desc}: {self.done:,} of {self.total:,} {self.unit}s "
+                  f"({time.perf_counter() - self.start:.0f} s)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: epochs as they end.
 
@@ -176,6 +206,7 @@ class RowsDisplay:
         self.staging, self.total = staging, total_rows
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.counted: dict[str, int] = {}
+        self.history: list[tuple[float, int]] = []  # (seconds since the start, rows written by then)
         self.bar = None
         self.last_reported = 0
         self._stop = threading.Event()
@@ -217,6 +248,8 @@ class RowsDisplay:
             except Exception:  # still being written: no footer yet
                 continue
         done = sum(self.counted.values())
+        if not self.history or done > self.history[-1][1]:
+            self.history.append((time.perf_counter() - self.start, done))
         if self.bar is not None:
             self.bar.n = done
             self.bar.refresh()

@@ -22,7 +22,7 @@ import time
 import uuid
 import warnings
 from datetime import datetime, timezone
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -243,6 +243,8 @@ class EncodeResult:
     rows: dict[str, int]
     seconds: float
     lineage: dict[str, Any]
+    written: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds after the job started, rows in finished Parquet files by then), as the files appeared."""
 
     @property
     def rows_per_s(self) -> float:
@@ -323,7 +325,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     start = time.perf_counter()
     total_rows = sum(expected.values()) * (len(epoch_list) if epoch_list else 1)
     try:
-        with RowsDisplay(staging, total_rows, echo=echo), warnings.catch_warnings():
+        with RowsDisplay(staging, total_rows, echo=echo) as display, warnings.catch_warnings():
             # max_restarts has no named map_batches parameter in Ray 2.60; passing it the old way
             # warns that such arguments go in 2.64.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
@@ -359,4 +361,4 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     publish(staging, out)
     log.info("published %s: %s rows in %.1f s", out, rows, seconds)
     log_encode(tracking_uri, out, experiment=cfg.tracking.experiment)
-    return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage)
+    return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history)

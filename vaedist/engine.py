@@ -134,15 +134,15 @@ def memory_batches(images_u8: torch.Tensor, batch_size: int, num_steps: int,
         yield images_u8[order[i * batch_size:(i + 1) * batch_size]]
 
 
-def train_epoch(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor], cfg: TrainConfig, *,
+def train_steps(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor], cfg: TrainConfig, *,
                 epoch: int, rank: int, num_steps: int, steps_per_epoch: int, start_step: int,
                 device: torch.device, mixed_precision: str = "no", scaler=None,
-                on_progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-    """`num_steps` optimiser steps. `batches` is either images_u8 [N, P] on the device (shuffled here,
-    from the epoch's generator) or an iterable of uint8 batches [B, P] (a stream, already shuffled),
-    moved to the device and binarised there. Returns the epoch's sums (loss, recon_nll, kl), the
-    sample count and the wall time of the loop, read from the device once at the end.
-    on_progress(step, sums) is called every cfg.progress_every_steps steps (a host sync each)."""
+                on_progress: Callable[[int, dict[str, float]], None] | None = None) -> tuple[torch.Tensor, int]:
+    """`num_steps` optimiser steps, with no read from the device (unless on_progress asks for one
+    every cfg.progress_every_steps steps). `batches` is either images_u8 [N, P] on the device
+    (shuffled here, from the epoch's generator) or an iterable of uint8 batches [B, P] (a stream,
+    already shuffled), moved to the device and binarised there. Returns the sums (loss, recon_nll,
+    kl) as a float64 tensor [3] on the device, and the sample count."""
     gen = epoch_generator(cfg.seed, epoch, rank, device)
     if isinstance(batches, torch.Tensor):
         batches = memory_batches(batches, cfg.batch_size_per_worker, num_steps, gen)
@@ -150,7 +150,6 @@ def train_epoch(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor]
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     count = 0
     model.train()
-    start = time.perf_counter()
     for i, images in zip(range(num_steps), batches):
         step = start_step + i
         x = dynamic_binarize(images.to(device, non_blocking=True), gen)
@@ -159,7 +158,16 @@ def train_epoch(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor]
         count += images.shape[0]
         if on_progress is not None and cfg.progress_every_steps and (i + 1) % cfg.progress_every_steps == 0:
             on_progress(i + 1, {**dict(zip(SUM_KEYS, totals.tolist())), "count": float(count)})
-    sums = dict(zip(SUM_KEYS, totals.tolist()))  # the epoch's one read from the device
+    return totals, count
+
+
+def train_epoch(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor], cfg: TrainConfig, **kwargs
+                ) -> dict[str, float]:
+    """train_steps, then the epoch's one read from the device: its sums (loss, recon_nll, kl), the
+    sample count and the wall time of the loop."""
+    start = time.perf_counter()
+    totals, count = train_steps(model, optimizer, batches, cfg, **kwargs)
+    sums = dict(zip(SUM_KEYS, totals.tolist()))
     return {**sums, "count": float(count), "seconds": time.perf_counter() - start}
 
 

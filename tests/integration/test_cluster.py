@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import secrets
 import shutil
 import signal
@@ -35,7 +34,7 @@ import pytest
 
 from vaedist import schema, storage
 
-from conftest import REPO, debug_config
+from conftest import REPO, debug_config, readme_commands, repo_copy
 
 pytestmark = pytest.mark.integration
 
@@ -252,35 +251,6 @@ def unpacked_working_dir(head: Head, job_info) -> Path:
 
 def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def readme_commands(containing: str) -> list[str]:
-    """The commands of the README's ```bash block that contains `containing`, continuation lines
-    joined, comments and blank lines dropped."""
-    text = (REPO / "README.md").read_text()
-    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
-    found = [b for b in blocks if containing in b]
-    assert len(found) == 1, f"{len(found)} README bash blocks contain {containing!r}"
-    commands, pending = [], []
-    for line in found[0].splitlines():
-        line = re.sub(r"(^|\s+)#.*$", "", line).rstrip()
-        if line:
-            pending.append(line.removesuffix("\\").strip())
-            if not line.endswith("\\"):
-                commands.append(" ".join(pending))
-                pending = []
-    return commands
-
-
-def repo_copy(dest: Path) -> Path:
-    """The tracked files of this checkout (what a fresh clone has), with .venv linked in."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for name in filter(None, files.decode().split("\0")):
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    (dest / ".venv").symlink_to(REPO / ".venv")
-    return dest
 
 
 def test_readme_head_node_commands_work_as_written(tmp_path, mnist_dir):
@@ -524,3 +494,18 @@ def test_multinode_encode_spreads_over_nodes_one_row_per_datapoint(cluster, node
     encoders = [a for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
                 if "LatentEncoder" in a.class_name]
     assert {a.node_id for a in encoders} == worker_node_ids(cluster), [(a.class_name, a.node_id) for a in encoders]
+
+
+def test_vaedist_address_without_the_token_says_how_to_send_it(head, small_shards, tmp_path):
+    """A client that joins a token-auth cluster without RAY_AUTH_MODE=token gets the fix, not Ray's
+    traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VAEDIST_VERBOSE"))}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    done = subprocess.run([str(Path(sys.executable).with_name("vaedist")), "train", "--config", "configs/debug.yaml",
+                           "--address", head.gcs_address, "--set", f"data.shards_dir={small_shards}",
+                           "--set", f"output.storage_path={tmp_path}/runs"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot join the Ray cluster at {head.gcs_address}" in done.stderr, done.stderr[-3000:]
+    assert "export RAY_AUTH_MODE=token" in done.stderr and "ray get-auth-token" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -49,6 +49,17 @@ def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:
     return rows
 
 
+def fixed_cost(written: list[tuple[float, int]]) -> tuple[float, float | None]:
+    """(fixed seconds, steady rows/s) of a job from (seconds, rows written) as its files appeared: the
+    rate between the first file and the last, and the start-up that rate leaves unexplained (the job's
+    start to its first row, extrapolated back). None when fewer than two files appeared."""
+    if len(written) < 2 or written[-1][0] <= written[0][0]:
+        return 0.0, None
+    (t0, r0), (t1, r1) = written[0], written[-1]
+    rate = (r1 - r0) / (t1 - t0)
+    return max(t0 - r0 / rate, 0.0), rate
+
+
 def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = print,
                  query_repeats: int = 20) -> dict[str, float]:
     from vaedist.encode import encode
@@ -71,6 +82,10 @@ def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = pri
         result = encode(cfg, checkpoint=checkpoint, out=f"{tmp}/latents")
         ray_s = time.perf_counter() - start
         echo(f"(a) Ray Data encode job (verify + publish included): {total / ray_s:,.0f} rows/s ({ray_s:.1f} s)")
+        fixed, steady = fixed_cost(result.written)
+        if steady:
+            echo(f"    of which fixed cost {fixed:.1f} s (job start to its first rows, extrapolated from the files as "
+                 f"they appeared) and steady {steady:,.0f} rows/s; (b) at that rate: {total / plain_s:,.0f} rows/s")
         echo(f"ratio (a)/(b): {plain_s / ray_s:.3f}")
         con = connect(result.path)
         loss_by_digit(result.path, split="test", con=con)  # warm-up: OS cache, DuckDB metadata

@@ -110,6 +110,56 @@ def bench_noise(echo: Callable[[str], None] = print, rows: int = 128, repeats: i
     return results
 
 
+@torch.no_grad()
+def legacy_evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_samples_mc: int = 1,
+                          num_samples_iw: int = 0, iw_chunk_size: int = 100) -> dict[str, torch.Tensor]:
+    """evaluate_batch as it was before vaedist.rng: per_key_normal's per-row noise on the CPU, copied
+    over, and the encoder run three times per row (here, in negative_elbo, in importance_log_px)."""
+    from vaedist.losses import negative_elbo
+
+    dim, device = model.latent_dim, x.device
+    mu, logvar = model.encode(x)
+    parts = negative_elbo(model, x, num_samples_mc,
+                          eps=per_key_normal(indices, split, seed, 0, num_samples_mc, dim).to(device))
+    eps_z = per_key_normal(indices, split, seed, 2, 1, dim).to(device)[:, 0]
+    out = {"mu": mu, "logvar": logvar, "z": mu + torch.exp(0.5 * logvar) * eps_z,
+           "recon_nll": parts.recon_nll.double(), "kl": parts.kl.double(), "loss": parts.loss.double()}
+    if num_samples_iw > 0:
+        from vaedist.losses import importance_log_px
+
+        eps_iw = per_key_normal(indices, split, seed, 1, num_samples_iw, dim).to(device)
+        out["log_px"] = importance_log_px(model, x, num_samples_iw, chunk_size=iw_chunk_size, eps=eps_iw).double()
+    return out
+
+
+def bench_evaluate(echo: Callable[[str], None] = print, rows: int = 128, batches: int = 8,
+                   threads: int = 1) -> dict[str, dict]:
+    """Encode rows/s, the job's per-batch work (an actor's evaluate_batch on a 784-512-512-50 MLP),
+    before (legacy_evaluate_batch) and after (evaluate.evaluate_batch), interleaved, at S = 16, K = 0
+    and at S = 1, K = 1000."""
+    from vaedist.config import ModelConfig
+    from vaedist.evaluate import evaluate_batch
+    from vaedist.model import VAE
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(latent_dim=LATENT_DIM, hidden_dims=[512, 512])).eval()
+    x = torch.bernoulli(torch.full((rows, NUM_PIXELS), 0.2), generator=torch.Generator().manual_seed(0))
+    index = np.arange(rows) + 1000
+    results = {}
+    try:
+        for mc, iw, reps in ((16, 0, batches), (1, 1000, max(2, batches // 4))):
+            def run(fn):
+                return lambda: fn(model, x, index, "test", 0, mc, iw, 100)
+            times = _interleaved(run(legacy_evaluate_batch), run(evaluate_batch), reps)
+            results[f"encode_S{mc}_K{iw}"] = _report(echo, f"encode work S={mc}, K={iw}, {threads} thread(s)", rows,
+                                                     "before", "after", *times)
+    finally:
+        torch.set_num_threads(saved)
+    return results
+
+
 def _timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()

@@ -37,6 +37,8 @@ def plain_train_epochs(cfg: Config, images_u8: torch.Tensor, epochs: int, steps:
     torch.manual_seed(cfg.train.seed)
     model = VAE(cfg.model, manifest_dataset(read_manifest(storage.absolute(cfg.data.shards_dir))).image_shape)
     optimizer = make_optimizer(model, cfg.train)
+    if cfg.train.compile:
+        model = torch.compile(model)
     rates = []
     for epoch in range(epochs):
         r = train_epoch(model, optimizer, images_u8, cfg.train, epoch=epoch, rank=0, num_steps=steps,
@@ -103,3 +105,28 @@ def bench_train(cfg: Config, epochs: int, repeats: int = 1, echo: Callable[[str]
     return {"ray_samples_per_s": statistics.median(_steady(r) for r in ray_runs),
             "plain_samples_per_s": statistics.median(_steady(r) for r in plain), "ratio": ratio,
             "ratios": ratios, "end_to_end_samples_per_s": end_to_end}
+
+
+def bench_kernels(cfg: Config, epochs: int = 3, rounds: int = 2, echo: Callable[[str], None] = print) -> dict[str, float]:
+    """The plain loop (no Ray) with Adam's foreach and fused kernels, and with the model under
+    torch.compile: samples/s of the epochs after the first, the variants interleaved `rounds` times."""
+    steps_cfg = config_from_dict(cfg.to_dict(), ["train.kl_warmup_epochs=0"])
+    manifest = read_manifest(storage.absolute(cfg.data.shards_dir))
+    steps = manifest["splits"]["train"]["num_samples"] // cfg.train.batch_size_per_worker
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    images_u8 = train_images(cfg)
+    variants = {"foreach Adam": ["train.optimizer_kernel=foreach"], "fused Adam": ["train.optimizer_kernel=fused"],
+                "foreach Adam + torch.compile": ["train.optimizer_kernel=foreach", "train.compile=true"]}
+    echo(f"plain loop, {cfg.scaling.cpus_per_worker:g} CPU threads, {steps} steps x {epochs} epochs, "
+         f"{rounds} rounds of the variants interleaved; samples/s after the first epoch")
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, overrides in variants.items():
+            rates[name].append(_steady(plain_train_epochs(config_from_dict(steps_cfg.to_dict(), overrides),
+                                                          images_u8, epochs, steps)))
+    base = statistics.median(rates["foreach Adam"])
+    for name, values in rates.items():
+        echo(f"  {name}: {statistics.median(values):,.0f} samples/s (rounds: {_fmt(values)}); "
+             f"ratio to foreach {statistics.median(values) / base:.3f}")
+    return {name: statistics.median(values) for name, values in rates.items()}

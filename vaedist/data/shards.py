@@ -23,9 +23,9 @@ from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from vaedist import storage
+from vaedist.console import LineProgress
 from vaedist.data.common import MNIST, SPLITS, DataError, DatasetInfo, FORMAT_VERSION, _check_split, key_for, parse_key
 
 MANIFEST_NAME = "manifest.json"
@@ -328,7 +328,7 @@ def prepare_shards(out_dir: str, dataset: str = "mnist", source_dir: str | None 
     counts = {split: min(src.num_samples, limit_per_split or src.num_samples) for split, (src, _) in opened.items()}
     num_shards = sum(-(-n // samples_per_shard) for n in counts.values())
     splits = {}
-    with tqdm(total=num_shards, unit="shard", desc=f"prepare {dataset} shards", disable=not progress) as bar:
+    with LineProgress(num_shards, f"prepare {dataset} shards", "shard", progress) as bar:
         for split, (src, _) in opened.items():
             split_dir = storage.join(out_dir, split)
             storage.makedirs(split_dir)
@@ -445,7 +445,7 @@ def verify_shards(shards_dir: str, progress: bool = False) -> dict:
     manifest_path = _manifest_path(shards_dir)
     summary = {}
     total = sum(len(entry["shards"]) for entry in manifest["splits"].values())
-    with tqdm(total=total, unit="shard", desc="verify shards", disable=not progress) as bar:
+    with LineProgress(total, "verify shards", "shard", progress) as bar:
         for split, entry in manifest["splits"].items():
             listed = {s["path"] for s in entry["shards"]}
             split_dir = storage.join(shards_dir, split)
