@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -180,3 +183,35 @@ def write_latent_table(table_dir: Path, shards: str, models: dict, lineage: dict
     (table_dir / schema.LINEAGE_FILE).write_text(json.dumps(lineage))
     (table_dir / schema.SUCCESS_FILE).write_text("")
     return str(table_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's commands, as written.
+
+def readme_commands(containing: str) -> list[str]:
+    """The commands of the README's ```bash block that contains `containing`, continuation lines
+    joined, comments and blank lines dropped."""
+    text = (REPO / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"{len(found)} README bash blocks contain {containing!r}"
+    commands, pending = [], []
+    for line in found[0].splitlines():
+        line = re.sub(r"(^|\s+)#.*$", "", line).rstrip()
+        if line:
+            pending.append(line.removesuffix("\\").strip())
+            if not line.endswith("\\"):
+                commands.append(" ".join(pending))
+                pending = []
+    return commands
+
+
+def repo_copy(dest: Path) -> Path:
+    """The tracked files of this checkout (what a fresh clone has), with .venv linked in."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    (dest / ".venv").symlink_to(REPO / ".venv")
+    return dest
