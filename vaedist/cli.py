@@ -263,6 +263,7 @@ def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, 
     vaedist query worst --k 5
     vaedist query gaps --k 5
     vaedist query neighbours --key test-00042 --k 5
+    vaedist query loss-by-digit --epoch 19 --latents outputs/latents-epochs
     vaedist query active-units --threshold 0.01
     vaedist query totals --split test
     vaedist query outliers --k 10
@@ -281,15 +282,15 @@ def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, 
     if what in ("compare", "compare-top") and not against:
         raise click.UsageError(f"{what} needs --against, the table to compare --latents with")
     if what == "loss-by-digit":
-        table = q.loss_by_digit(path, split="test" if split is None else which)
+        table = q.loss_by_digit(path, split="test" if split is None else which, epoch=epoch)
     elif what == "worst":
-        table = q.worst_explained(path, k=k, split=which)
+        table = q.worst_explained(path, k=k, split=which, epoch=epoch)
     elif what == "gaps":
-        table = q.largest_gaps(path, k=k, split=which)
+        table = q.largest_gaps(path, k=k, split=which, epoch=epoch)
     elif what == "neighbours":
         if len(key) != 1:
             raise click.UsageError("neighbours needs --key, e.g. --key test-00042 (one key)")
-        table = q.neighbours(path, key[0], k=k, space=space)
+        table = q.neighbours(path, key[0], k=k, space=space, epoch=epoch)
     elif what == "active-units":
         table = a.active_units(path, threshold, epoch=epoch, **split_kw)
     elif what == "kl-per-dim":
@@ -322,21 +323,38 @@ def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, 
 
 @cli.command()
 @config_options
-@click.option("--latents", help="The latent table (default: output.latents_dir).")
+@click.option("--latents", help="The latent table (default: output.latents_dir); table A of a comparison.")
 @click.option("--out", help="Output directory (default: output.report_dir).")
 @click.option("--checkpoint", help="Checkpoint for reconstructions and samples (default: the table's lineage).")
+@click.option("--against", help="Write comparison.html instead: table B, compared datapoint by datapoint with "
+                                "--latents (Δl_i = l_i(A) - l_i(B)).")
+@click.option("--epoch", type=int, help="The checkpoint of a table with an epoch column (default: its last); "
+                                        "with --against, of both tables unless --against-epoch.")
+@click.option("--against-epoch", type=int, help="With --against: the checkpoint of table B.")
 @guarded
-def report(config_path, overrides, mnist_dir, latents, out, checkpoint) -> None:
-    """Write figures and index.html: reconstructions, prior samples, the latent space, l_i per digit,
-    the highest-loss digits.
+def report(config_path, overrides, mnist_dir, latents, out, checkpoint, against, epoch, against_epoch) -> None:
+    """Write figures and index.html: reconstructions, prior samples, the latent space, l_i per class,
+    the highest-loss images, diagnostics, training curves; and dynamics.html for a table of several
+    checkpoints. With --against, comparison.html of two tables instead.
 
+    \b
     vaedist report --latents outputs/latents-debug --out outputs/report-debug
+    vaedist report --latents outputs/latents-epochs --epoch 5
+    vaedist report --latents outputs/latents-a --against outputs/latents-b --out outputs/compare
     """
-    from vaedist.report import write_report
+    from vaedist.report import write_comparison, write_report
 
     cfg = resolve_config(config_path, overrides, mnist_dir)
-    index = write_report(latents or cfg.output.latents_dir, out or cfg.output.report_dir, checkpoint=checkpoint)
-    click.echo(f"wrote {index}")
+    path, out = latents or cfg.output.latents_dir, out or cfg.output.report_dir
+    if against:
+        if checkpoint:
+            raise click.UsageError("--checkpoint is for the report of one table; leave it out with --against")
+        page = write_comparison(path, against, out, epoch=epoch, against_epoch=against_epoch)
+    else:
+        if against_epoch is not None:
+            raise click.UsageError("--against-epoch needs --against, the table to compare --latents with")
+        page = write_report(path, out, checkpoint=checkpoint, epoch=epoch)
+    click.echo(f"wrote {page}")
 
 
 # --- benchmarks ---------------------------------------------------------------------------------
@@ -360,6 +378,42 @@ def bench_train(config_path, overrides, mnist_dir, epochs, repeats) -> None:
     from vaedist.bench.train import bench_train as run
 
     run(resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir), epochs, repeats=repeats,
+        echo=click.echo)
+
+
+@bench.command("kernels")
+@config_options
+@click.option("--epochs", default=3, show_default=True, help="Epochs per variant.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds.")
+@guarded
+def bench_kernels(config_path, overrides, mnist_dir, epochs, rounds) -> None:
+    """The plain training loop with foreach vs fused Adam, and with torch.compile: samples/s and ratios.
+
+    vaedist bench kernels --config configs/mnist.yaml --epochs 3 --rounds 2
+    """
+    from vaedist.bench.train import bench_kernels as run
+
+    run(resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir), epochs=epochs, rounds=rounds,
+        echo=click.echo)
+
+
+@bench.command("ingest")
+@config_options
+@click.option("--epochs", default=3, show_default=True, help="Epochs of each training run.")
+@click.option("--large-shards", help="A larger shard set (e.g. mnist8m) for the peak-memory comparison.")
+@click.option("--large-steps", default=100, show_default=True, help="Steps of the peak-memory runs.")
+@click.option("--no-readers", is_flag=True, help="Skip the reader comparison.")
+@guarded
+def bench_ingest(config_path, overrides, mnist_dir, epochs, large_shards, large_steps, no_readers) -> None:
+    """Ray Data readers' rows/s; training with `memory` vs `stream` ingest (samples/s, where the CPU
+    goes); the training worker's peak memory on a small and a large shard set.
+
+    vaedist bench ingest --config configs/mnist.yaml --large-shards outputs/shards-mnist8m
+    """
+    from vaedist.bench.ingest import bench_ingest as run
+
+    cfg = resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir)
+    run(cfg, epochs=epochs, large_shards=large_shards, large_steps=large_steps, readers=not no_readers,
         echo=click.echo)
 
 
@@ -399,14 +453,18 @@ def bench_analyses(config_path, overrides, mnist_dir, latents, repeats) -> None:
 @click.option("--rows", default=128, show_default=True, type=click.IntRange(min=1), help="Datapoints per call.")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1),
               help="Timed calls per side, old and new interleaved; rows/s of the best call.")
-def bench_noise(rows, repeats) -> None:
+@click.option("--encode", "with_encode", is_flag=True,
+              help="Also time an encode actor's whole per-batch work before and after (S=16 K=0, S=1 K=1000).")
+def bench_noise(rows, repeats, with_encode) -> None:
     """Per-datapoint noise and fixed binarisation on one CPU thread: the per-row generator loop and NumPy vs vaedist.rng.
 
-    vaedist bench noise --rows 128 --repeats 20
+    vaedist bench noise --rows 128 --repeats 20 --encode
     """
-    from vaedist.bench.noise import bench_noise as run
+    from vaedist.bench.noise import bench_evaluate, bench_noise as run
 
     run(echo=click.echo, rows=rows, repeats=repeats)
+    if with_encode:
+        bench_evaluate(echo=click.echo, rows=rows)
 
 
 # --- config -----------------------------------------------------------------------------------

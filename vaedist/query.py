@@ -3,6 +3,7 @@
     con = connect("outputs/latents")   # a view named `latents`, one row per datapoint
     con.sql("SELECT label, avg(loss) FROM latents GROUP BY label").show()
     print(format_table(loss_by_digit("outputs/latents"), "table"))
+    worst_explained("outputs/latents-epochs", k=5, epoch=2)   # one checkpoint of a table of several
 
 A published table is a directory (local or s3://...) of Parquet files, possibly one level of
 hive partitions, beside `_lineage.json` and `_SUCCESS`; names starting with `_` or `.` (the
@@ -38,10 +39,14 @@ class QueryError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The analyses' SQL. `$split` NULL means both splits.
+# The analyses' SQL. `$split` NULL means both splits. {latents} is filled before a query runs, as in
+# analysis.py: the view `latents`, or on a table of several checkpoints (one with an `epoch` column)
+# `(SELECT * FROM latents WHERE epoch = $epoch)`, so that each analysis sees one checkpoint. `class`
+# (the lineage's class_names[label]) is dropped from a result when the dataset names no classes.
 
 LOSS_BY_DIGIT_SQL = """\
 SELECT label,
+       list_extract($class_names, label + 1) AS class,
        count(*)                 AS count,
        avg(loss)                AS loss_mean,
        quantile_cont(loss, 0.1) AS loss_p10,
@@ -50,34 +55,36 @@ SELECT label,
        avg(recon_nll)           AS recon_nll_mean,
        avg(kl)                  AS kl_mean,
        avg(gap)                 AS gap_mean
-FROM latents
+FROM {latents}
 WHERE $split IS NULL OR split = $split
 GROUP BY label
 ORDER BY label"""
 
 WORST_EXPLAINED_SQL = """\
-SELECT key, split, label, loss, recon_nll, kl
-FROM latents
+SELECT key, split, label, list_extract($class_names, label + 1) AS class, loss, recon_nll, kl
+FROM {latents}
 WHERE $split IS NULL OR split = $split
 ORDER BY loss DESC, key
 LIMIT $k"""
 
 LARGEST_GAPS_SQL = """\
-SELECT key, split, label, gap, log_px, loss
-FROM latents
+SELECT key, split, label, list_extract($class_names, label + 1) AS class, gap, log_px, loss
+FROM {latents}
 WHERE ($split IS NULL OR split = $split) AND gap IS NOT NULL
 ORDER BY gap DESC, key
 LIMIT $k"""
 
 # {space} is 'mu' or 'z' (checked before formatting); distances in float64 from float32 vectors.
 NEIGHBOURS_SQL = """\
-WITH query AS (SELECT {space} AS v FROM latents WHERE key = $key)
-SELECT l.key, l.split, l.label, l.loss,
+WITH query AS (SELECT {space} AS v FROM {latents} WHERE key = $key)
+SELECT l.key, l.split, l.label, list_extract($class_names, l.label + 1) AS class, l.loss,
        list_distance(l.{space}::DOUBLE[], query.v::DOUBLE[]) AS distance
-FROM latents AS l, query
+FROM {latents} AS l, query
 WHERE l.key <> $key
 ORDER BY distance, l.key
 LIMIT $k"""
+
+KEY_COUNT_SQL = "SELECT count(*) AS n FROM {latents} WHERE key = $key"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,56 +248,80 @@ def _check_k(k: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ready-made analyses. Each takes the table's path and optionally a connection to reuse.
+# Ready-made analyses. Each takes the table's path and optionally a connection to reuse. On a table
+# that encodes several checkpoints of one run, `epoch` picks one (required unless it holds a single
+# epoch); on a table of one checkpoint it must be left out. The scoping is analysis.py's, so that
+# every one-table analysis treats epochs alike. analysis.py builds on this module, hence the imports
+# inside the functions.
 
-def loss_by_digit(latents_dir: str, split: str | None = "test", *,
+def _one_checkpoint(latents_dir: str, con: duckdb.DuckDBPyConnection | None, epoch: int | None,
+                    split: str | None) -> tuple[duckdb.DuckDBPyConnection, str, dict[str, Any]]:
+    """(connection, relation for {latents}, params) for one checkpoint of the table."""
+    from vaedist.analysis import _one_table
+
+    return _one_table(str(latents_dir), con, epoch, split)
+
+
+def _run(con: duckdb.DuckDBPyConnection, latents_dir: str, sql: str, params: dict[str, Any],
+         classes: bool = True) -> pa.Table:
+    """Run sql with the params it names; `class` from the lineage's class_names, dropped without
+    them (a table without _lineage.json, written by other tools, names no classes)."""
+    from vaedist.analysis import _run as run
+    from vaedist.analysis import class_names
+
+    names = None
+    if classes and storage.exists(storage.join(str(latents_dir), schema.LINEAGE_FILE)):
+        names = class_names(latents_dir)
+    return run(con, str(latents_dir), sql, params, names)
+
+
+def loss_by_digit(latents_dir: str, split: str | None = "test", *, epoch: int | None = None,
                   con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """Per digit: count, mean and 10/50/90th percentiles of l_i, mean recon_nll and kl, and mean
-    gap when the table has log_px (gap_mean is dropped for a table encoded with K = 0)."""
-    _check_split(split)
-    result = _execute(con or connect(latents_dir), str(latents_dir), LOSS_BY_DIGIT_SQL, {"split": split})
+    """Per digit (class): count, mean and 10/50/90th percentiles of l_i, mean recon_nll and kl, and
+    mean gap when the table has log_px (gap_mean is dropped for a table encoded with K = 0)."""
+    con, relation, params = _one_checkpoint(latents_dir, con, epoch, split)
+    result = _run(con, latents_dir, LOSS_BY_DIGIT_SQL.format(latents=relation), params)
     if result.column("gap_mean").null_count == result.num_rows:
         result = result.drop_columns(["gap_mean"])
     return result
 
 
-def worst_explained(latents_dir: str, k: int = 10, split: str | None = None, *,
+def worst_explained(latents_dir: str, k: int = 10, split: str | None = None, *, epoch: int | None = None,
                     con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
     """The k datapoints with the highest l_i (ties by key), highest first."""
-    _check_split(split)
     _check_k(k)
-    return _execute(con or connect(latents_dir), str(latents_dir), WORST_EXPLAINED_SQL, {"split": split, "k": k})
+    con, relation, params = _one_checkpoint(latents_dir, con, epoch, split)
+    return _run(con, latents_dir, WORST_EXPLAINED_SQL.format(latents=relation), {**params, "k": k})
 
 
-def largest_gaps(latents_dir: str, k: int = 10, split: str | None = None, *,
+def largest_gaps(latents_dir: str, k: int = 10, split: str | None = None, *, epoch: int | None = None,
                  con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
     """The k datapoints with the largest gap = log_px + l_i, the estimated KL(q(z|x) || p(z|x))."""
-    _check_split(split)
+    from vaedist.analysis import _require_log_px
+
     _check_k(k)
-    con = con or connect(latents_dir)
-    with_log_px = _execute(con, str(latents_dir), "SELECT count(log_px) AS n FROM latents").column("n")[0].as_py()
-    if not with_log_px:
-        raise QueryError(f"latent table {latents_dir} has no log_px values (it was encoded with "
-                         "encode.num_samples_iw = 0); encode again with num_samples_iw > 0 to estimate gaps")
-    return _execute(con, str(latents_dir), LARGEST_GAPS_SQL, {"split": split, "k": k})
+    con, relation, params = _one_checkpoint(latents_dir, con, epoch, split)
+    _require_log_px(con, str(latents_dir), relation, params)
+    return _run(con, latents_dir, LARGEST_GAPS_SQL.format(latents=relation), {**params, "k": k})
 
 
 def neighbours(latents_dir: str, key: str, k: int = 10, space: Literal["mu", "z"] = "mu", *,
-               con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """The k datapoints nearest to `key` by Euclidean distance in `space` (mu or z), nearest first.
-    The query datapoint itself is excluded from the result."""
+               epoch: int | None = None, con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+    """The k datapoints nearest to `key` by Euclidean distance in `space` (mu or z), nearest first,
+    among the rows of the same checkpoint. The query datapoint itself is excluded from the result."""
     _check_k(k)
     if space not in SPACES:
         raise QueryError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
-    con = con or connect(latents_dir)
-    found = _execute(con, str(latents_dir), "SELECT count(*) AS n FROM latents WHERE key = $key",
-                     {"key": key}).column("n")[0].as_py()
+    con, relation, params = _one_checkpoint(latents_dir, con, epoch, None)
+    params = {**params, "key": key, "k": k}
+    count = _run(con, latents_dir, KEY_COUNT_SQL.format(latents=relation), params, classes=False)
+    found = count.column("n")[0].as_py()
     if found == 0:
         raise QueryError(f"key {key!r} is not in latent table {latents_dir} (keys look like 'test-00042')")
     if found > 1:
         raise QueryError(f"key {key!r} appears {found} times in latent table {latents_dir}; "
-                         "a published table holds each datapoint once")
-    return _execute(con, str(latents_dir), NEIGHBOURS_SQL.format(space=space), {"key": key, "k": k})
+                         "a published table holds each datapoint once (per checkpoint)")
+    return _run(con, latents_dir, NEIGHBOURS_SQL.format(space=space, latents=relation), params)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The report in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright
-loads index.html over HTTP from a local server, as someone would open a published report.
+loads its pages over HTTP from a local server, as someone would open a published report.
 
 The report is built from real artefacts: a copy of the session's trained run (conftest.trained_run)
 finished with train.num_samples_iw_final, so its metrics.jsonl has epoch rows and a final NLL row;
-the encode job's table of that run's checkpoint; then `write_report`.
+the encode job's table of that run's checkpoint; then `write_report`. Beside it, without another
+training or encode job: a table of the run's two checkpoints (conftest.write_latent_table), whose
+report has dynamics.html, and comparison.html of the encoded table against that table's first epoch.
 
 Served over http://127.0.0.1 rather than opened as file://: every request then has a status, so a
 broken link shows up as a 404 response (file:// has none), and the page loads as it would from any
@@ -18,6 +20,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,10 +59,15 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not ins
 
 @pytest.fixture(scope="module")
 def report(ray_cluster, trained_run, tmp_path_factory):
-    """(report directory, the finished run's TrainResult, the encoded table's path)."""
+    """(the directory served, the finished run's TrainResult, the encoded table's path, the table of
+    the run's checkpoints). The directory holds report/ (index.html and comparison.html) and epochs/
+    (index.html and dynamics.html of the table of checkpoints)."""
+    from conftest import write_latent_table
+    from vaedist.checkpoint import checkpoint_dirs, load_model
     from vaedist.config import config_from_dict
     from vaedist.encode import encode
-    from vaedist.report import write_report
+    from vaedist.query import read_lineage
+    from vaedist.report import write_comparison, write_report
     from vaedist.train import train
 
     if not ray_cluster.is_initialized():  # a module with a cluster of its own shut the shared one down
@@ -78,14 +86,25 @@ def report(ray_cluster, trained_run, tmp_path_factory):
                                                            "encode.concurrency=1"])
     table = encode(encode_cfg, checkpoint=finished.latest_checkpoint,
                    out=str(tmp_path_factory.mktemp("latents") / "table")).path
-    index = write_report(table, str(tmp_path_factory.mktemp("report") / "report"), num_examples=8)
-    return Path(index).parent, finished, table
+    # The run's checkpoints (epochs 0 and 1) in one table, written in this process as encode would.
+    checkpoints = [(epoch, f"{directory}/checkpoint.pt") for epoch, directory in checkpoint_dirs(finished.run_dir)]
+    assert [epoch for epoch, _ in checkpoints] == [0, 1]
+    lineage = {**read_lineage(table), "checkpoint": checkpoints[-1][1],
+               "checkpoints": [{"epoch": epoch, "path": path} for epoch, path in checkpoints]}
+    epochs_table = write_latent_table(tmp_path_factory.mktemp("latents") / "epochs", finished_cfg.data.shards_dir,
+                                      {epoch: load_model(path)[0] for epoch, path in checkpoints}, lineage,
+                                      num_samples_iw=0, splits=("test",))
+    served = tmp_path_factory.mktemp("served")
+    write_report(table, str(served / "report"), num_examples=8)
+    write_comparison(table, epochs_table, str(served / "report"), against_epoch=0)
+    write_report(epochs_table, str(served / "epochs"), num_examples=8)
+    return served, finished, table, epochs_table
 
 
 @pytest.fixture
 def served(report):
-    """http://127.0.0.1:<free port>/ serving the report directory from a thread."""
-    directory, _, _ = report
+    """http://127.0.0.1:<free port>/ serving the report's directory from a thread."""
+    directory = report[0]
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:  # keep pytest's output to failures
@@ -100,65 +119,106 @@ def served(report):
     thread.join()
 
 
-def test_report_renders_in_chromium(report, served, tmp_path):
-    from PIL import Image
-
-    from vaedist.query import loss_by_digit
-    from vaedist.report import FIGURES, TRAINING_FIGURE
-
-    _, finished, table = report
-    console_errors, page_errors, failed, bad_status = [], [], [], []
+@pytest.fixture
+def browser(tmp_path):
+    """A headless Chromium with a fresh, empty profile."""
     with sync_api.sync_playwright() as p:
-        # A fresh, empty profile for every run.
-        browser = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=CHROMIUM,
+        context = p.chromium.launch_persistent_context(str(tmp_path / "chromium-profile"), executable_path=CHROMIUM,
                                                        headless=True, args=CHROMIUM_ARGS,
                                                        viewport={"width": 1280, "height": 900})
         try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: page_errors.append(str(e)))
-            page.on("requestfailed", lambda r: failed.append(f"{r.url}: {r.failure}"))
-            page.on("response", lambda r: bad_status.append(f"{r.url}: {r.status}") if r.status >= 400 else None)
-            response = page.goto(served + "index.html", wait_until="load")
-            assert response is not None and response.status == 200
-
-            images = page.eval_on_selector_all("img", DECODED_IMAGES_JS)
-            header = page.locator("table tr th").all_inner_texts()
-            rows = [row.locator("td").all_inner_texts() for row in page.locator("table tr").all()[1:]]
-            lineage = json.loads(page.locator("h2:text-is('Lineage') + pre").inner_text())
-            training_caption = page.locator(f"figure:has(img[src='{TRAINING_FIGURE}']) figcaption").inner_text()
-            final_text = page.locator("p.final-nll").inner_text()
-            overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
-            screenshot = tmp_path / "report.png"
-            page.screenshot(path=str(screenshot), full_page=True)
+            yield context
         finally:
-            browser.close()
+            context.close()
 
-    assert not console_errors and not page_errors, (console_errors, page_errors)
-    assert not failed and not bad_status, (failed, bad_status)
+
+def watched_page(browser) -> tuple[Any, dict[str, list[str]]]:
+    """A new page and the problems it meets: console errors, page errors, failed requests, HTTP errors."""
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    problems: dict[str, list[str]] = {"console": [], "page": [], "failed": [], "status": []}
+    page.on("console", lambda m: problems["console"].append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems["page"].append(str(e)))
+    page.on("requestfailed", lambda r: problems["failed"].append(f"{r.url}: {r.failure}"))
+    page.on("response", lambda r: problems["status"].append(f"{r.url}: {r.status}") if r.status >= 400 else None)
+    return page, problems
+
+
+def check_rendered(page, problems: dict[str, list[str]], figures, screenshot: Path) -> None:
+    """No problems, no overflow, every figure decoded whole and nothing else shown, not blank."""
+    from PIL import Image
+
+    images = page.eval_on_selector_all("img", DECODED_IMAGES_JS)
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert not any(problems.values()), problems
     assert overflow <= 0, f"the page is {overflow} px wider than the window (a long line that does not wrap?)"
-    # Every figure, the training curves included, decoded whole (matplotlib's PNGs are opaque).
-    assert sorted(i["src"] for i in images) == sorted([*FIGURES, TRAINING_FIGURE])
-    for image in images:
+    assert sorted(i["src"] for i in images) == sorted(figures)
+    for image in images:  # matplotlib's PNGs are opaque
         assert image["complete"] and image["width"] > 0 and image["height"] > 0, image
         assert image["opaque"] > 0.99, image
+    picture = Image.open(screenshot).convert("RGB")
+    colours = picture.getcolors(maxcolors=1 << 24)
+    non_white = sum(n for n, c in colours if c != (255, 255, 255)) / (picture.width * picture.height)
+    assert len(colours) > 100 and non_white > 0.05, (screenshot.name, len(colours), non_white)
+
+
+def test_report_renders_in_chromium(report, served, browser, tmp_path):
+    from PIL import Image
+
+    from vaedist.query import loss_by_digit
+    from vaedist.report import DIAGNOSTIC_FIGURES, FIGURES, TRAINING_FIGURE
+
+    _, finished, table, _ = report
+    page, problems = watched_page(browser)
+    response = page.goto(served + "report/index.html", wait_until="load")
+    assert response is not None and response.status == 200
+    header = page.locator("table.loss-by-class tr th").all_inner_texts()
+    rows = [row.locator("td").all_inner_texts() for row in page.locator("table.loss-by-class tr").all()[1:]]
+    lineage = json.loads(page.locator("h2:text-is('Lineage') + pre").inner_text())
+    training_caption = page.locator(f"figure:has(img[src='{TRAINING_FIGURE}']) figcaption").inner_text()
+    final_text = page.locator("p.final-nll").inner_text()
+    outliers = page.locator("table.outliers tr").count()
+    # Every figure, the diagnostics' and the training curves included.
+    check_rendered(page, problems, [*FIGURES, *DIAGNOSTIC_FIGURES, TRAINING_FIGURE], tmp_path / "report.png")
 
     # The loss-by-digit table is the query's result, one row per digit of the test split.
     expected = loss_by_digit(table, split="test")
     assert header == expected.column_names
     assert [int(r[0]) for r in rows] == expected.column("label").to_pylist() == list(range(10))
     assert sum(int(r[1]) for r in rows) == 4000
+    assert outliers == 1 + 8  # a header and num_examples class-relative outliers
     # The lineage is the encode job's, naming the run's checkpoint the curves come from.
     assert lineage["checkpoint"] == f"{finished.latest_checkpoint}/checkpoint.pt"
     assert f"over {len(finished.epochs)} epochs" in training_caption
     final = finished.final
     assert final_text.startswith(f"Importance-weighted test NLL after training: {final['test_nll_iw']:.2f} nats "
                                  f"(K = 8 importance samples, {final['test_count']:,} test datapoints")
-
     # Not blank: a full page of text, figures and colours.
-    picture = Image.open(screenshot).convert("RGB")
+    picture = Image.open(tmp_path / "report.png")
     assert picture.width == 1280 and picture.height > 2000, picture.size
-    colours = picture.getcolors(maxcolors=1 << 24)
-    non_white = sum(n for n, c in colours if c != (255, 255, 255)) / (picture.width * picture.height)
-    assert len(colours) > 100 and non_white > 0.05, (len(colours), non_white)
+
+
+def test_comparison_and_dynamics_render_in_chromium(report, served, browser, tmp_path):
+    from vaedist.report import COMPARISON_FIGURES, DIAGNOSTIC_FIGURES, DYNAMICS_FIGURES, DYNAMICS_PAGE, FIGURES
+
+    _, _, table, epochs_table = report
+    page, problems = watched_page(browser)
+    assert page.goto(served + "report/comparison.html", wait_until="load").status == 200
+    assert page.locator("li").all_inner_texts()[:2] == [f"A: {table}", f"B: {epochs_table} at epoch 0"]
+    assert page.locator("table.compare-by-class tr").count() == 1 + 10
+    assert page.locator("table.compare-top tr").count() > 1
+    check_rendered(page, problems, COMPARISON_FIGURES, tmp_path / "comparison.png")
+
+    # The table of checkpoints: its report says which epoch it shows and links to the dynamics page.
+    page, problems = watched_page(browser)
+    assert page.goto(served + "epochs/index.html", wait_until="load").status == 200
+    assert page.locator("p.epoch-note").inner_text().startswith(
+        "This table encodes 2 checkpoints of one run (epochs 0, 1). The figures and tables on this page are of "
+        "epoch 1 (the last)")
+    check_rendered(page, problems, [*FIGURES, *DIAGNOSTIC_FIGURES, "training.png"], tmp_path / "epochs.png")
+    page.locator(f"p.epoch-note a[href='{DYNAMICS_PAGE}']").click()
+    page.wait_for_load_state("load")
+    assert page.url == served + "epochs/" + DYNAMICS_PAGE
+    assert page.locator("table.extremes tr").count() == 1 + 16  # 8 learned latest and 8 most forgotten
+    check_rendered(page, problems, DYNAMICS_FIGURES, tmp_path / "dynamics.png")

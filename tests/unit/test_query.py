@@ -16,9 +16,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
+from click.testing import CliRunner
 
-from conftest import LATENT_DIM, NUM_ROWS
+from conftest import LATENT_DIM, NUM_ROWS, write_latent_table
 from vaedist import schema
+from vaedist.cli import cli
+from vaedist.config import Config, ModelConfig
+from vaedist.data.sources import FASHION_MNIST
+from vaedist.model import VAE
 from vaedist.query import (QueryError, connect, format_table, largest_gaps, loss_by_digit, neighbours,
                            read_lineage, run_sql, worst_explained)
 
@@ -217,3 +223,98 @@ def test_hive_partitioned_table(latent_tables, tmp_path, as_uri):
     assert run_sql(path, "SELECT split, count(*) AS n FROM latents GROUP BY split ORDER BY split").to_pylist() == [
         {"split": "test", "n": 1000}, {"split": "train", "n": 1000}]
     assert loss_by_digit(path).equals(loss_by_digit(latent_tables["latents"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# A table of several checkpoints (epochs 1 and 3: epoch 1's model is latent_tables' own, so its rows
+# are latent_tables' rows), and class names from the lineage.
+
+ANALYSES = {
+    "loss_by_digit": lambda path, **kw: loss_by_digit(path, **kw),
+    "worst_explained": lambda path, **kw: worst_explained(path, k=7, split=None, **kw),
+    "largest_gaps": lambda path, **kw: largest_gaps(path, k=5, **kw),
+    "neighbours": lambda path, **kw: neighbours(path, "test-00042", k=6, **kw),
+}
+
+
+def untrained(seed: int) -> VAE:
+    """conftest.build_tables' model when seed = 0."""
+    torch.manual_seed(seed)
+    return VAE(Config(model=ModelConfig(latent_dim=LATENT_DIM, hidden_dims=[32])).model).eval()
+
+
+@pytest.fixture(scope="module")
+def epoch_tables(latent_tables, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("query-epochs")
+    shards, lineage = latent_tables["shards"], read_lineage(latent_tables["latents"])
+    named = root / "named"
+    shutil.copytree(latent_tables["latents"], named)
+    (named / schema.LINEAGE_FILE).write_text(json.dumps({**lineage, "class_names": list(FASHION_MNIST.class_names)}))
+    return {
+        "epochs": write_latent_table(root / "epochs", shards, {1: untrained(0), 3: untrained(1)}, lineage),
+        "one_epoch": write_latent_table(root / "one_epoch", shards, {3: untrained(1)}, lineage),
+        "named": str(named),
+    }
+
+
+@pytest.mark.parametrize("name", ANALYSES)
+def test_an_epoch_of_a_multi_epoch_table_is_that_checkpoint_alone(latent_tables, epoch_tables, name):
+    analysis = ANALYSES[name]
+    first, single = analysis(epoch_tables["epochs"], epoch=1), analysis(latent_tables["latents"])
+    # The same rows give the same result, up to the order of DuckDB's parallel sums.
+    pd.testing.assert_frame_equal(first.to_pandas(), single.to_pandas(), check_exact=False, rtol=1e-12)
+    third = analysis(epoch_tables["epochs"], epoch=3)
+    assert third.column_names == first.column_names and not third.equals(first)
+    # A table that holds one epoch needs none named, and gives what that epoch gives in the larger table.
+    assert analysis(epoch_tables["one_epoch"]).equals(third)
+    assert analysis(epoch_tables["one_epoch"], epoch=3).equals(third)
+
+
+def test_loss_by_digit_at_an_epoch_matches_pandas(epoch_tables):
+    rows = pd.read_parquet(epoch_tables["epochs"])
+    rows = rows[(rows.epoch == 3) & (rows.split == "test")]
+    result = loss_by_digit(epoch_tables["epochs"], epoch=3).to_pandas().set_index("label")
+    assert result["count"].sum() == NUM_ROWS // 2  # one checkpoint's rows, not both
+    np.testing.assert_allclose(result.loss_mean, rows.groupby("label").loss.mean(), rtol=1e-12)
+    np.testing.assert_allclose(result.loss_p90, rows.groupby("label").loss.quantile(0.9), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ANALYSES)
+@pytest.mark.parametrize("table, epoch, problem", [
+    ("epochs", None, (r"/epochs encodes several checkpoints \(epochs 1, 3\); pick one with epoch= "
+                      r"\(vaedist query --epoch\)")),
+    ("epochs", 2, r"epoch 2 is not in latent table .*/epochs; it holds epochs 1, 3"),
+    ("one_epoch", 1, r"epoch 1 is not in latent table .*/one_epoch; it holds epochs 3"),
+    ("latents", 1, r"latents has no epoch column \(it encodes one checkpoint\); leave out epoch=1"),
+    ("epochs", True, r"epoch must be an integer epoch, got True"),
+])
+def test_epoch_errors_name_the_table_and_the_epochs(latent_tables, epoch_tables, name, table, epoch, problem):
+    with pytest.raises(QueryError, match=problem):
+        ANALYSES[name]({**latent_tables, **epoch_tables}[table], epoch=epoch)
+
+
+@pytest.mark.parametrize("name", ["loss_by_digit", "worst_explained", "largest_gaps", "neighbours"])
+def test_class_column_from_the_lineage(latent_tables, epoch_tables, name):
+    result = ANALYSES[name](epoch_tables["named"])
+    columns = result.column_names
+    assert columns.index("class") == columns.index("label") + 1
+    names = np.array(FASHION_MNIST.class_names)
+    assert result.column("class").to_pylist() == names[result.column("label").to_numpy()].tolist()
+    assert "class" not in ANALYSES[name](latent_tables["latents"]).column_names  # MNIST's lineage names none
+    assert result.drop_columns(["class"]).equals(ANALYSES[name](latent_tables["latents"]))
+
+
+def test_cli_epoch_option(epoch_tables):
+    result = CliRunner().invoke(cli, ["query", "loss-by-digit", "--latents", epoch_tables["epochs"], "--epoch", "3",
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    parsed = [json.loads(line) for line in result.output.splitlines()]
+    assert parsed == loss_by_digit(epoch_tables["epochs"], epoch=3).to_pylist()
+    for args in (["worst"], ["gaps"], ["neighbours", "--key", "test-00042"]):
+        without = CliRunner().invoke(cli, ["query", *args, "--latents", epoch_tables["epochs"]])
+        assert without.exit_code == 1 and "pick one with epoch= (vaedist query --epoch)" in without.output
+        assert "Traceback" not in without.output
+        with_epoch = CliRunner().invoke(cli, ["query", *args, "--latents", epoch_tables["epochs"], "--epoch", "1"])
+        assert with_epoch.exit_code == 0 and with_epoch.output.endswith("rows)\n"), with_epoch.output
+    text = CliRunner().invoke(cli, ["query", "worst", "--latents", epoch_tables["named"], "--k", "3"]).output
+    assert text.split()[:7] == ["key", "split", "label", "class", "loss", "recon_nll", "kl"]

@@ -4,8 +4,8 @@ target is for). Target: ≤ 100 ms per analysis on a 70,000-row table.
 
     vaedist bench analyses --latents outputs/latents --repeats 20
 
-A table with an epoch column also gets the training-dynamics analyses; its one-table analyses and
-the comparison run on its last epoch (compared with its first), the baseline over all its rows.
+A table with an epoch column also gets the training-dynamics analyses; its one-table analyses, the
+baseline and the comparison run on its last epoch (compared with its first).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def bench_analyses(latents_dir: str, repeats: int = 20, echo: Callable[[str], No
     first, last = (epochs[0], epochs[-1]) if multi else (None, None)
     on = {"epoch": last}
     calls: dict[str, Callable[[], object]] = {
-        "loss-by-digit (baseline)": lambda: loss_by_digit(latents_dir, con=con),
+        "loss-by-digit (baseline)": lambda: loss_by_digit(latents_dir, **on, con=con),
         "active-units": lambda: a.active_units(latents_dir, **on, con=con),
         "kl-per-dim": lambda: a.kl_per_dim(latents_dir, **on, con=con),
         "totals": lambda: a.totals(latents_dir, **on, con=con),
