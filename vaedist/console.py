@@ -57,6 +57,9 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # With the bars off, Ray Data warns once per process that they are off ("Progress bars
+    # disabled..."): that is this function's doing, not the user's to act on.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def ray_logging_level() -> int:

@@ -1,7 +1,7 @@
 """Fashion-MNIST through the whole pipeline (`vaedist run --config configs/fashion-mnist.yaml`, made
-small with overrides) on a real local Ray, with its class names in the query and the report; and the
-refusals of data that does not fit: shards of another dataset than the config names, a checkpoint
-trained on images of another shape.
+small with overrides, in a subprocess as a user runs it), with its class names in the query and the
+report and a console free of Ray's noise; and the refusals of data that does not fit: shards of
+another dataset than the config names, a checkpoint trained on images of another shape.
 
 The refusals need no Ray (they come before any cluster work), so they are not marked integration
 and run in the unit tier (`pytest -m "not integration"`). Fashion-MNIST comes from
@@ -12,8 +12,11 @@ tests skip (they never download).
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,6 @@ from click.testing import CliRunner
 from vaedist.checkpoint import CheckpointError, checkpoint_dir_name, load_checkpoint, save_checkpoint
 from vaedist.cli import cli
 from vaedist.config import FASHION_MNIST_DIR_ENV
-from vaedist.console import VERBOSE_ENV
 from vaedist.data import DataError, manifest_hash, prepare_shards
 from vaedist.data.sources import FASHION_MNIST
 from vaedist.model import VAE
@@ -103,36 +105,47 @@ def test_a_checkpoint_of_another_image_shape_is_refused_by_train_and_encode(tiny
 # ---------------------------------------------------------------------------------------------
 # The whole pipeline.
 
-@pytest.fixture
-def cli_in_process(monkeypatch):
-    """CliRunner in this process: the commands' set_verbose() adds a handler bound to CliRunner's
-    stream to the `vaedist` logger and sets VAEDIST_VERBOSE; both are undone afterwards."""
-    logger = logging.getLogger("vaedist")
-    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
-    monkeypatch.setenv(VERBOSE_ENV, os.environ.get(VERBOSE_ENV, "0"))
-    yield CliRunner()
-    logger.handlers[:] = handlers
-    logger.propagate = propagate
-    logger.setLevel(level)
+VAEDIST = str(Path(sys.executable).with_name("vaedist"))
+# Ray's C++ log lines look like "[2026-11-24 16:55:29,429 E 3773 3773] core_worker.cc:2465: ...".
+CPP_ERROR = re.compile(r"^\[\S+ \S+ E \d+ \d+\]")
 
 
 @pytest.mark.integration
-def test_fashion_mnist_end_to_end_names_its_classes(ray_cluster, fashion_dir, tmp_path, cli_in_process):
+def test_fashion_mnist_end_to_end_as_a_user_sees_it(fashion_dir, tmp_path):
+    """`vaedist run` in a subprocess, its output read line by line as it comes: the class names in
+    the outputs, each epoch shown as it ends, and none of Ray's noise."""
     out = tmp_path
     overrides = [
         f"data.fashion_mnist_dir={fashion_dir}", f"data.shards_dir={out}/shards", "data.samples_per_shard=2500",
-        "data.max_train_shards=2", "data.max_test_shards=1",  # train on 5,000, evaluate on 2,500
-        "model.latent_dim=8", "model.hidden_dims=[128]", "train.epochs=2", "train.kl_warmup_epochs=0",
-        "train.num_samples_iw_final=0", "scaling.cpus_per_worker=1",
+        "data.max_train_shards=4", "data.max_test_shards=1",  # train on 10,000, evaluate on 2,500
+        "model.latent_dim=8", "model.hidden_dims=[128]", "train.epochs=3", "train.batch_size_per_worker=50",
+        "train.kl_warmup_epochs=0", "train.num_samples_iw_final=0", "scaling.cpus_per_worker=1",
         "encode.splits=[test]", "encode.num_samples_mc=1", "encode.concurrency=2",
         f"output.storage_path={out}/runs", "output.run_name=fashion", f"output.latents_dir={out}/latents",
         f"output.report_dir={out}/report", "tracking.enabled=false",
     ]
-    run = cli_in_process.invoke(cli, ["run", "--config", str(REPO / "configs" / "fashion-mnist.yaml"),
-                                      *[f"--set={o}" for o in overrides]])
-    assert run.exit_code == 0, run.output
-    assert f"[1/5] shards: writing fashion-mnist to {out}/shards" in run.output
-    assert "Ankle boot" in run.output  # the printed loss-by-class summary
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VAEDIST_VERBOSE"))}
+    command = [VAEDIST, "run", "--config", "configs/fashion-mnist.yaml", *[f"--set={o}" for o in overrides]]
+    start = time.monotonic()
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []
+    for line in proc.stdout:
+        lines.append((time.monotonic() - start, line.rstrip("\n")))
+    assert proc.wait(timeout=600) == 0, "\n".join(text for _, text in lines)[-5000:]
+    text = "\n".join(t for _, t in lines)
+    assert f"[1/5] shards: writing fashion-mnist to {out}/shards" in text
+    assert "Ankle boot" in text  # the printed loss-by-class summary
+
+    # The console: a line per epoch as it ends, not all at the end (an epoch here takes a second).
+    epochs = {int(m[1]): at for at, t in lines if (m := re.search(r"epoch +(\d+) +train l_i", t))}
+    assert sorted(epochs) == [0, 1, 2], text
+    assert epochs[2] - epochs[0] > 1.0, epochs
+    assert "[5/5] report:" in text and "(10 rows)" in text
+    for noise in ("TrainingReport(", "Traceback", "Reporting training result", "logging_progress",
+                  "Running Dataset", "ERROR", "WARNING", "Token authentication is enabled"):
+        assert noise not in text, f"{noise!r} in the output:\n{text[-5000:]}"
+    assert not [t for _, t in lines if CPP_ERROR.match(t)], text[-5000:]
+    assert "\r" not in text  # non-interactive output stays line-oriented: no carriage-return bars
 
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert manifest["dataset"]["name"] == "fashion-mnist" and manifest["dataset"]["class_names"] == CLASS_NAMES

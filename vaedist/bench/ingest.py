@@ -151,9 +151,10 @@ def bench_readers(shards_dir: str, echo: Callable[[str], None] = print, repeats:
 def _train_run(cfg: Config, ingest: str, shards_dir: str, epochs: int, max_steps: int = 0) -> tuple[list[dict], ProcSampler]:
     from vaedist.train import train
 
+    dataset = manifest_dataset(read_manifest(shards_dir)).name  # the large set is another dataset (mnist8m)
     with tempfile.TemporaryDirectory() as tmp:
         run_cfg = config_from_dict(cfg.to_dict(), [
-            f"data.ingest={ingest}", f"data.shards_dir={shards_dir}", f"train.epochs={epochs}",
+            f"data.ingest={ingest}", f"data.shards_dir={shards_dir}", f"data.dataset={dataset}", f"train.epochs={epochs}",
             f"train.max_steps_per_epoch={max_steps}", "train.num_samples_iw_final=0", "train.kl_warmup_epochs=0",
             "scaling.num_workers=1", f"output.storage_path={tmp}", "output.run_name=bench-ingest",
             "data.max_train_shards=0", "data.max_test_shards=1"])
