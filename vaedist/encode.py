@@ -359,6 +359,6 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     storage.write_bytes(storage.join(staging, schema.LINEAGE_FILE), (json.dumps(lineage, indent=2, sort_keys=True) + "\n").encode())
     storage.write_bytes(storage.join(staging, schema.SUCCESS_FILE), b"")
     publish(staging, out)
-    log.info("published %s: %s rows in %.1f s", out, rows, seconds)
+    log.debug("published %s: %s rows in %.1f s", out, rows, seconds)  # the CLI prints the summary
     log_encode(tracking_uri, out, experiment=cfg.tracking.experiment)
     return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history)
