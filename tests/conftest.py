@@ -3,8 +3,11 @@ small real latent table (for the query and report tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import socket
 import re
 import shutil
 import subprocess
@@ -26,7 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def find_mnist_dir() -> str | None:
     """$VAEDIST_MNIST_DIR, else ../shared/data/mnist beside the checkout."""
-    candidates = [os.environ.get("VAEDIST_MNIST_DIR"), str(REPO.parent / "shared" / "data" / "mnist")]
+    return find_idx_dir("VAEDIST_MNIST_DIR", "mnist")
+
+
+def find_idx_dir(env_var: str, name: str) -> str | None:
+    """$env_var, else ../shared/data/<name> beside the checkout: the first that holds IDX files."""
+    candidates = [os.environ.get(env_var), str(REPO.parent / "shared" / "data" / name)]
     for c in filter(None, candidates):
         if any(Path(c, "train-images-idx3-ubyte" + ext).exists() for ext in (".gz", "")):
             return c
@@ -215,3 +223,40 @@ def repo_copy(dest: Path) -> Path:
             shutil.copy2(REPO / name, dest / name)
     (dest / ".venv").symlink_to(REPO / ".venv")
     return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Object storage: moto's S3 server.
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str):
+    """moto's S3 server on 127.0.0.1 with `bucket` created; the AWS variables point at it meanwhile
+    and are restored afterwards. Yields a boto3 S3 client."""
+    boto3 = pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    port = free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # no instance-metadata lookups (offline, slow timeouts)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=bucket)
+        yield client
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

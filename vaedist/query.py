@@ -200,13 +200,7 @@ def read_lineage(latents_dir: str) -> dict[str, Any]:
     path = storage.join(str(latents_dir), schema.LINEAGE_FILE)
     if not storage.exists(path):
         raise QueryError(f"{path} not found: {latents_dir} is not a published vaedist latent table")
-    try:
-        lineage = json.loads(storage.read_bytes(path))
-    except ValueError as e:
-        raise QueryError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(lineage, dict):
-        raise QueryError(f"{path}: expected a JSON object, got {type(lineage).__name__}")
-    return lineage
+    return storage.read_json_object(path, QueryError)
 
 
 # ---------------------------------------------------------------------------------------------

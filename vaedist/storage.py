@@ -12,6 +12,7 @@ must be set on every Ray node, or passed as the job's runtime_env env_vars, not 
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from typing import IO, Iterator
@@ -111,6 +112,17 @@ def open_output(path: str) -> Iterator[IO[bytes]]:
 def read_bytes(path: str) -> bytes:
     with open_input(path) as f:
         return f.read()
+
+
+def read_json_object(path: str, error: type[Exception], hint: str = "") -> dict:
+    """The JSON object in `path`; anything else raises `error` naming the file (and `hint`, what to do)."""
+    try:
+        value = json.loads(read_bytes(path))
+    except ValueError as e:
+        raise error(f"{path} is not valid JSON ({e}){hint}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def write_bytes(path: str, data: bytes) -> None:

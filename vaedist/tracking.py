@@ -185,13 +185,7 @@ def read_run_record(run_dir: str) -> dict[str, dict]:
     path = storage.join(run_dir, RUN_RECORD_FILE)
     if not storage.exists(path):
         return {}
-    try:
-        record = json.loads(storage.read_bytes(path))
-    except ValueError as e:
-        raise TrackingError(f"{path} is not valid JSON ({e}); remove it to start a new MLflow run") from None
-    if not isinstance(record, dict):
-        raise TrackingError(f"{path}: expected a JSON object, got {type(record).__name__}")
-    return record
+    return storage.read_json_object(path, TrackingError, "; remove it to start a new MLflow run")
 
 
 def _write_run_record(run_dir: str, uri: str, run_id: str, experiment_id: str, experiment: str) -> None:

@@ -29,23 +29,14 @@ from vaedist.data import DataError, manifest_hash, prepare_shards
 from vaedist.data.sources import FASHION_MNIST
 from vaedist.model import VAE
 
-from conftest import REPO, debug_config, find_mnist_dir
+from conftest import REPO, debug_config, find_idx_dir, find_mnist_dir
 
 CLASS_NAMES = list(FASHION_MNIST.class_names)  # label 9 is "Ankle boot"
 
 
-def find_fashion_mnist_dir() -> str | None:
-    """$VAEDIST_FASHION_MNIST_DIR, else ../shared/data/fashion-mnist beside the checkout."""
-    candidates = [os.environ.get(FASHION_MNIST_DIR_ENV), str(REPO.parent / "shared" / "data" / "fashion-mnist")]
-    for c in filter(None, candidates):
-        if any(Path(c, "train-images-idx3-ubyte" + ext).exists() for ext in (".gz", "")):
-            return c
-    return None
-
-
 @pytest.fixture(scope="module")
 def fashion_dir() -> str:
-    found = find_fashion_mnist_dir()
+    found = find_idx_dir(FASHION_MNIST_DIR_ENV, "fashion-mnist")
     if found is None:
         pytest.skip(f"Fashion-MNIST IDX files not found: set {FASHION_MNIST_DIR_ENV} or place them in "
                     "../shared/data/fashion-mnist (tests never download)")

@@ -21,6 +21,8 @@ from vaedist.tracking import (EPOCH_METRICS, RUN_RECORD_FILE, TrackingError, Tra
                               flatten_config, log_encode, read_run_record, redact, resolve_uri,
                               run_dir_of_checkpoint)
 
+from conftest import moto_s3
+
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient
 
@@ -362,28 +364,8 @@ def test_redact_drops_credentials():
 @pytest.fixture(scope="module")
 def s3_run_dir():
     """A run directory on moto's S3 server (127.0.0.1), the AWS variables pointing at it meanwhile."""
-    import os
-
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    port = closed_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        boto3.client("s3").create_bucket(Bucket="vaedist-tracking")
+    with moto_s3("vaedist-tracking"):
         yield "s3://vaedist-tracking/runs/on-s3"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def test_a_tracker_without_a_uri_does_nothing_and_says_nothing(tmp_path, caplog):
