@@ -228,10 +228,13 @@ def repo_copy(dest: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Object storage: moto's S3 server.
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 right now (all held open together while choosing)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @contextlib.contextmanager
@@ -241,7 +244,7 @@ def moto_s3(bucket: str):
     boto3 = pytest.importorskip("boto3")
     server_mod = pytest.importorskip("moto.server")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
-    port = free_port()
+    port, = free_ports(1)
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",

@@ -40,6 +40,20 @@ def run_dir_of(cfg: Config) -> str:
     return storage.join(storage.absolute(cfg.output.storage_path), cfg.output.run_name)
 
 
+def run_dir_of_checkpoint(checkpoint: str) -> str | None:
+    """The run directory holding a checkpoint (<run_dir>/epoch-NNNN or <run_dir>/kept/epoch-NNNN,
+    with or without /checkpoint.pt); None for a checkpoint outside a run directory. Paths and URIs
+    alike: both separate with '/'."""
+    path = str(checkpoint).rstrip("/")
+    if path.endswith("/" + CHECKPOINT_FILE):
+        path = path[: -len(CHECKPOINT_FILE) - 1]
+    parent, _, name = path.rpartition("/")
+    if not (parent and CHECKPOINT_DIR_RE.match(name)):
+        return None
+    grandparent, _, parent_name = parent.rpartition("/")
+    return grandparent if parent_name == KEPT_DIR and grandparent else parent
+
+
 def save_checkpoint(directory: str, *, model_state: dict, optimizer_state: dict | None, epoch: int,
                     global_step: int, config: Config, manifest_hash: str, history: list[dict],
                     scaler_state: dict | None = None, dataset: str = "mnist",

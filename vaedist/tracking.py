@@ -169,17 +169,6 @@ def _first_line(error: Exception, uri: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Which run: the record in the run directory.
 
-def run_dir_of_checkpoint(checkpoint: str) -> str | None:
-    """The run directory holding a checkpoint (…/run_dir/epoch-NNNN[/checkpoint.pt]), else None."""
-    from vaedist.checkpoint import CHECKPOINT_DIR_RE, CHECKPOINT_FILE
-
-    path = str(checkpoint).rstrip("/")
-    if path.endswith("/" + CHECKPOINT_FILE):
-        path = path[: -len(CHECKPOINT_FILE) - 1]
-    parent, _, name = path.rpartition("/")
-    return parent if parent and CHECKPOINT_DIR_RE.match(name) else None
-
-
 def read_run_record(run_dir: str) -> dict[str, dict]:
     """<run_dir>/mlflow.json: {store URI (redacted): {"run_id", "experiment_id", "experiment"}}."""
     path = storage.join(run_dir, RUN_RECORD_FILE)
@@ -467,6 +456,7 @@ def _log_encode(uri: str, latents_dir: str, experiment: str, run_dir: str | None
     from mlflow.entities import Metric, RunTag
 
     from vaedist import query, schema
+    from vaedist.checkpoint import run_dir_of_checkpoint  # torch: imported only when encode logs
 
     lineage = query.read_lineage(latents_dir)
     checkpoint = str(lineage.get("checkpoint", ""))

@@ -34,7 +34,7 @@ import pytest
 
 from vaedist import schema, storage
 
-from conftest import REPO, debug_config, readme_commands, repo_copy
+from conftest import REPO, debug_config, free_ports, readme_commands, repo_copy
 
 pytestmark = pytest.mark.integration
 
@@ -45,15 +45,6 @@ TRAIN_TIMEOUT_S = 600
 
 # ---------------------------------------------------------------------------------------------
 # Ports and processes.
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free on 127.0.0.1 right now (all held open together while choosing)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
 
 def free_port_range(size: int) -> tuple[int, int]:
     """A run of `size` consecutive free ports below the ephemeral range, for Ray's workers."""

@@ -7,21 +7,19 @@ from __future__ import annotations
 import http.server
 import json
 import logging
-import socket
 import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from vaedist.checkpoint import checkpoint_dir_name, save_checkpoint, write_metrics
+from vaedist.checkpoint import checkpoint_dir_name, run_dir_of_checkpoint, save_checkpoint, write_metrics
 from vaedist.config import Config, ConfigError, ModelConfig, load_config
 from vaedist.model import VAE
 from vaedist.tracking import (EPOCH_METRICS, RUN_RECORD_FILE, TrackingError, TrainTracker, check_uri,
-                              flatten_config, log_encode, read_run_record, redact, resolve_uri,
-                              run_dir_of_checkpoint)
+                              flatten_config, log_encode, read_run_record, redact, resolve_uri)
 
-from conftest import moto_s3
+from conftest import free_ports, moto_s3
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient
@@ -172,7 +170,7 @@ def test_a_store_that_fails_mid_run_warns_once_and_training_goes_on(tmp_path, ca
 
 def test_an_unreachable_server_does_not_stop_training(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vaedist.tracking"):
-        tracker = TrainTracker(f"http://user:secret@127.0.0.1:{closed_port()}", "vaedist", str(tmp_path), "run",
+        tracker = TrainTracker(f"http://user:secret@127.0.0.1:{free_ports(1)[0]}", "vaedist", str(tmp_path), "run",
                                tiny_config().to_dict())
         tracker.log_epoch(epoch_row(0, 100.0))
         tracker.finish()
@@ -268,6 +266,7 @@ def test_log_encode_of_a_checkpoint_outside_any_run_gets_a_finished_run_of_its_o
 def test_run_dir_of_checkpoint():
     assert run_dir_of_checkpoint("/a/runs/r/epoch-0003/checkpoint.pt") == "/a/runs/r"
     assert run_dir_of_checkpoint("s3://b/runs/r/epoch-0012") == "s3://b/runs/r"
+    assert run_dir_of_checkpoint("/a/runs/r/kept/epoch-0002/checkpoint.pt") == "/a/runs/r"
     assert run_dir_of_checkpoint("/a/copied-checkpoint/checkpoint.pt") is None
 
 
@@ -314,12 +313,6 @@ def test_bad_tracking_config_names_the_key(override, problem):
         load_config(None, [override])
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def not_mlflow():
     """An HTTP server that answers every request with 404, as a wrong host or path would."""
@@ -333,7 +326,7 @@ def not_mlflow():
 
 
 def test_check_uri_refuses_bad_stores_naming_them(tmp_path, not_mlflow):
-    port = closed_port()
+    port = free_ports(1)[0]
     with pytest.raises(TrackingError, match=rf"store http://127.0.0.1:{port} cannot be used: .*Connection refused"):
         check_uri(f"http://me:pw@127.0.0.1:{port}")
     with pytest.raises(TrackingError, match=f"store {not_mlflow} cannot be used"):

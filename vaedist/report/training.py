@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vaedist import storage
-from vaedist.checkpoint import CHECKPOINT_DIR_RE, KEPT_DIR, METRICS_FILE, CheckpointError, read_metrics
+from vaedist.checkpoint import METRICS_FILE, CheckpointError, read_metrics, run_dir_of_checkpoint
 
 # Written only when the checkpoint's run has metrics; its section comes after the diagnostics.
 TRAINING_FIGURE = "training.png"
-
-
-def _run_dir_of(checkpoint_file: str) -> str | None:
-    """<run_dir>/epoch-NNNN/checkpoint.pt or <run_dir>/kept/epoch-NNNN/checkpoint.pt -> <run_dir>;
-    None for a checkpoint outside a run directory. (os.path splits URIs too: their separators are '/'.)"""
-    checkpoint_dir = os.path.dirname(checkpoint_file)
-    if not CHECKPOINT_DIR_RE.match(os.path.basename(checkpoint_dir)):
-        return None
-    parent = os.path.dirname(checkpoint_dir)
-    return os.path.dirname(parent) if os.path.basename(parent) == KEPT_DIR else parent
 
 
 def _is_number(value: Any) -> bool:
@@ -80,7 +69,7 @@ def _training_inputs(run_dir: str | None,
         if not storage.exists(run_dir):
             raise CheckpointError(f"run directory {run_dir} does not exist")
     else:
-        run_dir = _run_dir_of(checkpoint_file)
+        run_dir = run_dir_of_checkpoint(checkpoint_file)
     if run_dir is None:
         return None, [], None, (f"checkpoint {checkpoint_file} is not inside a run directory "
                                 "(<run_dir>/[kept/]epoch-NNNN/checkpoint.pt)")
