@@ -105,6 +105,9 @@ class ModelConfig:
     conv: channels of the encoder's stride-2 convolutions."""
     activation: Literal["relu", "elu", "gelu", "softplus", "tanh"] = "elu"
     """Non-linearity between hidden layers."""
+    likelihood: Literal["bernoulli"] = "bernoulli"
+    """The decoder's distribution p(x|z) (vaedist/likelihoods.py): bernoulli on binarised pixels
+    (grey level / 255 as the probability of a 1)."""
 
     def __post_init__(self) -> None:
         _check(self.latent_dim > 0, "model.latent_dim", f"must be > 0, got {self.latent_dim}")

@@ -40,7 +40,7 @@ from vaedist.data import (DataError, DatasetInfo, key_for, manifest_dataset, man
 from vaedist.data.shards import decode_shard_bytes
 from vaedist.devices import require_cuda
 from vaedist.rng import NOISE_SCHEME
-from vaedist.evaluate import binarize_for, evaluate_batch
+from vaedist.evaluate import evaluate_batch
 from vaedist.tracking import check_uri, log_encode, resolve_uri
 
 log = logging.getLogger("vaedist.encode")
@@ -104,7 +104,8 @@ class LatentEncoder:
             raise RuntimeError(f"injected fault after {self.batches} batches ({FAIL_ENV})")
         self.batches += 1
         split = str(rows["split"][0])
-        x = binarize_for(rows["image"], rows["index"], split, self.binarize_seed, self.device)
+        # The checkpoints are of one run, so one likelihood: its input is computed once for all.
+        x = self.models[0].likelihood.eval_input(rows["image"], rows["index"], split, self.binarize_seed, self.device)
         tables = []
         for i, model in enumerate(self.models):
             out = evaluate_batch(model, x, rows["index"], split, self.seed, self.num_samples_mc,

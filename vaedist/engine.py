@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from vaedist.config import TrainConfig
-from vaedist.data import dynamic_binarize
-from vaedist.evaluate import binarize_for, evaluate_batch
+from vaedist.evaluate import evaluate_batch
+from vaedist.likelihoods import likelihood_of
 from vaedist.losses import batch_loss, negative_elbo
 
 SUM_KEYS = ("loss", "recon_nll", "kl")
@@ -94,7 +94,7 @@ def make_grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.Gr
 def train_step(model, optimizer, x: torch.Tensor, cfg: TrainConfig, lr: float, kl_w: float,
                generator: torch.Generator | None = None, autocast=contextlib.nullcontext(),
                scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """One optimiser step on binarised x; returns the batch sums of the unweighted (loss, recon_nll,
+    """One optimiser step on x (the likelihood's train_input); returns the batch sums of the unweighted (loss, recon_nll,
     kl) as a float64 tensor [3] on x's device, not read back (no host sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -147,12 +147,13 @@ def train_steps(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor]
     if isinstance(batches, torch.Tensor):
         batches = memory_batches(batches, cfg.batch_size_per_worker, num_steps, gen)
     autocast = autocast_context(device, mixed_precision)
+    likelihood = likelihood_of(model)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     count = 0
     model.train()
     for i, images in zip(range(num_steps), batches):
         step = start_step + i
-        x = dynamic_binarize(images.to(device, non_blocking=True), gen)
+        x = likelihood.train_input(images.to(device, non_blocking=True), gen)
         totals += train_step(model, optimizer, x, cfg, learning_rate(cfg, step, steps_per_epoch),
                              kl_weight(cfg, step, steps_per_epoch), gen, autocast, scaler)
         count += images.shape[0]
@@ -182,7 +183,7 @@ def evaluate_sums(model, images_u8: np.ndarray, indices: np.ndarray, split: str,
     totals = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        x = binarize_for(images_u8[start:start + batch_size], idx, split, seed, device)
+        x = likelihood_of(model).eval_input(images_u8[start:start + batch_size], idx, split, seed, device)
         out = evaluate_batch(model, x, idx, split, seed, num_samples_mc, num_samples_iw, iw_chunk_size)
         totals += torch.stack([out[key].double().sum() for key in keys])
     return {**dict(zip(keys, totals.tolist())), "count": float(len(indices))}

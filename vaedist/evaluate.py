@@ -1,7 +1,8 @@
 """Evaluation that is deterministic per datapoint: the same key gives the same numbers whatever batch
 it lands in, on however many workers or devices. No Ray.
 
-Each datapoint (split, index) gets fixed binarised pixels (data.fixed_binarize) and its own noise
+Each datapoint (split, index) gets a fixed input (the likelihood's eval_input: for Bernoulli, the
+fixed binarisation data.fixed_binarize) and its own noise
 for z from the counter-based generator in vaedist.rng (keyed by seed, split, index and a stream per
 purpose, computed on the model's device), so a distributed evaluation, a single-process
 recomputation and the encode job agree.
@@ -12,26 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vaedist.data import fixed_binarize
 from vaedist.losses import importance_log_px, negative_elbo_given_posterior
 from vaedist.rng import STREAM_IW, STREAM_MC, STREAM_Z, keyed_normal
-from vaedist.rng import fixed_binarize as fixed_binarize_on_device
-
-
-def binarize_for(images_u8, indices, split: str, seed: int, device: torch.device) -> torch.Tensor:
-    """The fixed binarisation on `device`: hashed there on a GPU (the uint8 pixels cross, not four
-    times as many float bytes), in NumPy on the CPU, where it measured faster for encode's 128-row
-    batches (README, Performance). Both are bit-identical."""
-    if device.type == "cuda":
-        images = torch.as_tensor(images_u8).to(device, non_blocking=True)
-        return fixed_binarize_on_device(images, torch.as_tensor(np.asarray(indices), device=device), split, seed)
-    return fixed_binarize(images_u8, indices, split, seed).to(device)
 
 
 @torch.no_grad()
 def evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_samples_mc: int = 1,
                    num_samples_iw: int = 0, iw_chunk_size: int = 100) -> dict[str, torch.Tensor]:
-    """Per-datapoint results for binarised x [B, P]: mu, logvar, z (one posterior sample),
+    """Per-datapoint results for x [B, P] (the likelihood's eval_input): mu, logvar, z (one posterior sample),
     recon_nll, kl, loss (= recon_nll + kl) and, when num_samples_iw > 0, log_px and gap (= log_px + loss)."""
     latent_dim = model.latent_dim
     index = torch.as_tensor(np.asarray(indices), dtype=torch.int64).to(x.device)

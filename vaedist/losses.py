@@ -7,9 +7,10 @@ Because log p(x) = ELBO + KL(q(z|x) || p(z|x)), the importance-weighted estimate
     log p(x_i) ~= log (1/K) sum_k p(x_i|z_k) p(z_k) / q(z_k|x_i),   z_k ~ q(z|x_i)
 is a tighter lower bound that approaches log p(x_i) as K grows; -loss <= log p(x) always.
 
-`model` is a VAE-like module: forward(x, eps) -> (logits, mu, logvar), encode(x) -> (mu, logvar),
-decode(z [.., D]) -> logits [.., P], and a latent_dim attribute.
-Noise `eps` may be passed ([B, S, D]) so callers can make it per-datapoint reproducible.
+`model` is a VAE-like module: forward(x, eps) -> (params, mu, logvar), encode(x) -> (mu, logvar),
+decode(z [.., D]) -> params [.., F], and attributes latent_dim and likelihood (vaedist.likelihoods),
+whose log_prob(params, x) is log p(x|z). Noise `eps` may be passed ([B, S, D]) so callers can make
+it per-datapoint reproducible.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from vaedist.likelihoods import Bernoulli, likelihood_of
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -37,9 +39,8 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) = sum_pixels [x log sigmoid(l) + (1-x) log(1 - sigmoid(l))], stable in logits."""
-    logits, x = torch.broadcast_tensors(logits, x)
-    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    """log p(x|z) of independent Bernoulli pixels (vaedist.likelihoods.Bernoulli owns it)."""
+    return Bernoulli().log_prob(logits, x)
 
 
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -75,21 +76,49 @@ def latent_dim_of(model) -> int:
     return getattr(model, "module", model).latent_dim
 
 
-def _recon_and_kl(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> LossParts:
-    """LossParts from decoder logits [B, S, P] of S samples per datapoint and q(z|x)'s parameters."""
-    recon_nll = -bernoulli_log_prob(_acc(logits), x.unsqueeze(1).to(_acc(logits).dtype)).mean(dim=1)
-    kl = gaussian_kl(_acc(mu), _acc(logvar))
-    return LossParts(loss=recon_nll + kl, recon_nll=recon_nll, kl=kl)
+@dataclass
+class SampleTerms:
+    """What one pass through the model gives for S samples per datapoint: enough for the ELBO and for
+    any objective built on the same samples (vaedist.objectives)."""
+    log_px_z: torch.Tensor  # log p(x_i|z_s), [B, S]
+    z: torch.Tensor         # the reparameterised samples, [B, S, D]
+    mu: torch.Tensor        # q(z|x_i)'s mean, [B, D]
+    logvar: torch.Tensor    # q(z|x_i)'s log-variance, [B, D]
+
+    def parts(self) -> LossParts:
+        """l_i with its parts: the reconstruction term averaged over the S samples, the KL analytic."""
+        recon_nll = -self.log_px_z.mean(dim=1)
+        kl = gaussian_kl(self.mu, self.logvar)
+        return LossParts(loss=recon_nll + kl, recon_nll=recon_nll, kl=kl)
+
+    def log_weights(self) -> torch.Tensor:
+        """log p(x_i|z_s) + log p(z_s) - log q(z_s|x_i), [B, S]: the importance weights of z_s."""
+        return (self.log_px_z + standard_normal_log_prob(self.z)
+                - gaussian_log_prob(self.z, self.mu.unsqueeze(1), self.logvar.unsqueeze(1)))
+
+
+def _terms(model, params: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor,
+           logvar: torch.Tensor) -> SampleTerms:
+    """SampleTerms from the decoder's parameters [B, S, F] of S samples per datapoint."""
+    log_px_z = likelihood_of(model).log_prob(_acc(params), x.unsqueeze(1).to(_acc(params).dtype))
+    return SampleTerms(log_px_z=log_px_z, z=_acc(z), mu=_acc(mu), logvar=_acc(logvar))
+
+
+def sample_terms(model, x: torch.Tensor, num_samples: int = 1, eps: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> SampleTerms:
+    """One forward pass with `num_samples` draws of z per datapoint. Calls model(x, eps) ->
+    (params [B, S, F], mu, logvar), so a DDP-wrapped model syncs gradients."""
+    shape_ref = torch.empty(x.shape[0], latent_dim_of(model), device=x.device, dtype=x.dtype)
+    noise = _noise(shape_ref, num_samples, eps, generator)
+    params, mu, logvar = model(x, noise)
+    z = getattr(model, "module", model).reparameterize(mu, logvar, noise.to(mu.dtype))
+    return _terms(model, params, x, z, mu, logvar)
 
 
 def negative_elbo(model, x: torch.Tensor, num_samples: int = 1, eps: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> LossParts:
-    """l_i with its parts, the reconstruction term averaged over `num_samples` draws of z.
-    Calls model(x, eps) -> (logits [B, S, P], mu, logvar), so a DDP-wrapped model syncs gradients."""
-    shape_ref = torch.empty(x.shape[0], latent_dim_of(model), device=x.device, dtype=x.dtype)
-    noise = _noise(shape_ref, num_samples, eps, generator)
-    logits, mu, logvar = model(x, noise)
-    return _recon_and_kl(logits, x, mu, logvar)
+    """l_i with its parts, the reconstruction term averaged over `num_samples` draws of z."""
+    return sample_terms(model, x, num_samples, eps, generator).parts()
 
 
 def negative_elbo_given_posterior(model, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
@@ -97,8 +126,8 @@ def negative_elbo_given_posterior(model, x: torch.Tensor, mu: torch.Tensor, logv
     """negative_elbo for a q(z|x) already computed by model.encode(x): evaluation encodes once and
     reuses (mu, logvar) for the ELBO, the importance weights and z. eps [B, S, D]."""
     _noise(mu, eps.shape[1], eps, None)  # shape check
-    logits = model.decode(model.reparameterize(mu, logvar, eps.to(device=mu.device, dtype=mu.dtype)))
-    return _recon_and_kl(logits, x, mu, logvar)
+    z = model.reparameterize(mu, logvar, eps.to(device=mu.device, dtype=mu.dtype))
+    return _terms(model, model.decode(z), x, z, mu, logvar).parts()
 
 
 def batch_loss(parts: LossParts, kl_weight: float = 1.0) -> torch.Tensor:
@@ -136,7 +165,7 @@ def importance_log_px(model, x: torch.Tensor, num_samples: int, chunk_size: int 
             noise = eps(start, k)
         noise = noise.to(device=mu.device, dtype=mu.dtype)
         z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * noise     # [B, k, D]
-        log_w = (bernoulli_log_prob(_acc(model.decode(z)), x.unsqueeze(1))
+        log_w = (likelihood_of(model).log_prob(_acc(model.decode(z)), x.unsqueeze(1))
                  + standard_normal_log_prob(z)
                  - gaussian_log_prob(z, mu.unsqueeze(1), logvar.unsqueeze(1)))  # [B, k]
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=1))

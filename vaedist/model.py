@@ -1,4 +1,4 @@
-"""The VAE: encoder q(z|x) (diagonal Gaussian), decoder p(x|z) (independent Bernoulli per pixel).
+"""The VAE: encoder q(z|x) (diagonal Gaussian), decoder p(x|z) (the likelihood `model.likelihood` names).
 
 Single-device model code: it knows nothing of Ray, ranks or files (Kingma & Welling, 2014).
 """
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vaedist.config import ModelConfig
+from vaedist.likelihoods import Likelihood, get_likelihood
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
 MNIST_SHAPE = (28, 28, 1)
@@ -41,18 +42,23 @@ def _mlp(widths: list[int], activation: str) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    """x in [B, num_pixels] (binary) -> q(z|x) = N(mu, diag exp(logvar)); z -> Bernoulli logits [.., num_pixels].
+    """x in [B, num_pixels] (the likelihood's input transform of the pixels) -> q(z|x) =
+    N(mu, diag exp(logvar)); z -> the likelihood's parameters [.., num_params].
 
     image_shape (height, width, channels) comes from the dataset's manifest; pixels are flattened
-    channels last, as the shards store them. The conv family halves height and width twice, so
-    both must be divisible by 4."""
+    channels last, as the shards store them, and so are the decoder's parameters (params_per_pixel
+    per position). The conv family halves height and width twice, so both must be divisible by 4."""
 
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int] = MNIST_SHAPE):
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int] = MNIST_SHAPE,
+                 likelihood: Likelihood | None = None):
         super().__init__()
         self.cfg = cfg
         self.image_shape = tuple(int(d) for d in image_shape)
         height, width, channels = self.image_shape
         self.num_pixels = num_pixels = height * width * channels
+        self.likelihood = likelihood if likelihood is not None else get_likelihood(cfg)
+        self.num_params = self.likelihood.num_params(self.image_shape)
+        out_channels = self.likelihood.params_per_pixel(channels)
         self.latent_dim = cfg.latent_dim
         act = cfg.activation
         if cfg.kind == "mlp":
@@ -60,7 +66,7 @@ class VAE(nn.Module):
             self.encoder = _mlp(widths, act)
             self.to_posterior = nn.Linear(widths[-1], 2 * cfg.latent_dim)
             self.decoder = nn.Sequential(_mlp([cfg.latent_dim, *reversed(widths[1:])], act),
-                                         nn.Linear(widths[1], num_pixels))
+                                         nn.Linear(widths[1], self.num_params))
         else:
             if height % 4 or width % 4:
                 raise ValueError(f"the conv model halves height and width twice: they must be divisible by 4, "
@@ -78,7 +84,7 @@ class VAE(nn.Module):
                 nn.Linear(cfg.latent_dim, c2 * h4 * w4), _ACTIVATIONS[act](),
                 nn.Unflatten(1, (c2, h4, w4)),
                 nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),    # H/4 -> H/2
-                nn.ConvTranspose2d(c1, channels, 4, stride=2, padding=1),                   # H/2 -> H
+                nn.ConvTranspose2d(c1, out_channels, 4, stride=2, padding=1),               # H/2 -> H
                 _FromImage(),
             )
 
@@ -88,9 +94,9 @@ class VAE(nn.Module):
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits of p(x|z) for z of shape [..., latent_dim] -> [..., num_pixels]."""
+        """The likelihood's parameters of p(x|z) for z of shape [..., latent_dim] -> [..., num_params]."""
         lead = z.shape[:-1]
-        return self.decoder(z.reshape(-1, self.latent_dim)).reshape(*lead, self.num_pixels)
+        return self.decoder(z.reshape(-1, self.latent_dim)).reshape(*lead, self.num_params)
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -101,8 +107,8 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, mu, logvar). eps [B, S, D] gives S reparameterised samples per datapoint and logits
-        [B, S, P]; without it, one fresh sample and logits [B, P]. Training goes through forward so
+        """(params, mu, logvar). eps [B, S, D] gives S reparameterised samples per datapoint and the
+        likelihood's parameters [B, S, F]; without it, one fresh sample and [B, F]. Training goes through forward so
         that DDP, which hooks forward, synchronises the gradients."""
         mu, logvar = self.encode(x)
         if eps is None:
@@ -112,11 +118,12 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None,
                mean: bool = False) -> torch.Tensor:
-        """Generate: z ~ N(0, I), x ~ p(x|z). mean=True returns the pixel probabilities instead."""
+        """Generate: z ~ N(0, I), x ~ p(x|z), as images in [0, 1] [num_samples, num_pixels].
+        mean=True returns the mean of p(x|z) instead (Bernoulli: the pixel probabilities)."""
         device = next(self.parameters()).device
         z = torch.randn(num_samples, self.latent_dim, generator=generator, device=device)
-        probs = torch.sigmoid(self.decode(z))
-        return probs if mean else torch.bernoulli(probs, generator=generator)
+        params = self.decode(z)
+        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

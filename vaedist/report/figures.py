@@ -107,11 +107,13 @@ def _reconstructions(model, train_seed: int, shards_dir: str, manifest: dict, in
         raise data.DataError(f"shards {shards_dir} hold no test datapoints to reconstruct")
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(indices), size=min(n, len(indices)), replace=False))
-    # The fixed binarisation training's test evaluation uses, seeded by train.seed.
-    x = data.fixed_binarize(images[pick], indices[pick], "test", seed=train_seed)
+    # The input training's test evaluation uses (Bernoulli: the fixed binarisation seeded by train.seed).
+    likelihood = model.likelihood
+    x = likelihood.eval_input(images[pick], indices[pick], "test", train_seed, torch.device("cpu"))
     with torch.no_grad():
         mu, _ = model.encode(x)
-        probs = torch.sigmoid(model.decode(mu)).numpy()
+        probs = likelihood.mean(model.decode(mu)).numpy()
+    x = likelihood.to_image(x)
     # Grid rows alternate: inputs, then their reconstructions below them.
     tiles, titles, row_labels = [], [], []
     for start in range(0, len(pick), GRID_COLUMNS):
