@@ -12,7 +12,7 @@ export VAEDIST_MNIST_DIR
 VAEDIST_FASHION_MNIST_DIR ?= $(wildcard $(abspath ../shared/data/fashion-mnist))
 export VAEDIST_FASHION_MNIST_DIR
 
-.PHONY: install chromium run test test-unit test-integration bench-train bench-encode clean
+.PHONY: install chromium run test test-unit test-integration bench-train bench-encode gpu-bundle clean
 
 install: $(STAMP)
 
@@ -54,6 +54,13 @@ bench-train: $(STAMP)
 
 bench-encode: $(STAMP)
 	$(BIN)/vaedist bench encode
+
+# What travels beside the code to a GPU machine without a package index (README, "Proving the GPU
+# paths ..."): Ray's wheelhouse for its Python (PYVER, default 3.12) and MNIST's IDX files, ~61 MB.
+gpu-bundle:
+	../shared/offline-wheels/build.sh .whl
+	mkdir -p .whl/mnist && cp $(VAEDIST_MNIST_DIR)/*-ubyte.gz .whl/mnist/
+	du -sh .whl
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -16,7 +16,8 @@ import torch
 from vaedist import storage
 from vaedist.config import Config, config_from_dict
 from vaedist.data import load_split_arrays, manifest_dataset, read_manifest
-from vaedist.engine import make_optimizer, train_epoch
+from vaedist.devices import require_cuda
+from vaedist.engine import make_grad_scaler, make_optimizer, train_epoch
 from vaedist.model import VAE
 
 
@@ -31,18 +32,24 @@ def train_images(cfg: Config) -> torch.Tensor:
 
 
 def plain_train_epochs(cfg: Config, images_u8: torch.Tensor, epochs: int, steps: int) -> list[float]:
-    """(b): the same engine.train_epoch over a tensor already in memory, no Ray, no shards;
-    samples/s of each epoch."""
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    """(b): the same engine.train_epoch over a tensor already in memory (on the GPU with
+    scaling.use_gpu, in train.mixed_precision, as (a)'s worker), no Ray, no shards; samples/s of each epoch."""
+    device = require_cuda("the plain loop (scaling.use_gpu)") if cfg.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     model = VAE(cfg.model, manifest_dataset(read_manifest(storage.absolute(cfg.data.shards_dir))).image_shape)
-    optimizer = make_optimizer(model, cfg.train)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg.train, device)
+    scaler = make_grad_scaler(device, cfg.train.mixed_precision)
     if cfg.train.compile:
         model = torch.compile(model)
+    images_u8 = images_u8.to(device)
     rates = []
     for epoch in range(epochs):
         r = train_epoch(model, optimizer, images_u8, cfg.train, epoch=epoch, rank=0, num_steps=steps,
-                        steps_per_epoch=steps, start_step=epoch * steps, device=torch.device("cpu"))
+                        steps_per_epoch=steps, start_step=epoch * steps, device=device,
+                        mixed_precision=cfg.train.mixed_precision, scaler=scaler)
         rates.append(r["count"] / r["seconds"])
     return rates
 
