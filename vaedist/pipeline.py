@@ -25,8 +25,13 @@ class PipelineResult:
 
 
 def prepare_from_config(cfg: Config, out: str | None = None, progress: bool = True) -> dict:
-    """`vaedist data prepare`: write cfg.data.dataset's shards (to `out`, default data.shards_dir)."""
+    """`vaedist data prepare`: write cfg.data.dataset's shards (to `out`, default data.shards_dir), or
+    for data.source images / webdataset / arrays, run the Ray Data prepare job (vaedist.prepare)."""
     d = cfg.data
+    if d.source != "builtin":
+        from vaedist.prepare import prepare_external
+
+        return prepare_external(cfg, out, progress=progress)
     return prepare_shards(out or d.shards_dir, d.dataset, source_dir=d.resolved_source_dir(),
                           download_dir=d.download_dir, samples_per_shard=d.samples_per_shard,
                           variants=d.mnist8m_variants, progress=progress)
@@ -42,7 +47,8 @@ def ensure_shards(cfg: Config, echo: Callable[[str], None]) -> str:
             return shards_dir
         except DataError as e:
             echo(f"[1/5] shards: {e}; writing them again")
-    echo(f"[1/5] shards: writing {cfg.data.dataset} to {shards_dir}")
+    what = cfg.data.dataset if cfg.data.source == "builtin" else f"{cfg.data.source} {cfg.data.source_path}"
+    echo(f"[1/5] shards: writing {what} to {shards_dir}")
     prepare_from_config(cfg, shards_dir)
     return shards_dir
 

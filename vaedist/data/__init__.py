@@ -9,6 +9,7 @@ common.py    splits, the datapoint key, DatasetInfo, DataError
 sources.py   the built-in datasets: MNIST and Fashion-MNIST (local IDX files checked by md5, or
              torchvision's download) and mnist8m (deformed MNIST, deform.py)
 shards.py    the WebDataset shards: reproducible writing, manifest, verification, the fast reader
+provenance.py  where each datapoint came from: read_sources(shards_dir, manifest, split)
 binarize.py  dynamic (training) and fixed per-datapoint (evaluation) Bernoulli binarisation
 
 binarize (torch) is imported on first use, so that the shard reader, which Ray Data's decode tasks
@@ -20,6 +21,7 @@ from vaedist.data.common import (FORMAT_VERSION, MNIST, MNIST_NUM_SAMPLES, MNIST
 from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, iter_shard, load_split_arrays, manifest_dataset,
                                  manifest_hash, prepare_shards, read_checked_shard, read_manifest, shard_paths,
                                  verify_shards)
+from vaedist.data.provenance import SOURCES_NAME, read_sources
 from vaedist.data.sources import (DATASETS, FASHION_MNIST, MNIST_FILES, MNIST_MD5, dataset_info, load_idx, load_mnist,
                                   open_split)
 
@@ -39,5 +41,5 @@ __all__ = [
     "MNIST_MD5", "MNIST_NUM_SAMPLES", "MNIST_SHAPE", "SPLITS", "DataError", "DatasetInfo", "dataset_info",
     "dynamic_binarize", "fixed_binarize", "iter_shard", "key_for", "load_idx", "load_mnist", "load_split_arrays",
     "manifest_dataset", "manifest_hash", "open_split", "parse_key", "prepare_shards", "read_checked_shard",
-    "read_manifest", "shard_paths", "verify_shards",
+    "read_manifest", "read_sources", "SOURCES_NAME", "shard_paths", "verify_shards",
 ]

@@ -10,6 +10,7 @@ SPLITS = ("train", "test")
 MNIST_NUM_SAMPLES = {"train": 60000, "test": 10000}
 MNIST_SHAPE = (28, 28, 1)
 FORMAT_VERSION = 2  # 2: the manifest names the dataset, its image shape and class names
+UNLABELLED = -1  # the label of every datapoint of an unlabelled dataset (whose num_classes is 0)
 
 
 class DataError(ValueError):
@@ -20,7 +21,8 @@ class DataError(ValueError):
 class DatasetInfo:
     """What a model needs to know of a dataset: its name, the shape of one image (height, width,
     channels; uint8 grey or colour levels, channels last) and its class names (None where the
-    labels speak for themselves, as MNIST's digits do). Recorded in the shards' manifest."""
+    labels speak for themselves, as MNIST's digits do). Recorded in the shards' manifest. An
+    unlabelled dataset has num_classes 0 and every label is UNLABELLED (-1)."""
     name: str
     image_shape: tuple[int, int, int]
     class_names: tuple[str, ...] | None = None
@@ -29,6 +31,8 @@ class DatasetInfo:
     def __post_init__(self) -> None:
         if len(self.image_shape) != 3 or min(self.image_shape) <= 0:
             raise ValueError(f"image_shape must be (height, width, channels) > 0, got {self.image_shape}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unlabelled), got {self.num_classes}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
 
