@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -67,8 +68,12 @@ def start_local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    # The dashboard starts where its packages are installed, and Ray starts without it where they are
+    # not (a GPU machine's wheelhouse: README, "Proving the GPU paths ..."), whose Ray is found on the
+    # driver's PYTHONPATH, so the workers keep that too.
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     return ray
 
 
@@ -163,10 +168,13 @@ def latent_tables(tmp_path_factory, mnist_dir) -> dict[str, str]:
 
 
 def write_latent_table(table_dir: Path, shards: str, models: dict, lineage: dict, num_samples_iw: int = 8,
-                       splits: tuple[str, ...] = ("train", "test")) -> str:
+                       splits: tuple[str, ...] = ("train", "test"), sources: bool = False) -> str:
     """Publish a latent table of `models` over `shards` without Ray, laid out as the encode job writes
     it. models maps epoch -> VAE: the single key None gives a one-checkpoint table; otherwise every row
-    carries its checkpoint's `epoch`, with the same per-key noise at every epoch."""
+    carries its checkpoint's `epoch`, with the same per-key noise at every epoch. sources: with the
+    `source` column (read_sources), as encode writes it now; without, as it did before."""
+    from vaedist.data import read_sources
+
     binarize_seed = Config().train.seed
     lineage = {**lineage, "splits": list(splits), "num_samples_iw": num_samples_iw}
     if None not in models:
@@ -183,6 +191,8 @@ def write_latent_table(table_dir: Path, shards: str, models: dict, lineage: dict
                 columns = {name: value.numpy() for name, value in rows.items()}
                 columns.update(key=[key_for(split, int(j)) for j in indices], split=[split] * len(indices),
                                index=indices, label=labels, shard=[shard["path"]] * len(indices))
+                if sources:
+                    columns["source"] = read_sources(shards, read_manifest(shards), split, indices)
                 if epoch is not None:
                     columns["epoch"] = [epoch] * len(indices)
                 name = f"{split}_{i:06d}" if epoch is None else f"epoch{epoch:04d}_{split}_{i:06d}"
@@ -191,6 +201,25 @@ def write_latent_table(table_dir: Path, shards: str, models: dict, lineage: dict
     (table_dir / schema.LINEAGE_FILE).write_text(json.dumps(lineage))
     (table_dir / schema.SUCCESS_FILE).write_text("")
     return str(table_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The out-of-distribution readout's reference (vaedist.ood): its definitions, computed directly.
+
+def ood_reference(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float]:
+    """AUROC as P(out > in) + P(out = in)/2 over all pairs; AUPR as the mean over OUT points of the
+    precision among points scoring at least as high; FPR at the highest threshold with TPR >= 95%."""
+    greater = (s_out[:, None] > s_in[None, :]).mean()
+    equal = (s_out[:, None] == s_in[None, :]).mean()
+    every = np.concatenate([s_in, s_out])
+    is_out = np.concatenate([np.zeros(len(s_in)), np.ones(len(s_out))])
+    precision = [is_out[every >= s].mean() for s in s_out]
+    thresholds = np.unique(every)
+    tpr = np.array([(s_out >= t).mean() for t in thresholds])
+    fpr = np.array([(s_in >= t).mean() for t in thresholds])
+    return {"auroc": greater + 0.5 * equal, "aupr": float(np.mean(precision)), "fpr_at_95_tpr": fpr[tpr >= 0.95].min(),
+            "in_mean": s_in.mean(), "in_se": s_in.std(ddof=1) / np.sqrt(len(s_in)),
+            "out_mean": s_out.mean(), "out_se": s_out.std(ddof=1) / np.sqrt(len(s_out))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,14 +61,14 @@ GROUP BY label
 ORDER BY label"""
 
 WORST_EXPLAINED_SQL = """\
-SELECT key, split, label, list_extract($class_names, label + 1) AS class, loss, recon_nll, kl
+SELECT key, split, label, list_extract($class_names, label + 1) AS class, loss, recon_nll, kl, source
 FROM {latents}
 WHERE $split IS NULL OR split = $split
 ORDER BY loss DESC, key
 LIMIT $k"""
 
 LARGEST_GAPS_SQL = """\
-SELECT key, split, label, list_extract($class_names, label + 1) AS class, gap, log_px, loss
+SELECT key, split, label, list_extract($class_names, label + 1) AS class, gap, log_px, loss, source
 FROM {latents}
 WHERE ($split IS NULL OR split = $split) AND gap IS NOT NULL
 ORDER BY gap DESC, key
@@ -78,7 +78,7 @@ LIMIT $k"""
 NEIGHBOURS_SQL = """\
 WITH query AS (SELECT {space} AS v FROM {latents} WHERE key = $key)
 SELECT l.key, l.split, l.label, list_extract($class_names, l.label + 1) AS class, l.loss,
-       list_distance(l.{space}::DOUBLE[], query.v::DOUBLE[]) AS distance
+       list_distance(l.{space}::DOUBLE[], query.v::DOUBLE[]) AS distance, l.source
 FROM {latents} AS l, query
 WHERE l.key <> $key
 ORDER BY distance, l.key
@@ -162,10 +162,23 @@ def _cursor() -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _select_list(names: list[str], casts: list[str]) -> str:
+    """The view's columns: all of the files' (with `casts` replacing some), plus `source` as NULL for a
+    table written before that column existed, in its place after `shard`: every reader sees one shape."""
+    replace = f" REPLACE ({', '.join(casts)})" if casts else ""
+    if "source" in names:
+        return f"*{replace}"
+    if "shard" not in names:  # not laid out as vaedist writes tables: the column goes last
+        return f"*{replace}, NULL::VARCHAR AS source"
+    first = ", ".join(f'"{n}"' for n in names[:names.index("shard") + 1])
+    return f"{first}, NULL::VARCHAR AS source, * EXCLUDE ({first}){replace}"
+
+
 def connect(latents_dir: str, *, view: str = schema.VIEW_NAME,
             con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view `latents` over the published table at latents_dir.
-    view names the view otherwise; con adds it to that connection (e.g. two tables side by side)."""
+    view names the view otherwise; con adds it to that connection (e.g. two tables side by side).
+    A table written before the `source` column existed reads with source NULL."""
     latents_dir = str(latents_dir)
     fs, files = table_files(latents_dir)
     root = storage.resolve(latents_dir)[1].rstrip("/")
@@ -177,16 +190,20 @@ def connect(latents_dir: str, *, view: str = schema.VIEW_NAME,
             # DuckDB's httpfs extension cannot be installed offline; pyarrow's S3 client is built in.
             dataset = pads.dataset(files, filesystem=fs, format="parquet",
                                    partitioning="hive" if hive else None, partition_base_dir=root)
-            con.register(view, dataset)
+            if "source" in dataset.schema.names:
+                con.register(view, dataset)
+            else:
+                con.register(f"_{view}_files", dataset)
+                con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT "
+                            f"{_select_list(dataset.schema.names, [])} FROM _{view}_files")
         else:
             # DuckDB reads fixed-size lists back from Parquet as FLOAT[]; cast to FLOAT[n] so the
             # view has the same types as an Arrow scan (and array_distance works directly).
             file_schema = pq.read_schema(files[0])
             casts = [f"{c}::FLOAT[{file_schema.field(c).type.list_size}] AS {c}" for c in schema.VECTOR_COLUMNS
                      if c in file_schema.names and pa.types.is_fixed_size_list(file_schema.field(c).type)]
-            replace = f" REPLACE ({', '.join(casts)})" if casts else ""
             file_list = ", ".join(_sql_string(f) for f in files)
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT *{replace} FROM "
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT {_select_list(file_schema.names, casts)} FROM "
                         f"read_parquet([{file_list}], hive_partitioning = {str(hive).lower()})")
     except (duckdb.Error, pa.ArrowException, OSError) as e:
         if own:

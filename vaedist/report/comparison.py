@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 
 from vaedist import analysis, query, schema, storage
 from vaedist.data import DatasetInfo
-from vaedist.report.figures import (GRID_COLUMNS, _class_colour, _class_ticks, _describe, _image_grid, _noun, _save,
-                                    _title)
+from vaedist.report.figures import (GRID_COLUMNS, _class_colour, _class_ticks, _describe, _grid_label, _image_grid,
+                                    _noun, _save, _title)
 from vaedist.report.pages import _figure_html, _inputs_html, _page, _pm, _rows_html
 from vaedist.report.shards import _images_of, _open_shards
 
@@ -123,7 +123,7 @@ def write_comparison(latents_dir: str, against_dir: str, out_dir: str, *, epoch:
         for start in range(0, max(len(rows), 1), GRID_COLUMNS):
             block = rows[start:start + GRID_COLUMNS]
             tiles += [images[r["key"]] for r in block] + [None] * (GRID_COLUMNS - len(block))
-            titles += [f"{r['key']}\n{_describe(info, r['label'])}\nΔ={r['delta']:+.1f}" for r in block]
+            titles += [f"{_grid_label(r)}\n{_describe(info, r['label'])}\nΔ={r['delta']:+.1f}" for r in block]
             titles += [""] * (GRID_COLUMNS - len(block))
             row_labels.append(change)
     figures = {
@@ -132,7 +132,8 @@ def write_comparison(latents_dir: str, against_dir: str, out_dir: str, *, epoch:
             _image_grid(tiles, titles, 255.0, info.image_shape, row_labels, title_lines=3),
             (f"The {num_examples} {split_note} datapoints whose l_i fell most from B to A (improved, Δl_i < 0, "
             f"largest first) and the {num_examples} whose l_i rose most (regressed), as their original pixels, "
-            f"titled with key, {_noun(info)} and Δl_i in nats; fewer where fewer changed that way.")),
+            f"titled with source (key in older tables), {_noun(info)} and Δl_i in nats; fewer where fewer changed "
+            "that way.")),
     }
     storage.makedirs(out_dir)
     with matplotlib.style.context("default"):
@@ -148,8 +149,9 @@ def write_comparison(latents_dir: str, against_dir: str, out_dir: str, *, epoch:
                         f"{r['improved_fraction']:.1%}"] for r in by_class.to_pylist()]
     by_class_header = ["label"] + (["class"] if info.class_names else []) + [
         "count", "mean l_i(A)", "mean l_i(B)", "mean Δl_i ± s.e.", "improved"]
+    with_source = any(r.get("source") for r in top)
     top_rows = [[r["change"], r["key"], _describe(info, r["label"]) if info.class_names else r["label"],
-                 r["loss_a"], r["loss_b"], f"{r['delta']:+.2f}"] for r in top]
+                 r["loss_a"], r["loss_b"], f"{r['delta']:+.2f}"] + ([r["source"]] if with_source else []) for r in top]
     body = [_inputs_html({"A": side(latents_dir, epoch_a), "B": side(against_dir, epoch_b), "shards": shards_dir,
                           "dataset": f"{info.name}, images {'x'.join(map(str, info.image_shape))}"}),
             (f"<p>Δl_i = l_i(A) - l_i(B), the difference of the two tables' per-datapoint losses (negative ELBO) for "
@@ -160,7 +162,8 @@ def write_comparison(latents_dir: str, against_dir: str, out_dir: str, *, epoch:
     body.append(_figure_html(name, _title(COMPARISON_FIGURES[name], info), figures[name][1]))
     name = "comparison_top.png"
     body += [_figure_html(name, COMPARISON_FIGURES[name], figures[name][1]),
-             _rows_html(["change", "key", noun, "l_i(A)", "l_i(B)", "Δl_i"], top_rows, "compare-top"),
+             _rows_html(["change", "key", noun, "l_i(A)", "l_i(B)", "Δl_i"] + (["source"] if with_source else []),
+                        top_rows, "compare-top"),
              "<h2>Lineage of A</h2>", f"<pre>{html.escape(json.dumps(lineage_a, indent=2, sort_keys=True))}</pre>",
              "<h2>Lineage of B</h2>", f"<pre>{html.escape(json.dumps(lineage_b, indent=2, sort_keys=True))}</pre>"]
     page = storage.join(out_dir, COMPARISON_PAGE)

@@ -12,9 +12,10 @@ from matplotlib.ticker import MaxNLocator
 
 from vaedist import analysis, storage
 from vaedist.data import DatasetInfo
-from vaedist.report.figures import GRID_COLUMNS, _blank, _class_colour, _describe, _noun, _save, _show, _title
+from vaedist.report.figures import (GRID_COLUMNS, _blank, _class_colour, _describe, _grid_label, _noun, _save, _show,
+                                    _title)
 from vaedist.report.pages import _figure_html, _format_epochs, _inputs_html, _page, _rows_html
-from vaedist.report.shards import _images_of
+from vaedist.report.shards import _images_of, _sources_of
 
 DYNAMICS_PER_GROUP = 8   # datapoints learned latest, and as many most forgotten
 LEARNED_WITHIN_NATS = 1.0
@@ -95,11 +96,14 @@ def _write_dynamics(con, latents_dir: str, shards_dir: str, info: DatasetInfo, s
             x.append(r["epoch"])
             y.append(r["loss"])
     images = _images_of(con, latents_dir, shards_dir, keys, info)
+    sources = _sources_of(con, latents_dir, keys)
+    for r in learned + forgot:
+        r["source"] = sources.get(r["key"])
     first, last = epochs[0], epochs[-1]
     groups = [
-        ("learned latest", learned, [f"{r['key']}\n{_describe(info, r['label'])}\nwithin at {r['first_epoch_within']}"
+        ("learned latest", learned, [f"{_grid_label(r)}\n{_describe(info, r['label'])}\nwithin at {r['first_epoch_within']}"
                                      for r in learned]),
-        ("most forgotten", forgot, [f"{r['key']}\n{_describe(info, r['label'])}\n+{r['rise']:.1f} at "
+        ("most forgotten", forgot, [f"{_grid_label(r)}\n{_describe(info, r['label'])}\n+{r['rise']:.1f} at "
                                     f"{r['from_epoch']}→{r['to_epoch']}" for r in forgot]),
     ]
     figures = {"dynamics_by_class.png": _class_curves(by_class, info, split_note)}

@@ -163,6 +163,9 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
     inputs = {"latent table": latents_dir, "checkpoint": checkpoint, "shards": shards_dir,
               "dataset": f"{info.name}, images {'x'.join(map(str, info.image_shape))}",
               "run": run_dir if run_dir is not None else "none"}
+    if lineage.get("same_data_as_training") is False:  # a model shown data it was not trained on
+        inputs["model trained on"] = (f"{lineage.get('train_dataset', '?')} (manifest "
+                                      f"{str(lineage.get('train_manifest_hash', '?'))[:12]}), not these shards")
     body = [_inputs_html(inputs)]
     if epochs:
         which = "the last" if shown_epoch == epochs[-1] else "chosen with epoch="

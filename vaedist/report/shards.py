@@ -9,6 +9,15 @@ from vaedist import data, query, schema, storage
 from vaedist.data import DatasetInfo
 
 
+def _sources_of(con, latents_dir: str, keys: list[str], view: str = schema.VIEW_NAME) -> dict[str, str | None]:
+    """key -> where the datapoint came from (the table's source column; None in older tables)."""
+    if not keys:
+        return {}
+    rows = query.run_sql(latents_dir, f"SELECT DISTINCT key, source FROM {view} WHERE list_contains($keys, key)",
+                         con=con, params={"keys": list(keys)}).to_pylist()
+    return {row["key"]: row["source"] for row in rows}
+
+
 def _images_of(con, latents_dir: str, shards_dir: str, keys: list[str], info: DatasetInfo,
                view: str = schema.VIEW_NAME) -> dict[str, np.ndarray]:
     """key -> the datapoint's pixels (uint8, flat), read from the shards the table names, each once."""
