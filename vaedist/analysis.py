@@ -31,8 +31,12 @@ from vaedist.query import QueryError, _check_k, _check_split, _execute, connect,
 EPOCH = "epoch"
 VIEW_A, VIEW_B = "latents_a", "latents_b"
 CLASS_COLUMN = "class"
+SOURCE = "source"
 # Lineage fields that must agree before two tables' l_i can be subtracted datapoint by datapoint.
-SAME_DATA_FIELDS = ("dataset", "manifest_hash", "binarize_seed", "splits")
+# binarised: Bernoulli models binarised draws, the other likelihoods the 8-bit pixels; tables from
+# before likelihoods existed lack the field and were all binarised.
+SAME_DATA_FIELDS = ("dataset", "manifest_hash", "binarize_seed", "splits", "binarised")
+LINEAGE_DEFAULTS = {"binarised": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,8 +80,10 @@ SELECT split,
        count(*)                                     AS count,
        avg(loss)                                    AS loss_mean,
        stddev_samp(loss) / sqrt(count(*))           AS loss_se,
+       avg(loss) / ($num_subpixels * ln(2))         AS bpd,
        avg(-log_px)                                 AS nll_mean,
        stddev_samp(log_px) / sqrt(count(log_px))    AS nll_se,
+       avg(-log_px) / ($num_subpixels * ln(2))      AS bpd_iw,
        avg(gap)                                     AS gap_mean,
        stddev_samp(gap) / sqrt(count(gap))          AS gap_se
 FROM {latents}
@@ -102,7 +108,7 @@ ORDER BY label"""
 # global_rank: 1 = the highest l_i among all the rows selected.
 OUTLIERS_SQL = """\
 WITH scored AS (
-    SELECT key, split, label, loss,
+    SELECT key, split, label, loss, source,
            avg(loss) OVER by_class          AS class_mean,
            stddev_samp(loss) OVER by_class  AS class_std,
            rank() OVER (ORDER BY loss DESC) AS global_rank
@@ -114,7 +120,7 @@ SELECT key, split, label,
        list_extract($class_names, label + 1) AS class,
        loss,
        (loss - class_mean) / class_std       AS z_score,
-       class_mean, class_std, global_rank
+       class_mean, class_std, global_rank, source
 FROM scored
 ORDER BY z_score DESC NULLS LAST, key
 LIMIT $k"""
@@ -125,7 +131,7 @@ LIMIT $k"""
 
 _PAIRS = """\
 WITH pairs AS (
-    SELECT a.key, a.split, a.label, a.loss AS loss_a, b.loss AS loss_b, a.loss - b.loss AS delta
+    SELECT a.key, a.split, a.label, a.loss AS loss_a, b.loss AS loss_b, a.loss - b.loss AS delta, a.source
     FROM {a} AS a JOIN {b} AS b ON a.key = b.key
     WHERE $split IS NULL OR a.split = $split
 )"""
@@ -147,7 +153,7 @@ ORDER BY label"""
 COMPARE_TOP_SQL = _PAIRS + """,
 improved AS (SELECT 'improved' AS change, * FROM pairs WHERE delta < 0 ORDER BY delta, key LIMIT $k),
 regressed AS (SELECT 'regressed' AS change, * FROM pairs WHERE delta > 0 ORDER BY delta DESC, key LIMIT $k)
-SELECT change, key, split, label, list_extract($class_names, label + 1) AS class, loss_a, loss_b, delta
+SELECT change, key, split, label, list_extract($class_names, label + 1) AS class, loss_a, loss_b, delta, source
 FROM (SELECT * FROM improved UNION ALL SELECT * FROM regressed)
 ORDER BY change, abs(delta) DESC, key"""
 
@@ -269,12 +275,15 @@ _PARAM = re.compile(r"\$([A-Za-z_]\w*)")
 
 def _run(con: duckdb.DuckDBPyConnection, latents_dir: str, sql: str, params: dict[str, Any],
          class_names: list[str] | None = None) -> pa.Table:
-    """Run sql with the params it names (DuckDB refuses unused ones); drop `class` without names."""
+    """Run sql with the params it names (DuckDB refuses unused ones); drop `class` without names, and
+    `source` where it is NULL throughout (a table written before that column)."""
     used = set(_PARAM.findall(sql))
     params = {**params, "class_names": class_names or []}
     result = _execute(con, str(latents_dir), sql, {k: v for k, v in params.items() if k in used})
     if not class_names and CLASS_COLUMN in result.column_names:
         result = result.drop_columns([CLASS_COLUMN])
+    if SOURCE in result.column_names and result.column(SOURCE).null_count == result.num_rows:
+        result = result.drop_columns([SOURCE])
     return result
 
 
@@ -395,12 +404,16 @@ def kl_per_dim(latents_dir: str, split: str | None = None, *, epoch: int | None 
 
 def totals(latents_dir: str, split: str | None = None, *, epoch: int | None = None,
            con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """Per split: count, mean l_i (the negative ELBO) with its standard error and, when the table
-    has log_px, the mean NLL (-log p(x)) and gap with theirs (dropped for a table encoded with K = 0)."""
+    """Per split: count, mean l_i (the negative ELBO) with its standard error and in bits per dimension
+    (bpd: nats / (H * W * C * ln 2), the image shape from the lineage; MNIST's for tables without one)
+    and, when the table has log_px, the mean NLL (-log p(x)) with its standard error, in bits per
+    dimension (bpd_iw), and the gap (dropped for a table encoded with K = 0)."""
     con, relation, params = _one_table(latents_dir, con, epoch, split)
-    result = _run(con, latents_dir, TOTALS_SQL.format(latents=relation), params)
+    shape = read_lineage(latents_dir).get("image_shape") or [28, 28, 1]
+    result = _run(con, latents_dir, TOTALS_SQL.format(latents=relation),
+                  {**params, "num_subpixels": math.prod(shape)})
     if result.column("nll_mean").null_count == result.num_rows:
-        result = result.drop_columns(["nll_mean", "nll_se", "gap_mean", "gap_se"])
+        result = result.drop_columns(["nll_mean", "nll_se", "bpd_iw", "gap_mean", "gap_se"])
     return result
 
 
@@ -436,7 +449,7 @@ def connect_pair(latents_dir: str, against_dir: str,
 
 def _check_same_data(latents_dir: str, against_dir: str) -> list[str] | None:
     """Refuse tables of different datapoints or binarisation; return the class names."""
-    a, b = read_lineage(latents_dir), read_lineage(against_dir)
+    a, b = ({**LINEAGE_DEFAULTS, **read_lineage(path)} for path in (latents_dir, against_dir))
     differ = [f"{field} {a.get(field)!r} vs {b.get(field)!r}" for field in SAME_DATA_FIELDS
               if field in a and field in b and a[field] != b[field]]
     missing = [f"{field} (not in {path}/_lineage.json)" for path, lineage in ((latents_dir, a), (against_dir, b))

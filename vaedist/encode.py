@@ -2,6 +2,7 @@
 
     vaedist encode --config configs/debug.yaml [--checkpoint outputs/runs/debug] [--out outputs/latents]
     vaedist encode --config configs/debug.yaml --epochs 0,1      # several checkpoints, one table
+    vaedist encode --checkpoint outputs/runs/vae-fashion-mnist --shards outputs/shards   # other data that fits
     ray job submit --working-dir . -- python jobs/encode.py --config configs/debug.yaml
 
 shards (one row each) -> map_batches(LatentEncoder actors: read a shard, check its sha256, encode it
@@ -36,11 +37,12 @@ from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_data
 from vaedist.config import Config
 from vaedist.console import RowsDisplay
 from vaedist.data import (DataError, DatasetInfo, key_for, manifest_dataset, manifest_hash,
-                          read_checked_shard, read_manifest)
+                          read_checked_shard, read_manifest, read_sources)
 from vaedist.data.shards import decode_shard_bytes
 from vaedist.devices import require_cuda
 from vaedist.rng import NOISE_SCHEME
 from vaedist.evaluate import evaluate_batch
+from vaedist.likelihoods import get_likelihood
 from vaedist.tracking import check_uri, log_encode, resolve_uri
 
 log = logging.getLogger("vaedist.encode")
@@ -91,10 +93,24 @@ class LatentEncoder:
         self.shards_dir, self.batch_size = shards_dir, batch_size
         self.num_samples_mc, self.num_samples_iw, self.iw_chunk_size = num_samples_mc, num_samples_iw, iw_chunk_size
         self.seed, self.lineage, self.fail_after_batches, self.batches = seed, lineage, fail_after_batches, 0
+        self.manifest: dict | None = None  # read on first use, for the datapoints' sources
+        self.sources: dict[str, np.ndarray] = {}
+
+    def sources_of(self, split: str, indices: np.ndarray) -> np.ndarray:
+        """Where each datapoint came from (vaedist.data.read_sources). A split whose manifest entry names a
+        sources file (external data) has it read once per actor, not once per shard."""
+        if self.manifest is None:
+            self.manifest = read_manifest(self.shards_dir)
+        if not self.manifest["splits"][split].get("sources"):
+            return read_sources(self.shards_dir, self.manifest, split, indices)
+        if split not in self.sources:
+            self.sources[split] = read_sources(self.shards_dir, self.manifest, split)
+        return self.sources[split][indices]
 
     def __call__(self, shards: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         for entry, split in zip(shards["entry"], shards["split"]):
             rows = read_shard(self.shards_dir, json.loads(entry), str(split), self.info)
+            rows["source"] = self.sources_of(str(split), rows["index"])
             for start in range(0, len(rows["key"]), self.batch_size):
                 yield self.encode_rows({name: value[start:start + self.batch_size] for name, value in rows.items()})
 
@@ -111,7 +127,7 @@ class LatentEncoder:
             out = evaluate_batch(model, x, rows["index"], split, self.seed, self.num_samples_mc,
                                  self.num_samples_iw, self.iw_chunk_size)
             columns = {name: value.cpu().numpy() for name, value in out.items()}
-            columns.update({name: rows[name] for name in ("key", "split", "index", "label", "shard")})
+            columns.update({name: rows[name] for name in ("key", "split", "index", "label", "shard", "source")})
             if self.epochs is not None:
                 columns["epoch"] = np.full(len(rows["key"]), self.epochs[i], np.int64)
             tables.append(schema.to_table(columns, model.latent_dim, self.lineage))
@@ -253,16 +269,22 @@ class EncodeResult:
 
 
 def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, epochs: list[int] | None = None,
-           all_kept: bool = False, echo: Callable[[str], None] | None = None) -> EncodeResult:
+           all_kept: bool = False, echo: Callable[[str], None] | None = None,
+           shards_dir: str | None = None) -> EncodeResult:
     """Encode cfg.encode.splits with a checkpoint into the latent table at `out` (default
     output.latents_dir). With `epochs` (or all_kept), encode those checkpoints of one run into one
-    table with an `epoch` column, a row per datapoint per checkpoint."""
+    table with an `epoch` column, a row per datapoint per checkpoint.
+
+    shards_dir (default data.shards_dir) may hold other data than the checkpoint was trained on, as
+    long as its images have the shape and channels the model takes; the lineage says which data the
+    model was trained on and whether it is the data encoded."""
     import ray
 
     from vaedist.cluster import check_resources, init_ray
+    from vaedist.user_code import model_runtime_env
 
     out = storage.absolute(out or cfg.output.latents_dir)
-    shards_dir = storage.absolute(cfg.data.shards_dir)
+    shards_dir = storage.absolute(shards_dir or cfg.data.shards_dir)
     if epochs or all_kept:
         chosen = resolve_epoch_checkpoints(cfg, checkpoint, epochs, all_kept)
     else:
@@ -274,13 +296,13 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     info = manifest_dataset(manifest)
     digest = manifest_hash(shards_dir)
     for st in states:
-        if st["manifest_hash"] != digest:
-            raise EncodeError(f"shards in {shards_dir} (manifest {digest[:12]}) do not match the checkpoint "
-                              f"{st['path']} (trained on manifest {st['manifest_hash'][:12]})")
+        # Any data the model's input layer fits: a model is encoded on data it never saw (out of
+        # distribution) as readily as on its own.
         check_data_compatible(st, info.name, info.image_shape, shards_dir)
-        if config_of(st).model != model_cfg.model or config_of(st).train.seed != model_cfg.train.seed:
-            raise EncodeError(f"checkpoints {st['path']} and {state['path']} are of different models or seeds; "
-                              "one table holds the checkpoints of one run")
+        if (config_of(st).model != model_cfg.model or config_of(st).train.seed != model_cfg.train.seed
+                or st["manifest_hash"] != state["manifest_hash"]):
+            raise EncodeError(f"checkpoints {st['path']} and {state['path']} are of different models, seeds or "
+                              "training data; one table holds the checkpoints of one run")
     check_output_path(out)
     tracking_uri = resolve_uri(cfg)
     if tracking_uri:
@@ -298,10 +320,16 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     lineage = {
         "checkpoint": state["path"], "checkpoint_epoch": state["epoch"], "config": model_cfg.to_dict(),
         "manifest_hash": digest, "shards_dir": shards_dir, "splits": list(ec.splits),
+        # The data the model was trained on, beside the data encoded (manifest_hash, dataset).
+        "train_manifest_hash": state["manifest_hash"],
+        "train_dataset": state.get("data", {}).get("dataset", "mnist"),
+        "same_data_as_training": state["manifest_hash"] == digest,
         "dataset": info.name, "image_shape": list(info.image_shape),
         "class_names": list(info.class_names) if info.class_names else None,
         "num_samples_mc": ec.num_samples_mc, "num_samples_iw": ec.num_samples_iw, "seed": ec.seed,
         "binarize_seed": model_cfg.train.seed, "latent_dim": model_cfg.model.latent_dim,
+        # What p(x|z) models: binarised draws or the 8-bit pixels (compare refuses to mix them).
+        "likelihood": model_cfg.model.likelihood, "binarised": get_likelihood(model_cfg.model).binarised,
         "noise_scheme": NOISE_SCHEME, "schema_version": schema.SCHEMA_VERSION, "vaedist_version": __version__,
     }
     if epoch_list is not None:
@@ -318,6 +346,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
         ("GPU", ec.concurrency if ec.use_gpu else 0, f"encode.use_gpu with encode.concurrency = {ec.concurrency}",
          "set encode.use_gpu=false, or run on a cluster with GPU nodes"),
     ], cfg.scaling.address)
+    runtime_env = model_runtime_env(model_cfg.model)  # model.kind=custom: its code, on every actor's node
     parent, prefix = _staging_prefix(out)
     for stale in storage.listdir(parent):  # leftovers of a killed run: never published, safe to drop
         if stale.startswith(prefix) or stale.startswith(prefix.replace("staging", "old")):
@@ -337,6 +366,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
                 # then publishes nothing, and a rerun encodes again.
                 .map_batches(LatentEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
                              num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
+                             runtime_env=runtime_env or None,
                              fn_constructor_kwargs=encoder_kwargs(cfg, [st["path"] for st in states], shards_dir,
                                                                   info.to_manifest(), lineage, epoch_list))
                 # The write tasks only move bytes; without a CPU of their own they write files as the

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vaedist.likelihoods import bits_per_dim
 from vaedist.losses import importance_log_px, negative_elbo_given_posterior
 from vaedist.rng import STREAM_IW, STREAM_MC, STREAM_Z, keyed_normal
 
@@ -21,7 +22,8 @@ from vaedist.rng import STREAM_IW, STREAM_MC, STREAM_Z, keyed_normal
 def evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_samples_mc: int = 1,
                    num_samples_iw: int = 0, iw_chunk_size: int = 100) -> dict[str, torch.Tensor]:
     """Per-datapoint results for x [B, P] (the likelihood's eval_input): mu, logvar, z (one posterior sample),
-    recon_nll, kl, loss (= recon_nll + kl) and, when num_samples_iw > 0, log_px and gap (= log_px + loss)."""
+    recon_nll, kl, loss (= recon_nll + kl), bpd (loss in bits per sub-pixel) and, when num_samples_iw > 0,
+    log_px, gap (= log_px + loss) and bpd_iw (-log_px in bits per sub-pixel)."""
     latent_dim = model.latent_dim
     index = torch.as_tensor(np.asarray(indices), dtype=torch.int64).to(x.device)
 
@@ -39,10 +41,12 @@ def evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_s
         "z": (mu + torch.exp(0.5 * logvar) * eps_z).float(),
         "recon_nll": recon_nll, "kl": kl, "loss": recon_nll + kl,
     }
+    out["bpd"] = bits_per_dim(out["loss"], x.shape[-1])
     if num_samples_iw > 0:
         # Drawn a chunk at a time, as the estimate consumes it: K x D noise is never held at once.
         log_px = importance_log_px(model, x, num_samples_iw, chunk_size=iw_chunk_size,
                                    eps=lambda start, k: noise(STREAM_IW, k, start), posterior=(mu, logvar)).double()
         out["log_px"] = log_px
         out["gap"] = log_px + out["loss"]
+        out["bpd_iw"] = bits_per_dim(-log_px, x.shape[-1])
     return out

@@ -13,7 +13,10 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: the optional epoch column; the lineage names the dataset and the noise scheme
+# 2: the optional epoch column; the lineage names the dataset and the noise scheme. 3: the source column;
+# the lineage names the training manifest beside the encoded one (train_manifest_hash, same_data_as_training).
+# 4: the bpd and bpd_iw columns; the lineage names the likelihood (and whether its data were binarised).
+SCHEMA_VERSION = 4
 LINEAGE_FILE = "_lineage.json"
 SUCCESS_FILE = "_SUCCESS"
 METADATA_KEY = b"vaedist.lineage"
@@ -24,8 +27,12 @@ COLUMNS: dict[str, str] = {
     "key": "the shard's __key__, '<split>-<index>'",
     "split": "'train' or 'test'",
     "index": "datapoint index within its split",
-    "label": "class 0-9 (MNIST's digit; the lineage's class_names name them where the dataset has names)",
+    "label": "class 0..num_classes-1 (MNIST's digit; the lineage's class_names name them where the dataset has "
+             "names); -1 for unlabelled data",
     "shard": "shard path relative to the shards directory",
+    "source": "where the datapoint came from (vaedist.data.read_sources): a file path relative to the image "
+              "folder, shard URL#__key__, array file#row, or for the built-ins e.g. "
+              "'mnist/t10k-images-idx3-ubyte#42'; absent from tables written before it (readers see NULL)",
     "epoch": "the checkpoint's epoch: only in tables of several checkpoints of one run (vaedist encode --epochs)",
     "mu": "posterior mean of q(z|x), float32[latent_dim]",
     "logvar": "posterior log-variance of q(z|x), float32[latent_dim]",
@@ -35,11 +42,16 @@ COLUMNS: dict[str, str] = {
     "loss": "l_i = recon_nll + kl (the negative ELBO) in nats",
     "log_px": "importance-weighted estimate of log p(x) with K samples, nats (null when K = 0)",
     "gap": "log_px + loss: estimated KL(q(z|x) || p(z|x)), nats (null when K = 0)",
+    "bpd": "loss in bits per dimension, loss / (H * W * C * ln 2); absent from tables written before it",
+    "bpd_iw": "-log_px in bits per dimension (null when K = 0); absent from tables written before it",
 }
 VECTOR_COLUMNS = ("mu", "logvar", "z")
+# The columns a table may lack (written before source or bpd; one checkpoint).
+OPTIONAL_COLUMNS = ("source", "epoch", "bpd", "bpd_iw")
 
 
-def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None, with_epoch: bool = False) -> pa.Schema:
+def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None, with_epoch: bool = False,
+                 with_source: bool = True, with_bpd: bool = True) -> pa.Schema:
     vec = pa.list_(pa.float32(), latent_dim)
     fields = [
         pa.field("key", pa.string(), nullable=False),
@@ -47,6 +59,7 @@ def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None, with
         pa.field("index", pa.int64(), nullable=False),
         pa.field("label", pa.int64(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
         pa.field("epoch", pa.int64(), nullable=False),
         pa.field("mu", vec, nullable=False),
         pa.field("logvar", vec, nullable=False),
@@ -56,10 +69,13 @@ def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None, with
         pa.field("loss", pa.float64(), nullable=False),
         pa.field("log_px", pa.float64()),
         pa.field("gap", pa.float64()),
+        pa.field("bpd", pa.float64(), nullable=False),
+        pa.field("bpd_iw", pa.float64()),
     ]
     assert [f.name for f in fields] == list(COLUMNS)
-    if not with_epoch:
-        fields = [f for f in fields if f.name != "epoch"]
+    left_out = {name for name, keep in (("epoch", with_epoch), ("source", with_source), ("bpd", with_bpd),
+                                        ("bpd_iw", with_bpd)) if not keep}
+    fields = [f for f in fields if f.name not in left_out]
     metadata = {METADATA_KEY: json.dumps(dict(lineage), sort_keys=True).encode()} if lineage else None
     return pa.schema(fields, metadata=metadata)
 
@@ -73,10 +89,11 @@ def _vectors(values: np.ndarray, latent_dim: int) -> pa.FixedSizeListArray:
 
 def to_table(columns: Mapping[str, Any], latent_dim: int, lineage: Mapping[str, Any] | None = None) -> pa.Table:
     """Build a table in the canonical schema from numpy columns (vectors as [rows, latent_dim])."""
-    missing = set(COLUMNS) - {"log_px", "gap", "epoch"} - set(columns)
+    missing = set(COLUMNS) - {"log_px", "gap", *OPTIONAL_COLUMNS} - set(columns)
     if missing:
         raise ValueError(f"latent table is missing columns {sorted(missing)}")
-    schema = arrow_schema(latent_dim, lineage, with_epoch="epoch" in columns)
+    schema = arrow_schema(latent_dim, lineage, with_epoch="epoch" in columns, with_source="source" in columns,
+                          with_bpd="bpd" in columns)
     rows = len(columns["key"])
     arrays = []
     for field in schema:

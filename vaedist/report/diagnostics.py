@@ -10,7 +10,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vaedist import analysis
 from vaedist.data import DatasetInfo
-from vaedist.report.figures import _describe, _image_grid, _items, _noun
+from vaedist.report.figures import _class_label, _describe, _grid_label, _image_grid, _items, _noun
 from vaedist.report.pages import _figure_html, _pm, _rows_html
 from vaedist.report.shards import _images_of
 
@@ -51,16 +51,27 @@ def _units(units: pa.Table, kl: pa.Table) -> tuple[Figure, str]:
 def _outliers(rows: list[dict], con, latents_dir: str, shards_dir: str, info: DatasetInfo,
               split_note: str) -> tuple[Figure, str]:
     images = _images_of(con, latents_dir, shards_dir, [row["key"] for row in rows], info)
-    titles = [f"{row['key']}\n{_describe(info, row['label'])}\n"
+    titles = [f"{_grid_label(row)}\n{_describe(info, row['label'])}\n"
               + (f"z={row['z_score']:.1f}, " if row["z_score"] is not None else "") + f"l={row['loss']:.0f}"
               for row in rows]
     caption = (f"The {len(rows)} {split_note} datapoints whose l_i lies furthest above that of their own "
                f"{_noun(info)}: z = (l_i - the {_noun(info)}'s mean l_i) / its standard deviation, within the "
-               "datapoint's split; highest z first, titled with key, "
+               "datapoint's split; highest z first, titled with source (key in older tables), "
                f"{_noun(info)}, z and l_i in nats. Unlike the highest-loss {_items(info)}, each "
                f"{_noun(info)}'s own typical loss is taken out.")
     return _image_grid([images[row["key"]] for row in rows], titles, 255.0, info.image_shape,
                        title_lines=3), caption
+
+
+def _bits_per_dim_html(totals: list[dict], info: DatasetInfo) -> str:
+    """The totals in bits per dimension, nats / (H * W * C * ln 2): the unit image likelihoods are
+    compared in (Bernoulli's are bits of the binarised draws, not of the 8-bit images)."""
+    height, width, channels = info.image_shape
+    per_split = "; ".join(f"{r['split']}: {r['bpd']:.4f} (ELBO)"
+                          + (f", {r['bpd_iw']:.4f} (-log p(x))" if r.get("bpd_iw") is not None else "")
+                          for r in totals)
+    return (f'<p class="bits-per-dim">Bits per dimension (nats / ({height}·{width}·{channels}·ln 2)): '
+            f"{per_split}.</p>")
 
 
 def _diagnostics(con, latents_dir: str, shards_dir: str, info: DatasetInfo, num_examples: int, split: str | None,
@@ -83,7 +94,8 @@ def _diagnostics(con, latents_dir: str, shards_dir: str, info: DatasetInfo, num_
     parts = ["<h2>Diagnostics</h2>", "<h3>Totals</h3>",
              ("<p>Per split, in nats: the mean per-datapoint loss l_i (the negative ELBO) and, where the table has "
              "importance-weighted estimates, the mean -log p(x) and the mean evidence gap log p(x) + l_i, each with "
-             "its standard error (standard deviation / sqrt(count)).</p>"), _rows_html(header, rows, "totals")]
+             "its standard error (standard deviation / sqrt(count)).</p>"), _rows_html(header, rows, "totals"),
+             _bits_per_dim_html(totals, info)]
     name = "latent_units.png"
     parts.append(_figure_html(name, DIAGNOSTIC_FIGURES[name], figures[name][1], 3))
     parts.append(f"<h3>Evidence gap per {_noun(info)}</h3>")
@@ -100,8 +112,11 @@ def _diagnostics(con, latents_dir: str, shards_dir: str, info: DatasetInfo, num_
         parts.append('<p class="no-log-px">No evidence gap: the table has no log p(x) estimates (encoded with '
                      "encode.num_samples_iw = 0); encode again with num_samples_iw > 0.</p>")
     name = "outliers.png"
+    with_source = any(r.get("source") for r in outliers)
     parts += [_figure_html(name, DIAGNOSTIC_FIGURES[name], figures[name][1], 3),
-              _rows_html(["key", "split", _noun(info), "l_i", "z", f"{_noun(info)} mean l_i", "rank of l_i"],
-                         [[r["key"], r["split"], info.class_name(r["label"]), r["loss"], r["z_score"], r["class_mean"],
-                           r["global_rank"]] for r in outliers], "outliers")]
+              _rows_html(["key", "split", _noun(info), "l_i", "z", f"{_noun(info)} mean l_i", "rank of l_i"]
+                         + (["source"] if with_source else []),
+                         [[r["key"], r["split"], _class_label(info, r["label"]), r["loss"], r["z_score"],
+                           r["class_mean"], r["global_rank"]] + ([r["source"]] if with_source else [])
+                          for r in outliers], "outliers")]
     return figures, parts

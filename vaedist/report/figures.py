@@ -20,17 +20,42 @@ DPI = 100
 # ---------------------------------------------------------------------------------------------
 # Words and pictures.
 
+def _digits(info: DatasetInfo) -> bool:
+    """MNIST's kind of labels: ten classes that need no names. Unlabelled data (num_classes 0, every
+    label -1) and datasets that name their classes have classes and images."""
+    return not info.class_names and info.num_classes == 10
+
+
 def _noun(info: DatasetInfo) -> str:
-    return "class" if info.class_names else "digit"
+    return "digit" if _digits(info) else "class"
 
 
 def _items(info: DatasetInfo) -> str:
-    return "images" if info.class_names else "digits"
+    return "digits" if _digits(info) else "images"
+
+
+def _class_label(info: DatasetInfo, label: int) -> str:
+    """A label's name: the class name, the digit, or "unlabelled" for -1."""
+    return "unlabelled" if label < 0 else info.class_name(label)
 
 
 def _describe(info: DatasetInfo, label: int) -> str:
-    """"Ankle boot" where the dataset names its classes, "digit 3" for MNIST."""
-    return info.class_name(label) if info.class_names else f"digit {label}"
+    """"Ankle boot" where the dataset names its classes, "digit 3" for MNIST, "unlabelled" for -1."""
+    return f"digit {label}" if _digits(info) and label >= 0 else _class_label(info, label)
+
+
+SOURCE_CHARS = 18  # of a source in an image's title: a grid cell is ~1.1 inches wide
+
+
+def _grid_label(row: dict) -> str:
+    """What an image in a grid is titled by: where it came from (the table's `source`: its last path
+    component, the end kept when long, as the row or key is there), else its key (tables written
+    before the source column)."""
+    source = row.get("source")
+    if not source:
+        return row["key"]
+    name = source.rsplit("/", 1)[-1] or source
+    return name if len(name) <= SOURCE_CHARS else "…" + name[-(SOURCE_CHARS - 1):]
 
 
 def _title(template: str, info: DatasetInfo) -> str:
@@ -86,7 +111,7 @@ def _image_grid(images: list[np.ndarray | None], titles: list[str], vmax: float,
 
 def _class_colours(info: DatasetInfo) -> tuple[str, float, float]:
     """(colormap, vmin, vmax) that give label l the colour it has in every figure of a report."""
-    return ("tab10" if info.num_classes <= 10 else "tab20"), -0.5, info.num_classes - 0.5
+    return ("tab10" if info.num_classes <= 10 else "tab20"), -0.5, max(info.num_classes, 1) - 0.5
 
 
 def _class_colour(info: DatasetInfo, label: int):
@@ -115,26 +140,28 @@ def _reconstructions(model, train_seed: int, shards_dir: str, manifest: dict, in
         probs = likelihood.mean(model.decode(mu)).numpy()
     x = likelihood.to_image(x)
     # Grid rows alternate: inputs, then their reconstructions below them.
+    sources = dict(zip(pick.tolist(), data.read_sources(shards_dir, manifest, "test", indices[pick])))
     tiles, titles, row_labels = [], [], []
     for start in range(0, len(pick), GRID_COLUMNS):
         block = slice(start, start + GRID_COLUMNS)
         pad = [None] * (GRID_COLUMNS - len(pick[block]))
         tiles += [*x.numpy()[block], *pad, *probs[block], *pad]
-        titles += [f"{data.key_for('test', int(indices[i]))}\n{_describe(info, int(labels[i]))}"
-                   for i in pick[block]] + [""] * len(pad)
+        titles += [f"{_grid_label({'key': data.key_for('test', int(indices[i])), 'source': sources[i]})}\n"
+                   f"{_describe(info, int(labels[i]))}" for i in pick[block]] + [""] * len(pad)
         titles += [""] * GRID_COLUMNS
         row_labels += ["input", "reconstruction"]
-    caption = (f"{len(pick)} test datapoints drawn with seed {seed}: each binarised input "
-               f"(fixed binarisation, seed train.seed = {train_seed}) above its reconstruction "
-               "sigmoid(decode(mu)), the decoder's pixel probabilities at the posterior mean.")
+    caption = (f"{len(pick)} test datapoints drawn with seed {seed}, titled with source: each "
+               f"{likelihood.input_note.format(seed=train_seed)} above its reconstruction, "
+               f"{likelihood.mean_note.replace('(z)', '(mu)')} at the posterior mean "
+               f"(model.likelihood = {likelihood.name}).")
     return _image_grid(tiles, titles, 1.0, info.image_shape, row_labels), caption
 
 
 def _samples(model, info: DatasetInfo, n: int, seed: int) -> tuple[Figure, str]:
     generator = torch.Generator().manual_seed(seed)
     probs = model.sample(n, generator, mean=True).numpy()
-    caption = (f"{n} samples z ~ N(0, I) (seed {seed}) shown as the decoder's pixel probabilities "
-               "sigmoid(decode(z)) rather than binary draws.")
+    caption = (f"{n} samples z ~ N(0, I) (seed {seed}) shown as {model.likelihood.mean_note} rather than "
+               "draws from p(x|z).")
     return _image_grid(list(probs), [""] * n, 1.0, info.image_shape, title_lines=0), caption
 
 
@@ -160,19 +187,23 @@ def _latent_space(labels: np.ndarray, mu: np.ndarray, info: DatasetInfo, split_n
     fig = Figure(figsize=(7, 6), layout="constrained")
     ax = fig.subplots()
     cmap, vmin, vmax = _class_colours(info)
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, vmin=vmin, vmax=vmax, s=3, alpha=0.6,
-                        linewidths=0)
-    bar = fig.colorbar(points, ax=ax, ticks=range(info.num_classes), label=_noun(info))
-    if info.class_names:
-        bar.ax.set_yticklabels(info.class_names, fontsize=8)
+    if info.num_classes == 0:  # unlabelled data: nothing to colour by
+        ax.scatter(xy[:, 0], xy[:, 1], color="C0", s=3, alpha=0.6, linewidths=0)
+    else:
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, vmin=vmin, vmax=vmax, s=3, alpha=0.6,
+                            linewidths=0)
+        bar = fig.colorbar(points, ax=ax, ticks=range(info.num_classes), label=_noun(info))
+        if info.class_names:
+            bar.ax.set_yticklabels(info.class_names, fontsize=8)
     ax.set_xlabel("component 1" if mu.shape[1] > 2 else "mu[0]")
     ax.set_ylabel("component 2" if mu.shape[1] > 2 else ("mu[1]" if mu.shape[1] == 2 else ""))
-    caption = f"Posterior means of {len(mu)} {split_note} datapoints, coloured by {_noun(info)}: {how}."
+    coloured = f", coloured by {_noun(info)}" if info.num_classes else " (unlabelled)"
+    caption = f"Posterior means of {len(mu)} {split_note} datapoints{coloured}: {how}."
     return fig, caption
 
 
 def _class_ticks(ax, info: DatasetInfo, labels: list[int]) -> None:
-    ax.set_xticks(labels, [info.class_name(label) for label in labels],
+    ax.set_xticks(labels, [_class_label(info, label) for label in labels],
                   rotation=30 if info.class_names else 0, ha="right" if info.class_names else "center")
     ax.set_xlabel(_noun(info))
 
@@ -195,8 +226,8 @@ def _worst(con, latents_dir: str, shards_dir: str, info: DatasetInfo, n: int, sp
            split_note: str, epoch: int | None) -> tuple[Figure, str]:
     worst = query.worst_explained(latents_dir, k=n, split=split, epoch=epoch, con=con).to_pylist()
     images = _images_of(con, latents_dir, shards_dir, [row["key"] for row in worst], info)
-    titles = [f"{row['key']}\n{_describe(info, row['label'])}\nl={row['loss']:.1f}" for row in worst]
+    titles = [f"{_grid_label(row)}\n{_describe(info, row['label'])}\nl={row['loss']:.1f}" for row in worst]
     caption = (f"The {len(worst)} {split_note} datapoints with the highest loss l_i, highest first, "
-               f"as their original pixels, titled with key, {_noun(info)} and loss in nats.")
+               f"as their original pixels, titled with source (key in older tables), {_noun(info)} and loss in nats.")
     return _image_grid([images[row["key"]] for row in worst], titles, 255.0, info.image_shape,
                        title_lines=3), caption
