@@ -127,13 +127,15 @@ def image_shape_of(state: dict) -> tuple[int, int, int]:
 
 
 def check_data_compatible(state: dict, dataset: str, image_shape: tuple[int, int, int], shards_dir: str) -> None:
-    """Refuse a checkpoint trained on images of another shape than the shards' (its input layer
-    would not fit), naming both."""
+    """Refuse a checkpoint trained on images of another shape or channel count than the shards' (its
+    input layer would not fit), naming both. Other data of the same shape is fine: a model may encode
+    data it was not trained on."""
     if image_shape_of(state) != tuple(image_shape):
         trained_on = state.get("data", {}).get("dataset", "mnist")
         raise CheckpointError(f"checkpoint {state.get('path')} was trained on {trained_on} images of shape "
-                              f"{list(image_shape_of(state))}, but the shards in {shards_dir} hold {dataset} "
-                              f"images of shape {list(image_shape)}")
+                              f"{list(image_shape_of(state))}, but the shards in {shards_dir} hold {dataset} images "
+                              f"of shape {list(image_shape)} (height, width, channels): its input layer takes only "
+                              "the first")
 
 
 def check_model_compatible(state: dict, cfg: Config) -> None:
@@ -149,7 +151,10 @@ def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[VAE
     """(model in eval mode, the config it was trained with, the raw state)."""
     state = load_checkpoint(path, map_location)
     cfg = config_of(state)
-    model = VAE(cfg.model, image_shape_of(state))
+    try:
+        model = VAE(cfg.model, image_shape_of(state))
+    except ConfigError as e:  # model.kind=custom: its factory must import (and build) here too
+        raise CheckpointError(f"checkpoint {state['path']}: {e}") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

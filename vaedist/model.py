@@ -1,34 +1,39 @@
 """The VAE: encoder q(z|x) (diagonal Gaussian), decoder p(x|z) (the likelihood `model.likelihood` names).
 
-Single-device model code: it knows nothing of Ray, ranks or files (Kingma & Welling, 2014).
+Single-device model code: it knows nothing of Ray, ranks or files (Kingma & Welling, 2014). Three
+families (`model.kind`): an MLP, a conv family of stride-2 stages with optional residual blocks and
+normalisation, and the user's own module (vaedist/custom_model.py), all behind one interface.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from vaedist.config import ModelConfig
+from vaedist.config import ConfigError, ModelConfig
 from vaedist.likelihoods import Likelihood, get_likelihood
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
 MNIST_SHAPE = (28, 28, 1)
 
 
-class _ToImage(nn.Module):
+class ToImage(nn.Module):
     """[B, H*W*C] flattened channels last (the shards' layout) -> [B, C, H, W] (what Conv2d takes).
     One module in the place of the Unflatten it replaced, so earlier checkpoints keep their keys."""
 
     def __init__(self, image_shape: tuple[int, int, int]):
         super().__init__()
-        self.image_shape = image_shape
+        self.image_shape = tuple(image_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], *self.image_shape).permute(0, 3, 1, 2)
 
 
-class _FromImage(nn.Module):
-    """[B, C, H, W] -> [B, H*W*C] channels last: _ToImage's inverse."""
+class FromImage(nn.Module):
+    """[B, K, H, W] -> [B, H*W*K] channels last: ToImage's inverse, and the layout the likelihood
+    reads its K parameters per position in."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1).flatten(1)
@@ -41,13 +46,91 @@ def _mlp(widths: list[int], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+# ---------------------------------------------------------------------------------------------
+# The conv family.
+
+def _norm(kind: str, channels: int) -> list[nn.Module]:
+    """model.norm for a hidden feature map; [] for none. group: gcd(channels, 32) groups (Wu & He
+    2018's 32 where the channels allow); layer: one group, i.e. LayerNorm over (C, H, W) with a
+    per-channel affine. Both normalise each datapoint alone; batch couples a training batch."""
+    if kind == "none":
+        return []
+    if kind == "batch":
+        return [nn.BatchNorm2d(channels)]
+    return [nn.GroupNorm(math.gcd(channels, 32) if kind == "group" else 1, channels)]
+
+
+class ResBlock(nn.Module):
+    """x + conv3x3(act(norm(conv3x3(act(norm(x)))))): a pre-activation residual block (He et al.
+    2016) that keeps the resolution and channels."""
+
+    def __init__(self, channels: int, activation: str, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(
+            *_norm(norm, channels), _ACTIVATIONS[activation](), nn.Conv2d(channels, channels, 3, padding=1),
+            *_norm(norm, channels), _ACTIVATIONS[activation](), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def check_conv_geometry(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    """The conv family halves height and width once per stage (model.hidden_dims has one channel
+    count per stage): both must be divisible by 2^stages. Raises ConfigError naming the keys."""
+    height, width, channels = image_shape
+    stages = len(cfg.hidden_dims)
+    factor = 2 ** stages
+    if height % factor or width % factor:
+        fits = max(s for s in range(stages + 1) if height % 2 ** s == 0 and width % 2 ** s == 0)
+        raise ConfigError(
+            f"model.hidden_dims: model.kind=conv has {stages} stride-2 stages (one per entry of "
+            f"model.hidden_dims {cfg.hidden_dims}), which need image height and width divisible by "
+            f"2^{stages} = {factor}, but the images are {height}x{width}x{channels} (height x width x channels); "
+            + (f"use at most {fits} stages" if fits else "no number of stages fits")
+            + f" or resize the images (data.image_size) to multiples of {factor}")
+
+
+def _conv_nets(cfg: ModelConfig, image_shape: tuple[int, int, int], out_channels: int
+               ) -> tuple[nn.Sequential, nn.Linear, nn.Sequential]:
+    """(encoder, to_posterior, decoder) of the conv family. Each stage: a 4x4 stride-2 convolution
+    (H -> H/2), its norm, the activation, then res_blocks_per_stage residual blocks; the decoder
+    mirrors it with transposed convolutions, the last of which emits the likelihood's parameters.
+    With no residual blocks and no norm the layer indices are those of the two-stage model that
+    came before, so its checkpoints load unchanged."""
+    check_conv_geometry(cfg, image_shape)
+    height, width, channels = image_shape
+    act, norm, blocks = cfg.activation, cfg.norm, cfg.res_blocks_per_stage
+    dims = list(cfg.hidden_dims)
+    factor = 2 ** len(dims)
+    h, w = height // factor, width // factor
+    enc: list[nn.Module] = [ToImage(image_shape)]
+    for c_in, c_out in zip([channels, *dims], dims):
+        enc += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), *_norm(norm, c_out), _ACTIVATIONS[act]()]
+        enc += [ResBlock(c_out, act, norm) for _ in range(blocks)]
+    enc.append(nn.Flatten())
+    dec: list[nn.Module] = [nn.Linear(cfg.latent_dim, dims[-1] * h * w), _ACTIVATIONS[act](),
+                            nn.Unflatten(1, (dims[-1], h, w))]
+    for i in reversed(range(len(dims))):
+        dec += [ResBlock(dims[i], act, norm) for _ in range(blocks)]
+        if i > 0:
+            dec += [nn.ConvTranspose2d(dims[i], dims[i - 1], 4, stride=2, padding=1), *_norm(norm, dims[i - 1]),
+                    _ACTIVATIONS[act]()]
+        else:
+            dec += [nn.ConvTranspose2d(dims[0], out_channels, 4, stride=2, padding=1), FromImage()]
+    return nn.Sequential(*enc), nn.Linear(dims[-1] * h * w, 2 * cfg.latent_dim), nn.Sequential(*dec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The VAE.
+
 class VAE(nn.Module):
     """x in [B, num_pixels] (the likelihood's input transform of the pixels) -> q(z|x) =
     N(mu, diag exp(logvar)); z -> the likelihood's parameters [.., num_params].
 
     image_shape (height, width, channels) comes from the dataset's manifest; pixels are flattened
     channels last, as the shards store them, and so are the decoder's parameters (params_per_pixel
-    per position). The conv family halves height and width twice, so both must be divisible by 4."""
+    per position). mlp and conv hold encoder, to_posterior and decoder; custom holds the module its
+    factory returned as `net` (vaedist/custom_model.py), so a checkpoint's keys say which it is."""
 
     def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int] = MNIST_SHAPE,
                  likelihood: Likelihood | None = None):
@@ -56,45 +139,36 @@ class VAE(nn.Module):
         self.image_shape = tuple(int(d) for d in image_shape)
         height, width, channels = self.image_shape
         self.num_pixels = num_pixels = height * width * channels
-        self.likelihood = likelihood if likelihood is not None else get_likelihood(cfg)
+        self.likelihood = likelihood if likelihood is not None else get_likelihood(cfg, channels)
         self.num_params = self.likelihood.num_params(self.image_shape)
         out_channels = self.likelihood.params_per_pixel(channels)
         self.latent_dim = cfg.latent_dim
         act = cfg.activation
+        self.net: nn.Module | None = None
         if cfg.kind == "mlp":
             widths = [num_pixels, *cfg.hidden_dims]
             self.encoder = _mlp(widths, act)
             self.to_posterior = nn.Linear(widths[-1], 2 * cfg.latent_dim)
             self.decoder = nn.Sequential(_mlp([cfg.latent_dim, *reversed(widths[1:])], act),
                                          nn.Linear(widths[1], self.num_params))
+        elif cfg.kind == "conv":
+            self.encoder, self.to_posterior, self.decoder = _conv_nets(cfg, self.image_shape, out_channels)
         else:
-            if height % 4 or width % 4:
-                raise ValueError(f"the conv model halves height and width twice: they must be divisible by 4, "
-                                 f"got image shape {self.image_shape}")
-            c1, c2 = cfg.hidden_dims
-            h4, w4 = height // 4, width // 4
-            self.encoder = nn.Sequential(
-                _ToImage(self.image_shape),
-                nn.Conv2d(channels, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),  # H -> H/2
-                nn.Conv2d(c1, c2, 4, stride=2, padding=1), _ACTIVATIONS[act](),        # H/2 -> H/4
-                nn.Flatten(),
-            )
-            self.to_posterior = nn.Linear(c2 * h4 * w4, 2 * cfg.latent_dim)
-            self.decoder = nn.Sequential(
-                nn.Linear(cfg.latent_dim, c2 * h4 * w4), _ACTIVATIONS[act](),
-                nn.Unflatten(1, (c2, h4, w4)),
-                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), _ACTIVATIONS[act](),    # H/4 -> H/2
-                nn.ConvTranspose2d(c1, out_channels, 4, stride=2, padding=1),               # H/2 -> H
-                _FromImage(),
-            )
+            from vaedist.custom_model import build_custom  # torch only, like this module
+
+            self.net = build_custom(cfg, self.image_shape, out_channels)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Parameters of q(z|x): (mu, logvar), each [B, latent_dim]."""
+        if self.net is not None:
+            return self.net.encode(x)
         mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood's parameters of p(x|z) for z of shape [..., latent_dim] -> [..., num_params]."""
+        if self.net is not None:
+            return self.net.decode(z)  # the protocol: leading dims kept (checked before training)
         lead = z.shape[:-1]
         return self.decoder(z.reshape(-1, self.latent_dim)).reshape(*lead, self.num_params)
 
@@ -127,4 +201,3 @@ class VAE(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
