@@ -23,9 +23,11 @@ import torch
 from vaedist.config import TrainConfig
 from vaedist.evaluate import evaluate_batch
 from vaedist.likelihoods import likelihood_of
-from vaedist.losses import batch_loss, negative_elbo
+from vaedist.losses import sample_terms
+from vaedist.objectives import Objective, objective_for
 
 SUM_KEYS = ("loss", "recon_nll", "kl")
+TRAIN_SUM_KEYS = (*SUM_KEYS, "objective")  # training also sums the objective's own value (train.objective)
 
 
 def optimizer_kernel(cfg: TrainConfig, device: torch.device) -> str:
@@ -93,20 +95,26 @@ def make_grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.Gr
 
 def train_step(model, optimizer, x: torch.Tensor, cfg: TrainConfig, lr: float, kl_w: float,
                generator: torch.Generator | None = None, autocast=contextlib.nullcontext(),
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """One optimiser step on x (the likelihood's train_input); returns the batch sums of the unweighted (loss, recon_nll,
-    kl) as a float64 tensor [3] on x's device, not read back (no host sync)."""
+               scaler: torch.amp.GradScaler | None = None, objective: Objective | None = None) -> torch.Tensor:
+    """One optimiser step on x (the likelihood's train_input) minimising `objective` (default: the one
+    cfg.objective names). Returns the batch sums of the unweighted (loss, recon_nll, kl) and of the
+    objective's value per datapoint, in TRAIN_SUM_KEYS order, as a float64 tensor [4] on x's device,
+    not read back (no host sync). One forward pass serves both: with the iwae objective the ELBO's
+    reconstruction term is the mean over its k samples."""
+    if objective is None:
+        objective = objective_for(cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast:
-        parts = negative_elbo(model, x, cfg.num_samples_mc, generator=generator)
-        objective = batch_loss(parts, kl_w)
+        terms = sample_terms(model, x, objective.num_samples, generator=generator)
+        parts = terms.parts()
+        value = objective(terms, kl_w)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
-        scaler.scale(objective).backward()
+        scaler.scale(value).backward()
         scaler.unscale_(optimizer)
     else:
-        objective.backward()
+        value.backward()
     if cfg.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
     if scaler is not None:
@@ -115,7 +123,7 @@ def train_step(model, optimizer, x: torch.Tensor, cfg: TrainConfig, lr: float, k
     else:
         optimizer.step()
     return torch.stack([parts.loss.detach().sum(), parts.recon_nll.detach().sum(),
-                        parts.kl.detach().sum()]).double()
+                        parts.kl.detach().sum(), value.detach() * x.shape[0]]).double()
 
 
 def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -142,33 +150,34 @@ def train_steps(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor]
     every cfg.progress_every_steps steps). `batches` is either images_u8 [N, P] on the device
     (shuffled here, from the epoch's generator) or an iterable of uint8 batches [B, P] (a stream,
     already shuffled), moved to the device and binarised there. Returns the sums (loss, recon_nll,
-    kl) as a float64 tensor [3] on the device, and the sample count."""
+    kl, objective: TRAIN_SUM_KEYS) as a float64 tensor [4] on the device, and the sample count."""
     gen = epoch_generator(cfg.seed, epoch, rank, device)
     if isinstance(batches, torch.Tensor):
         batches = memory_batches(batches, cfg.batch_size_per_worker, num_steps, gen)
     autocast = autocast_context(device, mixed_precision)
     likelihood = likelihood_of(model)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    objective = objective_for(cfg)
+    totals = torch.zeros(len(TRAIN_SUM_KEYS), dtype=torch.float64, device=device)
     count = 0
     model.train()
     for i, images in zip(range(num_steps), batches):
         step = start_step + i
         x = likelihood.train_input(images.to(device, non_blocking=True), gen)
         totals += train_step(model, optimizer, x, cfg, learning_rate(cfg, step, steps_per_epoch),
-                             kl_weight(cfg, step, steps_per_epoch), gen, autocast, scaler)
+                             kl_weight(cfg, step, steps_per_epoch), gen, autocast, scaler, objective)
         count += images.shape[0]
         if on_progress is not None and cfg.progress_every_steps and (i + 1) % cfg.progress_every_steps == 0:
-            on_progress(i + 1, {**dict(zip(SUM_KEYS, totals.tolist())), "count": float(count)})
+            on_progress(i + 1, {**dict(zip(TRAIN_SUM_KEYS, totals.tolist())), "count": float(count)})
     return totals, count
 
 
 def train_epoch(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor], cfg: TrainConfig, **kwargs
                 ) -> dict[str, float]:
-    """train_steps, then the epoch's one read from the device: its sums (loss, recon_nll, kl), the
-    sample count and the wall time of the loop."""
+    """train_steps, then the epoch's one read from the device: its sums (loss, recon_nll, kl,
+    objective), the sample count and the wall time of the loop."""
     start = time.perf_counter()
     totals, count = train_steps(model, optimizer, batches, cfg, **kwargs)
-    sums = dict(zip(SUM_KEYS, totals.tolist()))
+    sums = dict(zip(TRAIN_SUM_KEYS, totals.tolist()))
     return {**sums, "count": float(count), "seconds": time.perf_counter() - start}
 
 

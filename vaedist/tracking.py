@@ -40,9 +40,9 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 RUN_RECORD_FILE = "mlflow.json"
 DEFAULT_STORE_FILE = "mlflow.db"  # beside the run directories, under output.storage_path
 DEFAULT_ARTIFACTS_DIR = "mlartifacts"  # beside a SQLite store (MLflow's own default is ./mlruns in the cwd)
-EPOCH_METRICS = ("train_loss", "train_recon_nll", "train_kl", "test_loss", "test_recon_nll", "test_kl",
-                 "samples_per_s", "epoch_seconds")
-FINAL_METRICS = ("test_nll_iw",)
+EPOCH_METRICS = ("train_loss", "train_recon_nll", "train_kl", "train_objective", "test_loss", "test_recon_nll",
+                 "test_kl", "test_bpd", "samples_per_s", "epoch_seconds")
+FINAL_METRICS = ("test_nll_iw", "test_bpd_iw")  # bpd: bits per dimension, loss / (H * W * C * ln 2)
 TAG = "vaedist."  # prefix of vaedist's own run tags
 # Per request, while vaedist talks to the store; MLflow's defaults (7 retries with exponential
 # backoff, 120 s timeout) would stall a training epoch for minutes when the server is down.
@@ -494,3 +494,75 @@ def _log_encode(uri: str, latents_dir: str, experiment: str, run_dir: str | None
     if created:  # a run of its own (the training run was not tracked in this store): nothing else ends it
         client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: a parent run, each trial's training run its child.
+
+class SweepTracker:
+    """A sweep's MLflow parent run, opened (or resumed, from <sweep_dir>/mlflow.json) on construction.
+    Each trial's TrainTracker gets `child_tags` (mlflow.parentRunId), which makes its run a child.
+
+        tracker = SweepTracker(uri, experiment, sweep_dir, name, params={"grid": ..., "trials": 4})
+        tags = tracker.child_tags                 # into each trial's TrainTracker
+        tracker.end_child(run_dir, "KILLED")      # a trial the scheduler stopped
+        tracker.finish({"best_test_loss": 97.1}, status="FINISHED")
+
+    uri None makes every method a no-op; like TrainTracker, a failing store costs a warning, never the sweep.
+    """
+
+    def __init__(self, uri: str | None, experiment: str, sweep_dir: str, name: str, params: Mapping[str, Any]):
+        self.uri, self.sweep_dir, self.run_id = uri, sweep_dir, None
+        self._client = None
+        if uri is not None:
+            self._guard("opening the sweep's run", self._open, experiment, name, params)
+
+    def _guard(self, what: str, fn, *args) -> None:
+        if self.uri is None or (self._client is None and self.run_id is not None):
+            return
+        try:
+            with _bounded_requests():
+                fn(*args)
+        except Exception as e:  # any failure of the store: the sweep goes on regardless
+            self._client, self.run_id = None, "failed"
+            log.warning("MLflow tracking to %s failed while %s (%s: %s); the sweep goes on without its parent run",
+                        redact(self.uri or ""), what, type(e).__name__, _first_line(e, self.uri))
+
+    def _open(self, experiment: str, name: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self._client = client = _client(self.uri)
+        tags = {f"{TAG}sweep": name, f"{TAG}sweep_dir": self.sweep_dir, f"{TAG}version": __version__,
+                "mlflow.source.name": "vaedist sweep", "mlflow.source.type": "JOB"}
+        run, _ = _open_run(client, self.uri, experiment, self.sweep_dir, name, tags)
+        self.run_id = run.info.run_id
+        if run.info.status != "RUNNING":
+            client.update_run(self.run_id, status="RUNNING")
+        flat = {k: v[:6000] for k, v in flatten_config(params).items() if k not in run.data.params}
+        for chunk in _chunks([Param(k, v) for k, v in flat.items()], 100):
+            client.log_batch(self.run_id, params=chunk)
+
+    @property
+    def child_tags(self) -> dict[str, str] | None:
+        """Tags that make a run this run's child (None without a parent run)."""
+        if self._client is None:
+            return None
+        return {"mlflow.parentRunId": self.run_id, f"{TAG}sweep_run_id": self.run_id}
+
+    def end_child(self, run_dir: str, status: str) -> None:
+        """End the MLflow run recorded in run_dir (a trial stopped early never ends its own)."""
+        entry = read_run_record(run_dir).get(redact(self.uri)) if self._client is not None else None
+        if entry:
+            self._guard(f"ending the run of {run_dir}", self._client.set_terminated, entry["run_id"], status)
+
+    def finish(self, metrics: Mapping[str, float], status: str = "FINISHED") -> None:
+        """The sweep's summary metrics (step 0) and its end."""
+        from mlflow.entities import Metric
+
+        if self._client is None:
+            return
+        now = _now_ms()
+        points = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        self._guard("logging the sweep's summary", self._client.log_batch, self.run_id, points)
+        if self._client is not None:
+            self._guard("ending the sweep's run", self._client.set_terminated, self.run_id, status)
