@@ -72,6 +72,46 @@ class DataConfig:
     shuffle_buffer_rows: int = 4096
     """ingest stream: rows in each worker's local shuffle buffer (it also shuffles the shards' order
     every epoch)."""
+    source: Literal["builtin", "images", "webdataset", "arrays"] = "builtin"
+    """What `vaedist data prepare` reads. builtin: data.dataset. images: a folder of image files
+    (source_path; labels from first-level subfolders, a top-level train/ + test/ as the split).
+    webdataset: existing tar shards (source_path, or train_pattern + test_pattern; local, s3://,
+    brace patterns). arrays: .npy/.npz files of uint8 images [N, H, W(, C)] (source_path)."""
+    source_path: str | None = None
+    """images: the folder; webdataset: a shard pattern (split by hash); arrays: a .npy/.npz file or
+    a folder of them (split by hash, or an .npz's x_train/x_test arrays)."""
+    train_pattern: str | None = None
+    """webdataset, arrays: the training split's shards or files (with test_pattern, instead of
+    source_path and the hash split)."""
+    test_pattern: str | None = None
+    """webdataset, arrays: the test split's shards or files (see train_pattern)."""
+    image_key: str | None = None
+    """webdataset: the image entry's extension (None: the first of jpg, jpeg, png, webp, npy present);
+    arrays: the .npz member holding the images (None: images, else x)."""
+    label_key: str | None = None
+    """webdataset: cls, or json:FIELD for an integer field of the json entry (None: cls when present,
+    else unlabelled); arrays: the .npz member holding the labels (None: labels, else y, else
+    unlabelled). Unlabelled datapoints get label -1."""
+    image_size: list[int] | None = None
+    """images, webdataset, arrays: [height, width] every image is made (resize so it covers that
+    size, bilinear, then centre crop). None: the images' own size, which must then be the same for
+    all."""
+    channels: int | None = None
+    """images, webdataset, arrays: 1 (grey) or 3 (RGB) channels every image is converted to. None:
+    the images' own (grey modes 1; colour, palette and alpha modes 3), the same for all."""
+    background: str = "white"
+    """Colour that transparent pixels are composited on: white, black or #rrggbb."""
+    test_fraction: float = 0.1
+    """Where no split is given: the fraction of datapoints in the test split, chosen by a hash of
+    each one's relative path (or shard name and key, or array file and row), so adding data never
+    moves existing datapoints between splits."""
+    skip_bad_images: bool = False
+    """A file that cannot be decoded is an error naming it; true skips such files instead (each
+    listed in the manifest and in prepare's output)."""
+    binarize: bool | None = None
+    """Whether the model sees binarised pixels. null: as model.likelihood does (bernoulli binarises;
+    the discretized-logistic likelihoods and gaussian model the 8-bit levels); true or false states
+    it, and a model.likelihood that does the other is an error naming both keys."""
 
     def __post_init__(self) -> None:
         _check(self.samples_per_shard > 0, "data.samples_per_shard", f"must be > 0, got {self.samples_per_shard}")
@@ -82,6 +122,23 @@ class DataConfig:
         _check(self.memory_budget_mb > 0, "data.memory_budget_mb", f"must be > 0, got {self.memory_budget_mb}")
         _check(self.shuffle_buffer_rows >= 0, "data.shuffle_buffer_rows",
                f"must be >= 0 (0 = no buffer), got {self.shuffle_buffer_rows}")
+        if self.image_size is not None:
+            _check(len(self.image_size) == 2 and min(self.image_size) > 0, "data.image_size",
+                   f"must be [height, width] > 0, got {self.image_size}")
+        _check(self.channels in (None, 1, 3), "data.channels", f"must be 1, 3 or null, got {self.channels}")
+        _check(self.background in ("white", "black") or (len(self.background) == 7 and self.background[0] == "#"
+               and all(c in "0123456789abcdefABCDEF" for c in self.background[1:])), "data.background",
+               f"must be white, black or #rrggbb, got {self.background!r}")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        if self.source != "builtin":
+            patterns = (self.train_pattern is not None, self.test_pattern is not None)
+            _check(patterns[0] == patterns[1], "data.train_pattern",
+                   "data.train_pattern and data.test_pattern go together (or neither, with data.source_path)")
+            _check(self.source != "images" or not any(patterns), "data.train_pattern",
+                   "is for webdataset and arrays; an images folder is split by its train/ and test/ subfolders")
+            _check((self.source_path is not None) != all(patterns), "data.source_path",
+                   f"data.source={self.source} needs data.source_path"
+                   + (" or data.train_pattern + data.test_pattern (not both)" if self.source != "images" else ""))
 
     def resolved_mnist_dir(self) -> str | None:
         """The local MNIST IDX directory in force: the config's, else the environment's, else None."""
@@ -96,27 +153,63 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["mlp", "conv"] = "mlp"
-    """Encoder/decoder family: an MLP, or a small convolutional network (28x28 inputs only)."""
+    kind: Literal["mlp", "conv", "custom"] = "mlp"
+    """Encoder/decoder family: mlp; conv (stride-2 stages, any image size they divide); custom (the
+    nn.Module that model.factory returns, see vaedist/custom_model.py)."""
     latent_dim: int = 32
     """Dimension of z, the bottleneck."""
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
     """MLP: widths of the encoder's hidden layers; the decoder mirrors them.
-    conv: channels of the encoder's stride-2 convolutions."""
+    conv: channels of each stride-2 stage, one entry per stage (its length is the depth: height and
+    width must be divisible by 2^len); the decoder mirrors them. custom: unused."""
+    res_blocks_per_stage: int = 0
+    """conv: residual blocks (two 3x3 convolutions, pre-activation) after each encoder stage and
+    before each decoder stage, at that stage's resolution and channels."""
+    norm: Literal["none", "batch", "group", "layer"] = "none"
+    """conv: normalisation after each hidden convolution and inside the residual blocks. group
+    (gcd(channels, 32) groups) and layer (one group) treat each datapoint alone; batch couples the
+    datapoints of a training batch (evaluation uses the running statistics, so per-datapoint values
+    stay exact there; across DDP ranks each rank normalises with its own batch)."""
+    factory: str | None = None
+    """custom: "package.module:function" returning the model (vaedist/custom_model.py documents the
+    protocol). Imported with the current directory first on sys.path; its top-level package is
+    shipped to every Ray worker unless it is installed."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """custom: keyword arguments for model.factory (plain YAML values; saved in every checkpoint)."""
     activation: Literal["relu", "elu", "gelu", "softplus", "tanh"] = "elu"
     """Non-linearity between hidden layers."""
-    likelihood: Literal["bernoulli"] = "bernoulli"
+    likelihood: Literal["bernoulli", "discretized-logistic", "discretized-logistic-mixture", "gaussian"] = "bernoulli"
     """The decoder's distribution p(x|z) (vaedist/likelihoods.py): bernoulli on binarised pixels
-    (grey level / 255 as the probability of a 1)."""
+    (grey level / 255 as the probability of a 1); discretized-logistic (256 bins per sub-pixel) or
+    discretized-logistic-mixture (PixelCNN++'s) on the 8-bit pixels; gaussian with a learned scale
+    on pixels dequantised with uniform noise (a lower bound on a discrete likelihood)."""
+    mixture_components: int = 10
+    """discretized-logistic-mixture: K, logistic components per pixel."""
+    gaussian_scale: Literal["per-subpixel", "per-image"] = "per-subpixel"
+    """gaussian: one learned sigma per sub-pixel, or one per image (the mean of the decoder's
+    log-scale outputs)."""
 
     def __post_init__(self) -> None:
         _check(self.latent_dim > 0, "model.latent_dim", f"must be > 0, got {self.latent_dim}")
         _check(len(self.hidden_dims) > 0, "model.hidden_dims", "must list at least one width")
         for i, width in enumerate(self.hidden_dims):
             _check(width > 0, f"model.hidden_dims[{i}]", f"must be > 0, got {width}")
-        if self.kind == "conv":
-            _check(len(self.hidden_dims) == 2, "model.hidden_dims",
-                   f"the conv model takes exactly 2 channel counts (28->14->7), got {self.hidden_dims}")
+        _check(self.mixture_components > 0, "model.mixture_components", f"must be > 0, got {self.mixture_components}")
+        _check(self.res_blocks_per_stage >= 0, "model.res_blocks_per_stage",
+               f"must be >= 0, got {self.res_blocks_per_stage}")
+        # Settings another kind would silently ignore are errors, naming the kind that uses them.
+        for name, default in (("res_blocks_per_stage", 0), ("norm", "none")):
+            _check(self.kind == "conv" or getattr(self, name) == default, f"model.{name}",
+                   f"only model.kind=conv uses it (kind is {self.kind}); leave it unset")
+        for name, default in (("factory", None), ("kwargs", {})):
+            _check(self.kind == "custom" or getattr(self, name) == default, f"model.{name}",
+                   f"only model.kind=custom uses it (kind is {self.kind}); set model.kind=custom or leave it unset")
+        if self.kind == "custom":
+            _check(self.factory is not None, "model.factory",
+                   'model.kind=custom needs it: "package.module:function", e.g. --set model.factory=toyvae.model:build')
+            module, _, function = self.factory.partition(":")
+            _check(all(part.isidentifier() for part in module.split(".")) and function.isidentifier(),
+                   "model.factory", f'must be "package.module:function" (Python names), got {self.factory!r}')
 
 
 @dataclass
@@ -150,7 +243,24 @@ class TrainConfig:
     """Anneal the KL weight from 0 to 1 over this many epochs (0: the plain ELBO throughout).
     Reported losses are always the unweighted negative ELBO."""
     num_samples_mc: int = 1
-    """S, Monte Carlo samples of z per datapoint in the training loss."""
+    """S, Monte Carlo samples of z per datapoint in the training loss (elbo, beta, free-bits; iwae
+    draws iwae_samples instead, and this must stay 1)."""
+    objective: Literal["elbo", "beta", "iwae", "free-bits"] = "elbo"
+    """What training minimises (vaedist/objectives.py). elbo: the mean negative ELBO; beta: β·KL
+    (Higgins et al. 2017); iwae: the importance-weighted bound with iwae_samples samples (Burda et
+    al. 2016); free-bits: each latent dimension's batch-averaged KL floored at free_bits nats
+    (Kingma et al. 2016). kl_warmup_epochs applies to each. Every epoch still reports the plain
+    negative ELBO and its parts; the objective's own value is train_objective."""
+    beta: float | None = None
+    """objective=beta only (and required there): the KL's weight β; > 1 presses the code towards the
+    prior, < 1 favours reconstruction. The KL warm-up multiplies it (weight = warm-up factor x β)."""
+    iwae_samples: int | None = None
+    """objective=iwae only (and required there): k, importance samples per datapoint, in place of
+    num_samples_mc. Time and memory per step grow linearly with k: the decoder runs on
+    batch_size_per_worker x k samples (README, Performance: `vaedist bench objectives`)."""
+    free_bits: float | None = None
+    """objective=free-bits only (and required there): λ, the nats of KL each latent dimension gets
+    free, floored on the minibatch average of that dimension's KL (0: the ELBO)."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this (0: no clipping)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -186,6 +296,31 @@ class TrainConfig:
         _check(self.eval_every_epochs > 0, "train.eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
         _check(self.num_samples_iw_final >= 0, "train.num_samples_iw_final",
                f"must be >= 0 (0 = skip), got {self.num_samples_iw_final}")
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        """Each objective's own setting is required by it and refused by the others, so a setting
+        that would be silently ignored (train.beta=4 under the elbo objective) is an error."""
+        own = {"beta": "beta", "iwae": "iwae_samples", "free-bits": "free_bits"}
+        examples = {"beta": "4", "iwae_samples": "5", "free_bits": "0.5"}
+        for objective, name in own.items():
+            value = getattr(self, name)
+            if self.objective == objective:
+                _check(value is not None, f"train.{name}",
+                       f"train.objective={objective} needs it, e.g. --set train.{name}={examples[name]}")
+            else:
+                _check(value is None, f"train.{name}",
+                       f"is {value!r} but only train.objective={objective} uses it (objective is "
+                       f"{self.objective}); set train.objective={objective} or leave train.{name} unset")
+        if self.beta is not None:
+            _check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
+        if self.iwae_samples is not None:
+            _check(self.iwae_samples >= 1, "train.iwae_samples", f"must be >= 1, got {self.iwae_samples}")
+        if self.free_bits is not None:
+            _check(self.free_bits >= 0, "train.free_bits", f"must be >= 0, got {self.free_bits}")
+        _check(self.objective != "iwae" or self.num_samples_mc == 1, "train.num_samples_mc",
+               f"is {self.num_samples_mc}, but train.objective=iwae draws train.iwae_samples samples per "
+               "datapoint instead; leave train.num_samples_mc at 1 and set train.iwae_samples")
 
 
 @dataclass
@@ -306,6 +441,56 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`vaedist sweep` (vaedist/sweep): many training runs of this config, one per trial."""
+    name: str | None = None
+    """The sweep's directory under output.storage_path (its trials' run directories, sweep.json,
+    sweep.parquet). None: output.run_name + '-sweep'. Rerunning a name resumes that sweep."""
+    grid: list[str] = field(default_factory=list)
+    """Grid axes, each 'section.key=v1,v2,...' (a list value in brackets: model.hidden_dims=[64],[128,64]);
+    the trials are their cartesian product. `--grid` adds axes (and replaces one of the same key)."""
+    sample: list[str] = field(default_factory=list)
+    """Sampled keys, each 'section.key=loguniform(a,b)', 'uniform(a,b)', 'randint(a,b)' (a <= n < b)
+    or 'choice(v1,v2,...)'; drawn num_samples times with `seed`, each draw with every grid point."""
+    num_samples: int = 1
+    """Draws of the sampled keys."""
+    seed: int = 0
+    """Seed of the draws: the same seed gives the same trials."""
+    scheduler: Literal["none", "asha"] = "none"
+    """asha: Ray Tune's asynchronous successive halving on each trial's test loss, stopping trials
+    that are behind at epochs grace_epochs x reduction_factor^k (needs train.eval_every_epochs=1 to
+    see every rung). none: every trial runs all its epochs."""
+    asha_grace_epochs: int = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    asha_reduction_factor: int = 2
+    """ASHA: the fraction 1/reduction_factor of trials at a rung goes on to the next."""
+    max_concurrent_trials: int = 0
+    """Trials running at once. 0: as many as the cluster's CPUs (and GPUs) hold at the largest
+    trial's scaling.num_workers x scaling.cpus_per_worker."""
+    max_trial_failures: int = 1
+    """Times Ray Tune restarts a trial whose driver died (a worker failure inside a trial is
+    output.max_failures' business); a trial that fails more is recorded as an error and the sweep goes on."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), "sweep.name",
+                   f"must be a non-empty name without '/' or a leading '.', got {self.name!r}")
+        for i, axis in enumerate(self.grid):
+            _check("=" in axis and bool(axis.split("=", 1)[0].strip()), f"sweep.grid[{i}]",
+                   f"must be 'section.key=v1,v2,...', got {axis!r}")
+        for i, item in enumerate(self.sample):
+            _check("=" in item and bool(item.split("=", 1)[0].strip()), f"sweep.sample[{i}]",
+                   f"must be 'section.key=loguniform(a,b)' (or uniform, randint, choice), got {item!r}")
+        _check(self.num_samples > 0, "sweep.num_samples", f"must be > 0, got {self.num_samples}")
+        _check(self.asha_grace_epochs > 0, "sweep.asha_grace_epochs", f"must be > 0, got {self.asha_grace_epochs}")
+        _check(self.asha_reduction_factor >= 2, "sweep.asha_reduction_factor",
+               f"must be >= 2, got {self.asha_reduction_factor}")
+        _check(self.max_concurrent_trials >= 0, "sweep.max_concurrent_trials",
+               f"must be >= 0 (0 = as many as the cluster holds), got {self.max_concurrent_trials}")
+        _check(self.max_trial_failures >= 0, "sweep.max_trial_failures", f"must be >= 0, got {self.max_trial_failures}")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -314,6 +499,18 @@ class Config:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self) -> None:
+        binarises = self.model.likelihood == "bernoulli"  # vaedist.likelihoods: only Bernoulli's input is binarised
+        if self.data.binarize is not None and self.data.binarize != binarises:
+            raise ConfigError(
+                f"data.binarize={str(self.data.binarize).lower()} does not fit model.likelihood={self.model.likelihood}: "
+                + ("bernoulli models binarised pixels; for the 8-bit levels choose model.likelihood="
+                   "discretized-logistic, discretized-logistic-mixture or gaussian"
+                   if binarises else f"{self.model.likelihood} models the 8-bit levels; for binarised pixels choose "
+                   "model.likelihood=bernoulli")
+                + " (or leave data.binarize unset)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -339,6 +536,10 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(get_args(tp)[0])} to {_type_name(get_args(tp)[1])}"
+    if tp is Any:
+        return "plain data (numbers, strings, booleans, null, lists, mappings)"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -360,6 +561,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         _check(isinstance(value, list), key, f"must be {_type_name(tp)}, got {value!r}")
         return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"must be {_type_name(tp)}, got {value!r}")
+        key_tp, value_tp = get_args(tp)
+        return {_coerce(k, key_tp, f"{key} (a key)"): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        # Only what YAML, JSON and torch.load(weights_only=True) all round-trip: the value is saved
+        # in every checkpoint's config.
+        if isinstance(value, dict):
+            return {_coerce(k, str, f"{key} (a key)"): _coerce(v, Any, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [_coerce(v, Any, f"{key}[{i}]") for i, v in enumerate(value)]
+        _check(value is None or isinstance(value, (bool, int, float, str)), key,
+               f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
     if tp is type(None):
         _check(value is None, key, f"must be null, got {value!r}")
         return None

@@ -27,13 +27,17 @@ from vaedist.checkpoint import (KEPT_DIR, CheckpointError, best_checkpoint_dir, 
 from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, ConfigError, config_from_dict
 from vaedist.console import EpochDisplay
+from vaedist.custom_model import check_model
 from vaedist.data import (DataError, DatasetInfo, load_split_arrays, manifest_dataset, manifest_hash,
                           read_checked_shard, read_manifest)
 from vaedist.devices import CudaUnavailableError, require_cuda
-from vaedist.engine import evaluate_sums, load_optimizer_state, make_grad_scaler, make_optimizer, train_epoch
+from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, load_optimizer_state, make_grad_scaler, make_optimizer,
+                            train_epoch)
 from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_steps
+from vaedist.likelihoods import bits_per_dim
 from vaedist.model import VAE
 from vaedist.tracking import TrainTracker, check_uri, resolve_uri
+from vaedist.user_code import model_runtime_env
 
 log = logging.getLogger("vaedist.train")
 FAIL_ENV = "VAEDIST_FAIL_AT_EPOCH"
@@ -211,7 +215,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = None
     if loop_config.get("tracking_uri"):
         tracker = on_rank_zero(rank, TrainTracker, loop_config["tracking_uri"], cfg.tracking.experiment, run_dir,
-                               cfg.output.run_name, cfg.to_dict(), manifest_hash=expected_hash, history=history)
+                               cfg.output.run_name, cfg.to_dict(), manifest_hash=expected_hash, history=history,
+                               tags=loop_config.get("tracking_tags"))
     keep = kept_epochs(cfg)
     last = cfg.train.epochs - 1
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -228,7 +233,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                            mixed_precision=cfg.train.mixed_precision, scaler=scaler,
                            on_progress=_progress_logger(rank, epoch, num_steps))
         global_step += num_steps
-        train = collective.all_reduce_sums({k: sums[k] for k in ("loss", "recon_nll", "kl", "count")}, device)
+        train = collective.all_reduce_sums({k: sums[k] for k in (*TRAIN_SUM_KEYS, "count")}, device)
         epoch_seconds = time.perf_counter() - wall
         # Every rank decides alike (from the epoch alone), so the collectives inside stay matched.
         if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch == last:
@@ -237,12 +242,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             test_metrics = {"test_loss": test["loss"] / max(test["count"], 1),
                             "test_recon_nll": test["recon_nll"] / max(test["count"], 1),
                             "test_kl": test["kl"] / max(test["count"], 1), "test_count": int(test["count"])}
+            test_metrics["test_bpd"] = bits_per_dim(test_metrics["test_loss"], math.prod(info.image_shape))
         else:
-            test_metrics = {"test_loss": None, "test_recon_nll": None, "test_kl": None, "test_count": 0}
+            test_metrics = {"test_loss": None, "test_recon_nll": None, "test_kl": None, "test_count": 0,
+                            "test_bpd": None}
         metrics = {
             "kind": "epoch", "epoch": epoch, "step": global_step,
             "train_loss": train["loss"] / train["count"], "train_recon_nll": train["recon_nll"] / train["count"],
-            "train_kl": train["kl"] / train["count"], **test_metrics,
+            "train_kl": train["kl"] / train["count"], "train_objective": train["objective"] / train["count"],
+            **test_metrics,
             "samples_per_s": train["count"] / epoch_seconds, "epoch_seconds": epoch_seconds,
             "world_size": world_size, "restored_from_epoch": restored_from, "ingest": ingest,
             "rank_sample_counts": [int(c) for c in collective.gather_floats(
@@ -283,6 +291,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         row = {"kind": "final", "epoch": last, "num_samples_iw": cfg.train.num_samples_iw_final,
                "test_nll_iw": -final["log_px"] / final["count"], "test_loss": final["loss"] / final["count"],
                "test_count": int(final["count"])}
+        row["test_bpd_iw"] = bits_per_dim(row["test_nll_iw"], math.prod(info.image_shape))
+        row["test_bpd"] = bits_per_dim(row["test_loss"], math.prod(info.image_shape))
         ray.train.report(row)
         on_rank_zero(rank, write_metrics, run_dir, history + [row])
         if tracker:
@@ -340,7 +350,9 @@ def preflight(cfg: Config) -> Plan:
         raise DataError(f"shards directory {shards_dir} does not exist; run `vaedist data prepare` first")
     manifest = read_manifest(shards_dir)
     info = manifest_dataset(manifest)
-    if info.name != cfg.data.dataset:
+    # data.dataset names only the built-ins; shards of your own images are named after their source.
+    external = (manifest.get("source") or {}).get("kind") in ("images", "webdataset", "arrays")
+    if not external and info.name != cfg.data.dataset:
         raise DataError(f"{shards_dir} holds {info.name} (its manifest.json says so), but data.dataset is "
                         f"{cfg.data.dataset!r}; point data.shards_dir at {cfg.data.dataset} shards or set "
                         f"data.dataset={info.name}")
@@ -348,6 +360,9 @@ def preflight(cfg: Config) -> Plan:
     test_shards = split_shards(manifest, "test", cfg.data.max_test_shards)
     if not train_shards:
         raise DataError(f"{shards_dir}: the manifest lists no training shards")
+    # The model fits these images (the conv geometry), and a custom factory passes its checks on a batch.
+    batch = _load_rank_arrays(shards_dir, train_shards[:1], info)[:2] if cfg.model.kind == "custom" else None
+    check_model(cfg.model, info.image_shape, batch, cfg.train.seed)
     num_train = sum(s["num_samples"] for s in train_shards)
     ingest, why = choose_ingest(cfg.data, info, num_train, cfg.scaling.num_workers)
     if ingest == "memory":
@@ -403,9 +418,6 @@ def _our_error(error: BaseException) -> BaseException | None:
 def train(cfg: Config, echo: Callable[[str], None] | None = None) -> TrainResult:
     """Run (or resume) the training run cfg.output.run_name; returns its checkpoints and metrics.
     Each epoch's line (or a bar, on a terminal) shows as the epoch ends; `echo` prints the lines."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
-
     plan = preflight(cfg)
     tracking_uri = resolve_uri(cfg)  # on the driver: a submitted job's environment names the store
     if tracking_uri:
@@ -419,6 +431,21 @@ def train(cfg: Config, echo: Callable[[str], None] | None = None) -> TrainResult
          "set scaling.use_gpu=false, or run on a cluster with GPU nodes"),
     ], cfg.scaling.address)
     log.info("ingest: %s, %s", plan.ingest, plan.ingest_reason)
+    progress = tempfile.NamedTemporaryFile(prefix="vaedist-epochs-", suffix=".jsonl", delete=False).name
+    with EpochDisplay(progress, cfg.train.epochs, echo=echo) as display:
+        fit(make_trainer(cfg, plan, tracking_uri, callbacks=[display.callback()]))
+    return train_result(cfg)
+
+
+def make_trainer(cfg: Config, plan: Plan, tracking_uri: str | None, callbacks: list | None = None,
+                 tracking_tags: dict[str, str] | None = None):
+    """The TorchTrainer of run cfg.output.run_name (and its Ray Dataset, for stream ingest), on a
+    connected Ray. `vaedist train` fits one; `vaedist sweep` fits one inside each Tune trial, with
+    Tune's report callback and the MLflow parent run's tags."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    workers, cpus = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
     run_dir = run_dir_of(cfg)
     shards_dir = storage.absolute(cfg.data.shards_dir)
     datasets = {}
@@ -426,31 +453,42 @@ def train(cfg: Config, echo: Callable[[str], None] | None = None) -> TrainResult
         limit = (workers * cfg.train.max_steps_per_epoch * cfg.train.batch_size_per_worker
                  if cfg.train.max_steps_per_epoch else 0)
         datasets["train"] = stream_dataset(shards_dir, plan.train_shards, plan.info, cfg.train.seed, limit)
-    progress = tempfile.NamedTemporaryFile(prefix="vaedist-epochs-", suffix=".jsonl", delete=False).name
-    with EpochDisplay(progress, cfg.train.epochs, echo=echo) as display:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "manifest_hash": plan.manifest_hash,
-                               "shards_dir": shards_dir, "dataset": plan.info.to_manifest(), "ingest": plan.ingest,
-                               "steps_per_epoch": plan.steps_per_epoch, "tracking_uri": tracking_uri},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
-            datasets=datasets or None,
-            dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
-            run_config=RunConfig(
-                name=cfg.output.run_name,
-                storage_path=storage.absolute(cfg.output.storage_path),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.checkpoints_to_keep,
-                                                   checkpoint_score_attribute="test_loss",
-                                                   checkpoint_score_order="min"),
-                failure_config=FailureConfig(max_failures=cfg.output.max_failures),
-                callbacks=[display.callback()],
-            ),
-        )
-        try:
-            trainer.fit()
-        except TrainingFailedError as e:
-            raise _our_error(e) or e
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "manifest_hash": plan.manifest_hash,
+                           "shards_dir": shards_dir, "dataset": plan.info.to_manifest(), "ingest": plan.ingest,
+                           "steps_per_epoch": plan.steps_per_epoch, "tracking_uri": tracking_uri,
+                           "tracking_tags": tracking_tags},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
+        run_config=RunConfig(
+            name=cfg.output.run_name,
+            storage_path=storage.absolute(cfg.output.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.checkpoints_to_keep,
+                                               checkpoint_score_attribute="test_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.output.max_failures),
+            callbacks=list(callbacks or []),
+            # model.kind=custom: the factory's package, shipped to every worker (checked there first).
+            worker_runtime_env=model_runtime_env(cfg.model),
+        ),
+    )
+
+
+def fit(trainer) -> None:
+    """trainer.fit(), with a failed run's vaedist input error raised as itself."""
+    from ray.train import TrainingFailedError
+
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        raise _our_error(e) or e
+
+
+def train_result(cfg: Config) -> TrainResult:
+    """What the run directory of cfg.output.run_name holds now."""
+    run_dir = run_dir_of(cfg)
     return TrainResult(run_dir=run_dir, latest_checkpoint=latest_checkpoint_dir(run_dir),
                        best_checkpoint=best_checkpoint_dir(run_dir), metrics=read_metrics(run_dir))
-

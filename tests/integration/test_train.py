@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -29,13 +30,18 @@ def recompute_test_loss(checkpoint_dir: str, shards: str, max_test_shards: int =
     return sums["loss"] / sums["count"]
 
 
-@pytest.mark.parametrize("num_workers", [2])  # one worker is the other tests' default
-def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_shards, tmp_path, num_workers):
-    cfg = debug_config(small_shards, tmp_path, f"w{num_workers}", f"scaling.num_workers={num_workers}")
+# One worker and the elbo objective are the other tests' defaults; this run also trains the iwae
+# objective (train.objective), whose own value is logged beside the plain ELBO that every run reports.
+@pytest.mark.parametrize("num_workers, objective", [(2, ["train.objective=iwae", "train.iwae_samples=5"])])
+def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_shards, tmp_path, num_workers,
+                                                           objective):
+    cfg = debug_config(small_shards, tmp_path, f"w{num_workers}", f"scaling.num_workers={num_workers}", *objective)
     result = train(cfg)
     epochs = result.epochs
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    # The IWAE bound (k = 5) is above the ELBO of the same samples: its negative is below train_loss.
+    assert all(0 < r["train_objective"] < r["train_loss"] for r in epochs), epochs
     assert epochs[-1]["test_loss"] < epochs[0]["test_loss"]
     assert all(r["world_size"] == num_workers and r["test_count"] == 4000 for r in epochs)
     # DDP synchronises: every rank holds the same parameters after each epoch.
@@ -52,12 +58,16 @@ def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_sh
 
 def test_crash_mid_run_resumes_and_eval_every_epochs_skips_evaluation_in_between(ray_cluster, small_shards,
                                                                                tmp_path):
-    # One run for two behaviours: a crash at epoch 2, and test evaluation only every 2nd epoch and
-    # after the last (train.eval_every_epochs=2).
+    # One run for three behaviours: a crash at epoch 2, test evaluation only every 2nd epoch and
+    # after the last (train.eval_every_epochs=2), and a likelihood of the 8-bit pixels (the others
+    # train Bernoulli) trained, resumed, then encoded.
+    from vaedist.config import config_from_dict
     from vaedist.console import format_epoch
+    from vaedist.encode import encode
+    from vaedist.query import read_lineage, run_sql
 
     cfg = debug_config(small_shards, tmp_path, "crash", "train.epochs=3", "train.fail_at_epoch=2",
-                       "output.max_failures=1", "train.eval_every_epochs=2")
+                       "output.max_failures=1", "train.eval_every_epochs=2", "model.likelihood=discretized-logistic")
     result = train(cfg)
     rows = result.epochs
     assert [r["epoch"] for r in rows] == [0, 1, 2]
@@ -73,6 +83,18 @@ def test_crash_mid_run_resumes_and_eval_every_epochs_skips_evaluation_in_between
     assert result.best_checkpoint in (kept.get(1), kept[2])
     lines = [format_epoch(r) for r in rows]
     assert "test l_i        -" in lines[0] and "test l_i        -" not in lines[1]
+    # Bits per dimension beside the nats, and the encoded table agrees with training to the row.
+    assert rows[2]["test_bpd"] == pytest.approx(rows[2]["test_loss"] / (784 * math.log(2)), rel=1e-12)
+    assert rows[0]["test_bpd"] is None and 0 < rows[2]["test_bpd"] < 8  # below a uniform 8 bits/dim
+    enc = encode(config_from_dict(cfg.to_dict(), ["encode.num_samples_mc=1", "encode.num_samples_iw=4",
+                                                  "encode.splits=[test]", "encode.concurrency=1"]),
+                 checkpoint=result.latest_checkpoint, out=str(tmp_path / "latents"))
+    lineage = read_lineage(enc.path)
+    assert lineage["likelihood"] == "discretized-logistic" and lineage["binarised"] is False
+    got = run_sql(enc.path, "SELECT avg(loss) AS loss, avg(bpd) AS bpd, max(abs(bpd_iw + log_px / (784 * ln(2)))) "
+                            "AS off FROM latents").to_pylist()[0]
+    assert got["loss"] == pytest.approx(rows[2]["test_loss"], rel=1e-9)
+    assert got["bpd"] == pytest.approx(rows[2]["test_bpd"], rel=1e-9) and got["off"] < 1e-9
 
 
 def test_rerun_resumes_and_refuses_another_model_shape(ray_cluster, small_shards, tmp_path):

@@ -40,14 +40,14 @@ def test_defaults_and_overrides_apply_in_order():
     (["model.latent_dim=2.5"], "model.latent_dim: must be an integer, got 2.5"),
     (["train.lr=fast"], "train.lr: must be a number, got 'fast'"),
     (["scaling.use_gpu=yes please"], "scaling.use_gpu: must be true or false"),
-    (["model.kind=transformer"], "model.kind: must be one of 'mlp', 'conv', got 'transformer'"),
+    (["model.kind=transformer"], "model.kind: must be one of 'mlp', 'conv', 'custom', got 'transformer'"),
     (["model.hidden_dims=[64, 0]"], "model.hidden_dims[1]: must be > 0, got 0"),
     (["model.hidden_dims=64"], "model.hidden_dims: must be a list of int"),
     (["encode.splits=[train, val]"], "encode.splits[1]: must be 'train' or 'test', got 'val'"),
     (["train.lr"], "expected key=value"),
     (["model=3"], "model: must be a mapping of kind, latent_dim"),
     (["output.run_name=a/b"], "output.run_name: must be a non-empty name without '/'"),
-    (["model.kind=conv", "model.hidden_dims=[8]"], "model.hidden_dims: the conv model takes exactly 2"),
+    (["model.kind=conv", "model.res_blocks_per_stage=1.5"], "model.res_blocks_per_stage: must be an integer"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:

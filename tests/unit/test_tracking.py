@@ -47,8 +47,10 @@ def tiny_config() -> Config:
 
 def epoch_row(epoch: int, loss: float, evaluated: bool = True) -> dict:
     return {"kind": "epoch", "epoch": epoch, "step": 10 * (epoch + 1), "train_loss": loss + 1.0,
-            "train_recon_nll": loss - 4.0, "train_kl": 5.0, "test_loss": loss if evaluated else None,
+            "train_recon_nll": loss - 4.0, "train_kl": 5.0, "train_objective": loss + 1.0,
+            "test_loss": loss if evaluated else None,
             "test_recon_nll": loss - 4.5 if evaluated else None, "test_kl": 4.5 if evaluated else None,
+            "test_bpd": loss / 543.4 if evaluated else None,
             "test_count": 100 if evaluated else 0, "samples_per_s": 1000.0 + epoch, "epoch_seconds": 2.0,
             "world_size": 1, "restored_from_epoch": -1}
 
