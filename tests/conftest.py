@@ -52,6 +52,15 @@ def mnist_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def fashion_dir() -> str:
+    found = find_idx_dir("VAEDIST_FASHION_MNIST_DIR", "fashion-mnist")
+    if found is None:
+        pytest.skip("Fashion-MNIST IDX files not found: set VAEDIST_FASHION_MNIST_DIR or place them in "
+                    "../shared/data/fashion-mnist (tests never download)")
+    return found
+
+
+@pytest.fixture(scope="session")
 def small_shards(mnist_dir, tmp_path_factory) -> str:
     """The first 4,000 datapoints of each split in 1,000-datapoint shards: 4 train and 4 test shards."""
     from vaedist.data import prepare_shards

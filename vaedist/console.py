@@ -26,6 +26,21 @@ from typing import Any, Callable
 VERBOSE_ENV = "VAEDIST_VERBOSE"
 log = logging.getLogger("vaedist")
 
+# Ray ranks checkpoints by the reported test_loss and needs a number for an epoch without a test
+# evaluation: the largest float ranks it last, so it is kept only while it is the latest. Not NaN or
+# inf: Ray's checkpoint-manager snapshot stores those as null, and a rerun that restores it fails.
+UNEVALUATED_TEST_LOSS = sys.float_info.max
+
+
+def score_for_ray(test_loss: float | None) -> float:
+    """What an epoch reports to Ray as its test_loss."""
+    return UNEVALUATED_TEST_LOSS if test_loss is None else test_loss
+
+
+def loss_from_ray_score(value: Any) -> float | None:
+    """The test loss a Ray report carries, None for an epoch without a test evaluation."""
+    return None if value is None or value != value or value >= UNEVALUATED_TEST_LOSS else value
+
 
 def set_verbose(verbose: bool) -> None:
     """Choose for this process and the Ray it starts; vaedist's own INFO lines always show."""
@@ -125,8 +140,7 @@ def _progress_callback_class():
             if row.get("kind") in ("epoch", "final"):
                 keep = {k: row.get(k) for k in ("kind", "epoch", "train_loss", "test_loss", "samples_per_s",
                                                  "num_samples_iw", "test_nll_iw", "restored_from_epoch")}
-                if keep.get("test_loss") != keep.get("test_loss"):  # NaN: an epoch without evaluation
-                    keep["test_loss"] = None
+                keep["test_loss"] = loss_from_ray_score(keep.get("test_loss"))
                 with open(self.path, "a") as f:
                     f.write(json.dumps(keep) + "\n")
 

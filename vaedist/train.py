@@ -26,7 +26,7 @@ from vaedist.checkpoint import (KEPT_DIR, CheckpointError, best_checkpoint_dir, 
                                 newest_readable_checkpoint, read_metrics, run_dir_of, save_checkpoint, write_metrics)
 from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, ConfigError, config_from_dict
-from vaedist.console import EpochDisplay
+from vaedist.console import EpochDisplay, score_for_ray
 from vaedist.custom_model import check_model
 from vaedist.data import (DataError, DatasetInfo, load_split_arrays, manifest_dataset, manifest_hash,
                           read_checked_shard, read_manifest)
@@ -272,9 +272,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if epoch in keep:
                     _keep_copy(tmp, run_dir, epoch)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            # Ray ranks checkpoints by test_loss and needs a number: NaN ranks an unevaluated epoch
-            # last, so it is kept only while it is the latest.
-            scored = {**metrics, "test_loss": math.nan if metrics["test_loss"] is None else metrics["test_loss"]}
+            scored = {**metrics, "test_loss": score_for_ray(metrics["test_loss"])}
             ray.train.report(scored, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch) if ckpt else None)
         if save_now:
             on_rank_zero(rank, write_metrics, run_dir, history)

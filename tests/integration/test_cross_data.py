@@ -16,22 +16,18 @@ import pytest
 import torch
 
 from vaedist.checkpoint import checkpoint_dir_name, save_checkpoint
-from vaedist.config import FASHION_MNIST_DIR_ENV
 from vaedist.data import load_idx, manifest_hash, prepare_shards, read_manifest, read_sources
 from vaedist.encode import encode
 from vaedist.model import VAE
 from vaedist.ood import ood
 
-from conftest import debug_config, find_idx_dir, ood_reference
+from conftest import debug_config, ood_reference
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def cross_tables(ray_cluster, mnist_dir, tmp_path_factory):
-    fashion_dir = find_idx_dir(FASHION_MNIST_DIR_ENV, "fashion-mnist")
-    if fashion_dir is None:
-        pytest.skip(f"Fashion-MNIST IDX files not found: set {FASHION_MNIST_DIR_ENV} (tests never download)")
+def cross_tables(ray_cluster, mnist_dir, fashion_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cross")
     shards = {"fashion": str(root / "fashion"), "mnist": str(root / "mnist")}
     prepare_shards(shards["fashion"], "fashion-mnist", source_dir=fashion_dir, samples_per_shard=200,

@@ -24,23 +24,13 @@ from click.testing import CliRunner
 
 from vaedist.checkpoint import CheckpointError, checkpoint_dir_name, load_checkpoint, save_checkpoint
 from vaedist.cli import cli
-from vaedist.config import FASHION_MNIST_DIR_ENV
 from vaedist.data import DataError, manifest_hash, prepare_shards
 from vaedist.data.sources import FASHION_MNIST
 from vaedist.model import VAE
 
-from conftest import REPO, debug_config, find_idx_dir, find_mnist_dir
+from conftest import REPO, debug_config, find_mnist_dir
 
 CLASS_NAMES = list(FASHION_MNIST.class_names)  # label 9 is "Ankle boot"
-
-
-@pytest.fixture(scope="module")
-def fashion_dir() -> str:
-    found = find_idx_dir(FASHION_MNIST_DIR_ENV, "fashion-mnist")
-    if found is None:
-        pytest.skip(f"Fashion-MNIST IDX files not found: set {FASHION_MNIST_DIR_ENV} or place them in "
-                    "../shared/data/fashion-mnist (tests never download)")
-    return found
 
 
 @pytest.fixture(scope="module")

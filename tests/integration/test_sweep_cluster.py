@@ -5,11 +5,9 @@ driver killed mid-sweep and rerun."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

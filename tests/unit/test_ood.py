@@ -22,14 +22,14 @@ from click.testing import CliRunner
 from vaedist import analysis, query, schema
 from vaedist.checkpoint import CheckpointError, save_checkpoint
 from vaedist.cli import cli
-from vaedist.config import FASHION_MNIST_DIR_ENV, Config, ModelConfig
+from vaedist.config import Config, ModelConfig
 from vaedist.data import DatasetInfo, load_idx, manifest_hash, prepare_shards, read_manifest
 from vaedist.model import VAE
 from vaedist.ood import OOD_SQL, check_ood_pair, ood, pair_kind
 from vaedist.report import OOD_FIGURES, OOD_PAGE, write_ood
 from vaedist.rng import NOISE_SCHEME
 
-from conftest import find_idx_dir, ood_reference as reference, write_latent_table
+from conftest import ood_reference as reference, write_latent_table
 
 
 def run_ood_sql(s_in, s_out, log_px_in=None, log_px_out=None) -> dict[str, dict]:
@@ -70,15 +70,6 @@ def test_ood_sql_on_random_scores_and_nll_is_minus_log_px():
 
 # ---------------------------------------------------------------------------------------------
 # Tables of one checkpoint on MNIST and on Fashion-MNIST.
-
-@pytest.fixture(scope="module")
-def fashion_dir() -> str:
-    found = find_idx_dir(FASHION_MNIST_DIR_ENV, "fashion-mnist")
-    if found is None:
-        pytest.skip(f"Fashion-MNIST IDX files not found: set {FASHION_MNIST_DIR_ENV} or place them in "
-                    "../shared/data/fashion-mnist (tests never download)")
-    return found
-
 
 @pytest.fixture(scope="module")
 def pair(mnist_dir, fashion_dir, tmp_path_factory) -> dict[str, str]:

@@ -6,7 +6,6 @@ errors for missing or mismatched inputs."""
 import html
 import io
 import json
-import os
 import re
 import shutil
 import struct
@@ -19,11 +18,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import LATENT_DIM, REPO, write_latent_table
+from conftest import LATENT_DIM, write_latent_table
 from vaedist import analysis, query, report, schema
 from vaedist.checkpoint import CheckpointError, save_checkpoint, write_metrics
 from vaedist.cli import cli
-from vaedist.config import FASHION_MNIST_DIR_ENV, Config, ModelConfig
+from vaedist.config import Config, ModelConfig
 from vaedist.data import DataError, manifest_dataset, manifest_hash, prepare_shards, read_manifest
 from vaedist.model import VAE
 from vaedist.query import QueryError, read_lineage
@@ -78,12 +77,10 @@ def other_table(latent_tables, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def fashion_table(tmp_path_factory) -> str:
+def fashion_table(fashion_dir, tmp_path_factory) -> str:
     """Fashion-MNIST (500 datapoints per split) and an untrained model's table with its lineage's
     dataset, image shape and class names, as the encode job writes them."""
-    source = os.environ.get(FASHION_MNIST_DIR_ENV) or str(REPO.parent / "shared" / "data" / "fashion-mnist")
-    if not Path(source, "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST IDX files not found: set {FASHION_MNIST_DIR_ENV} (tests never download)")
+    source = fashion_dir
     root = tmp_path_factory.mktemp("fashion")
     shards = str(root / "shards")
     prepare_shards(shards, "fashion-mnist", source_dir=source, samples_per_shard=250, limit_per_split=500,

@@ -38,6 +38,7 @@ from ray.tune import Callback
 from vaedist import storage
 from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, config_from_dict
+from vaedist.console import loss_from_ray_score
 from vaedist.sweep import results
 from vaedist.sweep.spec import TUNE_DIR, Sweep, SweepError, check_identity, plan_sweep, write_identity
 from vaedist.tracking import SweepTracker, check_uri, resolve_uri
@@ -75,7 +76,7 @@ def _report_callback():
     class EpochsToTune(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             row = metrics[0]
-            loss = row.get(METRIC)
+            loss = loss_from_ray_score(row.get(METRIC))
             if row.get("kind") != "epoch" or not isinstance(loss, float) or not math.isfinite(loss):
                 return
             clean = {k: row[k] for k in TUNE_KEYS if k in row}
