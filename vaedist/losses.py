@@ -33,9 +33,14 @@ class LossParts:
     kl: torch.Tensor         # KL(q(z|x_i) || p(z))
 
 
+def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_j, e^logvar_j) || N(0, 1)) of each latent dimension j = -1/2 (1 + logvar_j - mu_j^2 - e^logvar_j)."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag e^logvar) || N(0, I)) = -1/2 sum_j (1 + logvar_j - mu_j^2 - e^logvar_j)  (K&W App. B)."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+    """KL(N(mu, diag e^logvar) || N(0, I)), the sum over dimensions of gaussian_kl_per_dim  (K&W App. B)."""
+    return gaussian_kl_per_dim(mu, logvar).sum(dim=-1)
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ from typing import ClassVar
 import torch
 
 from vaedist.config import TrainConfig
-from vaedist.losses import SampleTerms, batch_loss, gaussian_log_prob, standard_normal_log_prob
+from vaedist.losses import (SampleTerms, batch_loss, gaussian_kl_per_dim, gaussian_log_prob,
+                            standard_normal_log_prob)
 
 
 class Objective:
@@ -125,7 +126,7 @@ class FreeBits(Objective):
         return cls(free_bits=cfg.free_bits, num_samples=cfg.num_samples_mc)
 
     def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
-        kl_per_dim = -0.5 * (1 + terms.logvar - terms.mu.pow(2) - terms.logvar.exp())   # [B, D]
+        kl_per_dim = gaussian_kl_per_dim(terms.mu, terms.logvar)   # [B, D]
         kl = torch.clamp(kl_per_dim.mean(dim=0), min=self.free_bits).sum()
         return -terms.log_px_z.mean() + kl_weight * kl
 
