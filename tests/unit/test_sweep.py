@@ -82,6 +82,9 @@ def test_a_sweep_directory_holding_another_sweep_or_something_else_is_refused(tm
     write_identity(first)
     assert check_identity(plan_sweep(cfg_with(tmp_path, ["train.lr=1e-3,3e-4"], (),
                                               "sweep.max_concurrent_trials=1"))) is True  # a resume
+    # The IDX files' location is not the sweep's identity ($VAEDIST_MNIST_DIR sets it for the CLI only).
+    assert check_identity(plan_sweep(cfg_with(tmp_path, ["train.lr=1e-3,3e-4"], (),
+                                              f"data.mnist_dir={tmp_path}"))) is True
     with pytest.raises(SweepError, match=r"holds another sweep.s results \(trials only in the recorded sweep: "
                                          r"t001-lr=0\.0003; only in this one: t001-lr=0\.0001"):
         check_identity(plan_sweep(cfg_with(tmp_path, ["train.lr=1e-3,1e-4"])))

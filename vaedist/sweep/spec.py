@@ -34,9 +34,11 @@ RESERVED_KEYS = ("output.storage_path", "output.run_name", "scaling.address")
 # Path keys made absolute on the driver: a Tune trial runs in a working directory of its own.
 PATH_KEYS = (("data", "shards_dir"), ("data", "mnist_dir"), ("data", "fashion_mnist_dir"), ("data", "download_dir"),
              ("data", "source_path"), ("output", "storage_path"))
-# What may change between two runs of one sweep without making it another sweep: where it runs, how
-# many trials at once, how it is tracked, what is printed, and the later jobs' settings.
-OPERATIONAL = ("scaling.address", "train.progress_every_steps", "output.latents_dir", "output.report_dir",
+# What may change between two runs of one sweep without making it another sweep: where it runs, where
+# the raw files sit (the shards' manifest pins the data; `--mnist-dir` also comes from the environment),
+# how many trials at once, how it is tracked, what is printed, and the later jobs' settings.
+OPERATIONAL = ("scaling.address", "data.mnist_dir", "data.fashion_mnist_dir", "data.download_dir",
+               "train.progress_every_steps", "output.latents_dir", "output.report_dir",
                "sweep.max_concurrent_trials", "sweep.max_trial_failures", "sweep.name", "sweep.grid",
                "sweep.sample", "encode.", "tracking.")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
