@@ -26,6 +26,10 @@ from vaedist.evaluate import evaluate_batch
 from vaedist.model import VAE
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray Train's controller polls its workers every 2 s: a test run of 1-2 s of training waits that long
+# to be seen starting, reporting and finishing, over some 50 runs. Every Ray process this session
+# starts (local clusters, `ray start`, the CLI in subprocesses) inherits the shorter interval.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def find_mnist_dir() -> str | None:

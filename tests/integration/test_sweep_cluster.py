@@ -1,7 +1,7 @@
-"""`vaedist sweep` through real Ray Tune and Ray Train on the session's 2-CPU local Ray: a grid whose
-trials all finish (sweep.parquet against the run directories, MLflow's parent and children, the
-query, report and encode of a sweep), ASHA stopping the trials that are clearly worse, and a sweep
-driver killed mid-sweep and rerun."""
+"""`vaedist sweep` through real Ray Tune and Ray Train on the session's 2-CPU local Ray: a grid sweep
+whose driver is killed mid-sweep and rerun until all its trials finish (sweep.parquet against the run
+directories, MLflow's parent and children, the query, report and encode of a sweep), and ASHA stopping
+the trials that are clearly worse."""
 
 from __future__ import annotations
 
@@ -31,95 +31,34 @@ def sweep_config(shards, storage, name, grid, *extra):
     return with_cli(debug_config(shards, storage, "sweep", *TINY, *extra), grid=grid, name=name)
 
 
-def test_a_grid_sweep_runs_every_trial_two_at_a_time_into_run_dirs_the_table_and_mlflow(
+def test_a_grid_sweep_killed_mid_way_resumes_two_at_a_time_into_run_dirs_the_table_and_mlflow(
         ray_cluster, small_shards, tmp_path, monkeypatch):
+    """One sweep serves both stories (a Tune run costs ~20 s a trial here): its first driver, a real
+    `vaedist sweep` process with its own embedded Ray, is killed once its first trial is done; the rerun
+    finishes the rest two at a time without rerunning that trial, and the finished sweep is checked
+    whole: sweep.parquet against the run directories, one MLflow parent with a child per trial, the
+    query, report and encode of the sweep, and a third run that runs nothing."""
     from mlflow import MlflowClient
 
     from vaedist.report.sweep import write_sweep_report
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = "sqlite:///" + str(tmp_path / "mlflow.db")
-    cfg = sweep_config(small_shards, tmp_path / "runs", "grid", ["train.lr=2e-3,1e-3", "model.latent_dim=4,8"],
-                       "sweep.max_concurrent_trials=2", f"tracking.mlflow_uri={uri}", "tracking.experiment=sweeps")
-    result = run_sweep(cfg)
-    table = pq.read_table(Path(result.dir) / "sweep.parquet")
-    rows = table.to_pylist()
-    assert [r["status"] for r in rows] == ["finished"] * 4, rows
-    assert [(r["train.lr"], r["model.latent_dim"]) for r in rows] == [(2e-3, 4), (2e-3, 8), (1e-3, 4), (1e-3, 8)]
-    assert table.schema.field("model.latent_dim").type == "int64"
-    for row in rows:  # each row says what its run directory says
-        metrics = read_metrics(row["run_dir"])
-        epochs = [m for m in metrics if m["kind"] == "epoch"]
-        assert row["epochs_run"] == len(epochs) == row["epochs"] == 2
-        assert row["train_loss"] == pytest.approx(epochs[-1]["train_loss"])
-        assert row["test_loss"] == pytest.approx(epochs[-1]["test_loss"])
-        assert Path(row["best_checkpoint"], "checkpoint.pt").is_file()
-        assert Path(row["run_dir"]).parent == Path(result.dir) and row["run_dir"].endswith(row["name"])
-        assert row["wall_s"] > 0 and row["attempts"] == 1
-        # The trial's run is an ordinary run of its own config: its overrides in its checkpoint's config.
-        saved = yaml.safe_load(Path(row["best_checkpoint"], "config.yaml").read_text())
-        assert saved["train"]["lr"] == row["train.lr"] and saved["model"]["latent_dim"] == row["model.latent_dim"]
-    # Two at a time: some pair of trials overlapped in time, and no three did.
-    spans = [(e["started"], e["started"] + e["wall_s"]) for e in (read_record(r["run_dir"]) for r in rows)]
-    overlaps = [sum(a[0] < b[1] and b[0] < a[1] for b in spans) - 1 for a in spans]
-    assert max(overlaps) >= 1, spans
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("sweeps")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("vaedist.sweep") == "grid"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.data.tags["vaedist.run_name"] for r in children) == [r["name"] for r in rows]
-    assert all(r.info.status == "FINISHED" for r in children)
-    assert parents[0].data.metrics["best_test_loss"] == pytest.approx(min(r["test_loss"] for r in rows))
-
-    best = query_sweep(result.dir, "SELECT name FROM sweep WHERE status = 'finished' ORDER BY test_loss LIMIT 1")
-    assert best.column("name").to_pylist() == [min(rows, key=lambda r: r["test_loss"])["name"]]
-    page = Path(write_sweep_report(result.dir, str(tmp_path / "report")))
-    assert "Best trials" in page.read_text() and (page.parent / "sweep-train_lr.png").stat().st_size > 0
-    (row, encoded), = encode_best(cfg, result.dir, 1, out=str(tmp_path / "latents"))
-    assert row["name"] == best.column("name")[0].as_py() and encoded.rows == {"test": 4000}
-
-    # A rerun of a finished sweep runs nothing.
-    again = run_sweep(cfg)
-    assert again.ran == [] and sorted(again.skipped) == sorted(r["name"] for r in rows)
-
-
-def test_asha_stops_trials_that_are_clearly_worse_early(ray_cluster, small_shards, tmp_path):
-    # lr 1e-30 cannot learn: at the first rung such a trial is behind every trial that can.
-    cfg = sweep_config(small_shards, tmp_path / "runs", "asha", ["train.lr=2e-3,1e-30", "model.latent_dim=4,8"],
-                       "sweep.max_concurrent_trials=2", "sweep.scheduler=asha", "sweep.asha_grace_epochs=1",
-                       "sweep.asha_reduction_factor=2")
-    rows = run_sweep(cfg).table.to_pylist()
-    # The lr=2e-3 trials run first (two at a time) and set the rung at epoch 1; each 1e-30 trial
-    # reaches it behind both and is stopped there. (Of the two good ones, the later to reach the
-    # rung is stopped too when it is behind the other: ASHA keeps 1/reduction_factor.)
-    stopped = [r for r in rows if r["status"] == "stopped"]
-    assert all(r["status"] == "stopped" for r in rows if r["train.lr"] == 1e-30), rows
-    # Stopped at the first rung: Tune had seen 1 of 2 epochs (the workers may finish a few more steps
-    # in the seconds before the trial's actor is killed).
-    assert all(r["stopped_after_epochs"] == 1 < r["epochs"] for r in stopped), rows
-    best = min(rows, key=lambda r: r["test_loss"])
-    assert best["train.lr"] == 2e-3 and best["status"] == "finished" and best["epochs_run"] == 2, rows
-    assert all(r["status"] in ("finished", "stopped") for r in rows)
-
-
-def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(ray_cluster, small_shards,
-                                                                                  tmp_path):
+    tracking = (f"tracking.mlflow_uri={uri}", "tracking.experiment=sweeps")
     storage = tmp_path / "runs"
     grid = ["train.lr=2e-3,1e-3", "model.latent_dim=4,8"]
+    names = ["t000-lr=0.002-latent_dim=4", "t001-lr=0.002-latent_dim=8", "t002-lr=0.001-latent_dim=4",
+             "t003-lr=0.001-latent_dim=8"]
     args = [str(REPO / ".venv" / "bin" / "vaedist"), "sweep", "--config", str(REPO / "configs" / "debug.yaml"),
             *[f"--set={o}" for o in (f"data.shards_dir={small_shards}", "data.max_train_shards=0",
                                      "data.max_test_shards=0", f"output.storage_path={storage}",
                                      "output.run_name=sweep", "train.batch_size_per_worker=50",
-                                     "output.checkpoints_to_keep=2", *TINY)],
-            *[f"--grid={g}" for g in grid], "--name", "killed", "--max-concurrent", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # The real thing: a driver process with its own embedded Ray, killed once its first trial is done.
+                                     "output.checkpoints_to_keep=2", *TINY, *tracking)],
+            *[f"--grid={g}" for g in grid], "--name", "grid", "--max-concurrent", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
-    first = storage / "killed" / "t000-lr=0.002-latent_dim=4"
+    first = storage / "grid" / names[0]
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and driver.poll() is None:
@@ -137,18 +76,72 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trial
         except ProcessLookupError:
             pass
     finished_metrics = (first / "metrics.jsonl").read_bytes()
-    unfinished = [n for n in ("t001-lr=0.002-latent_dim=8", "t002-lr=0.001-latent_dim=4", "t003-lr=0.001-latent_dim=8")
-                  if read_record(str(storage / "killed" / n)).get("status") != "finished"]
+    unfinished = [n for n in names[1:] if read_record(str(storage / "grid" / n)).get("status") != "finished"]
     assert unfinished
 
-    cfg = with_cli(debug_config(small_shards, storage, "sweep", *TINY, "sweep.max_concurrent_trials=2"), grid=grid,
-                   name="killed")
+    cfg = sweep_config(small_shards, storage, "grid", grid, "sweep.max_concurrent_trials=2", *tracking)
     result = run_sweep(cfg)
-    assert "t000-lr=0.002-latent_dim=4" in result.skipped and sorted(result.ran) == unfinished
+    assert names[0] in result.skipped and sorted(result.ran) == unfinished
     assert (first / "metrics.jsonl").read_bytes() == finished_metrics  # not trained again
     assert read_record(str(first))["attempts"] == 1
-    rows = result.table.to_pylist()
-    assert [r["status"] for r in rows] == ["finished"] * 4 and all(r["epochs_run"] == 2 for r in rows)
-    for row in rows:  # no epoch trained twice by the resumed trials either
-        epochs = [m["epoch"] for m in read_metrics(row["run_dir"]) if m["kind"] == "epoch"]
-        assert epochs == [0, 1], (row["name"], epochs)
+    table = pq.read_table(Path(result.dir) / "sweep.parquet")
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["finished"] * 4, rows
+    assert [r["name"] for r in rows] == names
+    assert [(r["train.lr"], r["model.latent_dim"]) for r in rows] == [(2e-3, 4), (2e-3, 8), (1e-3, 4), (1e-3, 8)]
+    assert table.schema.field("model.latent_dim").type == "int64"
+    for row in rows:  # each row says what its run directory says
+        metrics = read_metrics(row["run_dir"])
+        epochs = [m for m in metrics if m["kind"] == "epoch"]
+        assert [m["epoch"] for m in epochs] == [0, 1], (row["name"], epochs)  # no epoch trained twice
+        assert row["epochs_run"] == len(epochs) == row["epochs"] == 2
+        assert row["train_loss"] == pytest.approx(epochs[-1]["train_loss"])
+        assert row["test_loss"] == pytest.approx(epochs[-1]["test_loss"])
+        assert Path(row["best_checkpoint"], "checkpoint.pt").is_file()
+        assert Path(row["run_dir"]).parent == Path(result.dir) and row["run_dir"].endswith(row["name"])
+        assert row["wall_s"] > 0 and row["attempts"] >= 1
+        # The trial's run is an ordinary run of its own config: its overrides in its checkpoint's config.
+        saved = yaml.safe_load(Path(row["best_checkpoint"], "config.yaml").read_text())
+        assert saved["train"]["lr"] == row["train.lr"] and saved["model"]["latent_dim"] == row["model.latent_dim"]
+    # The rerun ran two at a time: some pair of its trials overlapped in time.
+    spans = [(e["started"], e["started"] + e["wall_s"]) for e in (read_record(r["run_dir"]) for r in rows[1:])]
+    overlaps = [sum(a[0] < b[1] and b[0] < a[1] for b in spans) - 1 for a in spans]
+    assert max(overlaps) >= 1, spans
+
+    # MLflow: the killed driver's parent run resumed, not doubled; a child per trial, none left running.
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweeps")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("vaedist.sweep") == "grid"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["vaedist.run_name"] for r in children) == names
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert parents[0].data.metrics["best_test_loss"] == pytest.approx(min(r["test_loss"] for r in rows))
+
+    best = query_sweep(result.dir, "SELECT name FROM sweep WHERE status = 'finished' ORDER BY test_loss LIMIT 1")
+    assert best.column("name").to_pylist() == [min(rows, key=lambda r: r["test_loss"])["name"]]
+    page = Path(write_sweep_report(result.dir, str(tmp_path / "report")))
+    assert "Best trials" in page.read_text() and (page.parent / "sweep-train_lr.png").stat().st_size > 0
+    (row, encoded), = encode_best(cfg, result.dir, 1, out=str(tmp_path / "latents"))
+    assert row["name"] == best.column("name")[0].as_py() and encoded.rows == {"test": 4000}
+
+    # A rerun of a finished sweep runs nothing.
+    again = run_sweep(cfg)
+    assert again.ran == [] and sorted(again.skipped) == names
+
+
+def test_asha_stops_trials_that_are_clearly_worse_early(ray_cluster, small_shards, tmp_path):
+    # lr 1e-30 cannot learn: at the first rung it is behind the trial that can. One at a time, so
+    # the good trial (first in the grid) sets the rung before the bad one reaches it.
+    cfg = sweep_config(small_shards, tmp_path / "runs", "asha", ["train.lr=2e-3,1e-30"],
+                       "sweep.max_concurrent_trials=1", "sweep.scheduler=asha", "sweep.asha_grace_epochs=1",
+                       "sweep.asha_reduction_factor=2")
+    rows = run_sweep(cfg).table.to_pylist()
+    good, bad = rows
+    assert (good["train.lr"], good["status"], good["epochs_run"]) == (2e-3, "finished", 2), rows
+    # Stopped at the first rung: Tune had seen 1 of 2 epochs (the workers may finish a few more steps
+    # in the seconds before the trial's actor is killed).
+    assert (bad["train.lr"], bad["status"]) == (1e-30, "stopped"), rows
+    assert bad["stopped_after_epochs"] == 1 < bad["epochs"], rows
+    assert good["test_loss"] < bad["test_loss"], rows
