@@ -6,8 +6,8 @@ arrays to vaedist's shards (the built-in datasets keep their own single-process 
 
 The driver lists the items and cuts them into tasks (data.external: sorted files, shard URLs, array
 rows; errors such as an empty folder come here, before any work); Ray Data decodes and transforms
-the tasks in parallel over the cluster's CPUs (from_items of the tasks, then map_batches, one task
-per call) and hands the batches back in task order (preserve_order), block by block; the driver
+the tasks in parallel over the cluster's CPUs (from_items of runs of consecutive tasks, then
+map_batches, one run per call, a block per task: see task_groups) and hands the batches back in task order (preserve_order), block by block; the driver
 writes them with the same shard writer as the built-ins (data.external.writer), a shard at a time.
 Rows are numbered in that order, so the bytes are the same on any number of workers. The driver
 never holds more than a shard per split and a block or two in flight: its memory does not grow
@@ -26,7 +26,7 @@ import numpy as np
 from vaedist.config import Config
 from vaedist.console import LineProgress
 from vaedist.data.common import DataError
-from vaedist.data.external import ImageTransform, open_source
+from vaedist.data.external import ImageTransform, concat_batches, open_source
 from vaedist.data.external.writer import ShardAssembler
 
 _RUNNERS = {"images": ("vaedist.data.external.folder", "ImageFolderSource"),
@@ -41,11 +41,35 @@ def _run_task(kind: str):
     return getattr(importlib.import_module(module), name).run_task
 
 
-def _decode_batch(batch: dict[str, np.ndarray], kind: str, transform: ImageTransform,
-                  skip_bad: bool) -> dict[str, np.ndarray]:
-    """map_batches: one task (batch_size=1) -> its decoded rows."""
-    (task,) = batch["task"]
-    return _run_task(kind)(json.loads(task), transform, skip_bad)
+# A Ray Data task and each block it outputs cost the driver and the cluster ~10-30 ms however small
+# (scheduling, moving and converting the block); with the source's tasks of ~0.1 s each that took a
+# third of the machine (README, Performance). So each Ray Data task runs a run of consecutive source
+# tasks (at most GROUP_MAX, and few enough that every CPU still gets GROUP_SPREAD runs to balance the
+# load), and outputs their rows as blocks of BLOCK_BYTES of images or more (the last one less).
+GROUP_MAX = 8
+GROUP_SPREAD = 4
+BLOCK_BYTES = 1 << 20
+
+
+def task_groups(tasks: list[dict], cpus: int) -> list[list[dict]]:
+    """The source's tasks, in order, cut into runs of consecutive tasks (one Ray Data task each)."""
+    size = max(1, min(GROUP_MAX, len(tasks) // max(1, GROUP_SPREAD * cpus)))
+    return [tasks[i:i + size] for i in range(0, len(tasks), size)]
+
+
+def _decode_group(batch: dict[str, np.ndarray], kind: str, transform: ImageTransform, skip_bad: bool):
+    """map_batches: one group of source tasks (batch_size=1) -> their decoded rows, a batch per task."""
+    (group,) = batch["tasks"]
+    run = _run_task(kind)
+    pending, pending_bytes = [], 0
+    for task in json.loads(group):
+        pending.append(run(task, transform, skip_bad))
+        pending_bytes += pending[-1]["image"].nbytes
+        if pending_bytes >= BLOCK_BYTES:
+            yield concat_batches(pending)
+            pending, pending_bytes = [], 0
+    if pending:
+        yield concat_batches(pending)
 
 
 def _data_error(error: BaseException) -> DataError | None:
@@ -107,8 +131,10 @@ def _ray_batches(cfg: Config, plan):
     from vaedist.console import is_verbose
 
     init_ray(cfg.scaling.address)
+    groups = task_groups(plan.tasks, int(ray.cluster_resources().get("CPU", 1)))
     ctx = DataContext.get_current()
-    kept = ctx.execution_options.preserve_order, ctx.raise_original_map_exception
+    kept = ctx.execution_options.preserve_order, ctx.raise_original_map_exception, ctx.target_max_block_size
+    ctx.target_max_block_size = BLOCK_BYTES
     ctx.execution_options.preserve_order = True  # blocks come back in task order: the rows' order
     ctx.raise_original_map_exception = True  # a task's DataError reaches us as one, with its message
     # Ray Data logs a failed task's traceback as ERROR lines; the DataError below says it in one.
@@ -117,9 +143,9 @@ def _ray_batches(cfg: Config, plan):
     if not is_verbose():
         data_log.setLevel(logging.CRITICAL)
     try:
-        ds = (ray.data.from_items([{"task": json.dumps(t, separators=(",", ":"))} for t in plan.tasks],
-                                  override_num_blocks=len(plan.tasks))
-              .map_batches(_decode_batch, batch_size=1, num_cpus=1,
+        ds = (ray.data.from_items([{"tasks": json.dumps(g, separators=(",", ":"))} for g in groups],
+                                  override_num_blocks=len(groups))
+              .map_batches(_decode_group, batch_size=1, num_cpus=1,
                            fn_kwargs={"kind": plan.kind, "transform": ImageTransform.from_config(cfg.data),
                                       "skip_bad": cfg.data.skip_bad_images}))
         message = None
@@ -135,5 +161,5 @@ def _ray_batches(cfg: Config, plan):
             gc.collect()
             raise DataError(message)
     finally:
-        ctx.execution_options.preserve_order, ctx.raise_original_map_exception = kept
+        ctx.execution_options.preserve_order, ctx.raise_original_map_exception, ctx.target_max_block_size = kept
         data_log.setLevel(kept_level)

@@ -20,10 +20,12 @@ from PIL import Image
 from vaedist.config import ConfigError, load_config
 from vaedist.data import DataError, load_split_arrays, manifest_dataset, read_manifest, read_sources, shard_paths
 from vaedist.data import verify_shards
+from vaedist.data.common import DatasetInfo
+from vaedist.data.external import batch_from_rows, concat_batches
 from vaedist.data.external.transform import ImageTransform, convert_array, decode_image, is_test
 from vaedist.data.external.webdataset import expand_braces
-from vaedist.data.shards import _shard_bytes_canonical, _shard_bytes_tarfile
-from vaedist.prepare import prepare_external
+from vaedist.data.shards import _decode_canonical, _iter_samples, _shard_bytes, _shard_bytes_tarfile
+from vaedist.prepare import prepare_external, task_groups
 
 RNG = np.random.default_rng(0)
 
@@ -101,11 +103,56 @@ def test_hash_split_is_stable_and_near_the_fraction():
     assert np.array_equal(is_test(names[:1000] + ["new.png"], 0.1)[:1000], test[:1000])  # adding moves nothing
 
 
-def test_canonical_writer_gives_tarfiles_bytes():
+@pytest.mark.parametrize("classes", [10, 20, 1234567, 0])
+def test_sliced_shard_layout_is_tarfiles_for_any_label(classes):
+    # The NumPy layout (writer and reader) against tarfile, for MNIST's digits, two-digit classes (the
+    # 20 of the prepare benchmark: they used to fall back to tarfile, ~10x slower, on both sides), a
+    # huge class count, and unlabelled data (-1, what a folder without class folders gives).
     for shape, first in (((28, 28), 0), ((5, 3, 3), 99990), ((1, 1), 123456)):
         images = RNG.integers(0, 256, (13, *shape), dtype=np.uint8)
-        labels = RNG.integers(0, 10, 13)
-        assert _shard_bytes_canonical("train", first, images, labels) == _shard_bytes_tarfile("train", first, images, labels)
+        labels = RNG.integers(0, classes, 13) if classes else np.full(13, -1)
+        labels[0] = classes - 1 if classes else -1
+        data = _shard_bytes("train", first, images, labels)
+        assert data == _shard_bytes_tarfile("train", first, images, labels)
+        info = DatasetInfo("x", (*shape[:2], shape[2] if len(shape) == 3 else 1), None, classes)
+        fast = _decode_canonical(data, info)
+        assert fast is not None, "our own shards must take the sliced path"
+        slow = list(_iter_samples(data, "x.tar", 13, info))
+        assert np.array_equal(fast[1], np.arange(first, first + 13))
+        assert np.array_equal(fast[2], np.stack([im.reshape(-1) for _, im, _ in slow]))
+        assert np.array_equal(fast[3], [label for _, _, label in slow]) and np.array_equal(fast[3], labels)
+    # A label the dataset cannot hold is left to the tarfile reader, which names it.
+    if classes:
+        wrong = DatasetInfo("x", (1, 1, 1), None, max(classes - 1, 1))
+        data = _shard_bytes("train", 0, np.zeros((2, 1, 1), np.uint8), np.array([0, classes - 1]))
+        assert _decode_canonical(data, wrong) is None
+        with pytest.raises(DataError, match="is not a class"):
+            list(_iter_samples(data, "x.tar", 2, wrong))
+
+
+def test_task_groups_keep_order_and_spread_over_the_cpus():
+    tasks = [{"i": i} for i in range(100)]
+    for cpus in (1, 2, 3, 64):
+        groups = task_groups(tasks, cpus)
+        assert [t for g in groups for t in g] == tasks  # every task once, in order
+        assert max(map(len, groups)) <= 8 and (len(groups) >= 4 * cpus or max(map(len, groups)) == 1)
+    assert list(map(len, task_groups(tasks, 2))) == [8] * 12 + [4]
+    assert task_groups([], 2) == []
+
+
+def test_concat_batches_keeps_rows_and_checks_shapes():
+    img = lambda v, shape=(2, 2, 1): np.full(shape, v, np.uint8)  # noqa: E731
+    a = batch_from_rows([(0, img(1), 3, "a/1.png", ""), (1, None, 4, "a/2.png", "bad")])
+    only_bad = batch_from_rows([(0, None, 5, "b/1.png", "bad")])  # its placeholder image is 1 x 1 x 1
+    c = batch_from_rows([(1, img(7), 6, "c/1.png", "")])
+    got = concat_batches([a, only_bad, c])
+    assert got["image"].shape == (4, 2, 2, 1) and got["image"][:, 0, 0, 0].tolist() == [1, 0, 0, 7]
+    assert got["label"].tolist() == [3, 4, 5, 6] and got["split"].tolist() == [0, 1, 0, 1]
+    assert got["source"].tolist() == ["a/1.png", "a/2.png", "b/1.png", "c/1.png"]
+    assert got["error"].tolist() == ["", "bad", "bad", ""]
+    other = batch_from_rows([(0, img(2, (3, 2, 1)), 0, "d/1.png", "")])
+    with pytest.raises(DataError, match=r"a/1.png is 2x2x1 .* but d/1.png is 3x2x1"):
+        concat_batches([a, other])
 
 
 def test_brace_patterns():

@@ -6,7 +6,8 @@ The images are MNIST's and Fashion-MNIST's (70,000 each; beyond 140,000 they rep
 names), written once under --work (never into the repository) as
 (1) a folder of PNG files, class subfolders (digits, then clothes as classes 10-19), and
 (2) WebDataset shards of the same images as JPEG (quality 95, 1,000 per shard) with a cls label.
-For each: (b) a plain single-process loop (the job's own decode tasks one after another in this
+Both are read once, untimed, so that both measurements find them in the page cache. For each: (b) a
+plain single-process loop (the job's own decode tasks one after another in this
 process, then the same shard writer: prepare_external(use_ray=False)), measured before Ray starts,
 then (a) the Ray Data job on an embedded Ray of --cpus CPUs (started beforehand and warmed by an
 untimed job on 1,000 other files, so Ray's start and its workers' imports are not counted): images/s and the ratio (a)/(b). Then (3) the driver's peak RSS (VmHWM) of the Ray job
@@ -140,6 +141,10 @@ def bench_prepare(images: int = 20000, rss_sizes: tuple[int, ...] = (10000, 2000
     num_shards = write_jpeg_shards(shards, pixels[:images], labels[:images])
     echo(f"inputs: {images:,} PNG files in {png}, the same as JPEG in {num_shards} WebDataset shards in {shards} "
          f"({time.perf_counter() - start:.0f} s to write)")
+    # Every input file read once, untimed: (b) runs first and would otherwise pay the disk reads
+    # that (a) then finds in the page cache (session 7 measured PNG's loop 2.8x slower so).
+    warm_bytes = sum(len(p.read_bytes()) for root in (png, shards) for p in root.rglob("*") if p.is_file())
+    echo(f"page cache warmed: {warm_bytes / 2**20:,.0f} MiB of inputs read once before the clocks")
     cases = {"PNG folder": ["data.source=images", f"data.source_path={png}"],
              "JPEG WebDataset shards": ["data.source=webdataset", f"data.source_path={shards}/",
                                         "data.test_fraction=0.1"]}

@@ -47,12 +47,13 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def _shard_bytes(split: str, first_index: int, images: np.ndarray, labels: np.ndarray) -> bytes:
-    """One shard's bytes: datapoints first_index, first_index + 1, ... of `split`. Labels 0..9 (every
-    built-in) are laid out with NumPy, ~10x faster than tarfile and the same bytes (a test checks);
-    other labels (-1 for unlabelled data, 10 and up) go through tarfile."""
+    """One shard's bytes: datapoints first_index, first_index + 1, ... of `split`. Laid out with NumPy,
+    ~10x faster than tarfile and the same bytes (a test checks); tarfile writes what the layout cannot
+    hold (a label longer than a tar block, which no dataset has)."""
     labels = np.asarray(labels)
-    if len(labels) and labels.min() >= 0 and labels.max() <= 9:
-        return _shard_bytes_canonical(split, first_index, images, labels)
+    texts = [b"%d" % int(label) for label in labels]
+    if max(map(len, texts), default=1) <= _BLOCK:
+        return _shard_bytes_canonical(split, first_index, images, texts)
     return _shard_bytes_tarfile(split, first_index, images, labels)
 
 
@@ -77,12 +78,13 @@ _NAME, _CHKSUM = slice(0, 100), slice(148, 156)  # ustar header fields that diff
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where the bytes of one datapoint with a single-digit label lie, for one stored image shape."""
+    """Where the bytes of one datapoint lie, for one stored image shape: the label's text (any length
+    up to a block; only its header's size field and checksum depend on it) fills the block after its
+    header, so every datapoint takes the same `record` bytes."""
     npy_header: bytes    # what np.save writes before the pixels of any uint8 image of this shape
     num_pixels: int
     pixels_at: int
     record: int          # bytes per datapoint
-    label_template: np.ndarray
     image_template: np.ndarray
 
 
@@ -95,8 +97,13 @@ def _layout(stored_shape: tuple[int, ...]) -> _Layout:
     return _Layout(
         npy_header=header, num_pixels=num_pixels, pixels_at=3 * _BLOCK + len(header),
         record=3 * _BLOCK + -(-(len(header) + num_pixels) // _BLOCK) * _BLOCK,
-        label_template=np.frombuffer(_tarinfo("x", 1).tobuf(tarfile.USTAR_FORMAT), np.uint8),
         image_template=np.frombuffer(_tarinfo("x", len(header) + num_pixels).tobuf(tarfile.USTAR_FORMAT), np.uint8))
+
+
+@lru_cache(maxsize=64)
+def _label_template(size: int) -> np.ndarray:
+    """The ustar header of a label member of `size` bytes (name and checksum to be filled in)."""
+    return np.frombuffer(_tarinfo("x", size).tobuf(tarfile.USTAR_FORMAT), np.uint8)
 
 
 def _headers_for(template: np.ndarray, names: list[bytes]) -> np.ndarray:
@@ -110,14 +117,19 @@ def _headers_for(template: np.ndarray, names: list[bytes]) -> np.ndarray:
     return headers
 
 
-def _shard_bytes_canonical(split: str, first_index: int, images: np.ndarray, labels: np.ndarray) -> bytes:
-    """What _shard_bytes_tarfile writes for labels 0..9, laid out with NumPy (see _Layout)."""
+def _shard_bytes_canonical(split: str, first_index: int, images: np.ndarray, label_texts: list[bytes]) -> bytes:
+    """What _shard_bytes_tarfile writes, laid out with NumPy (see _Layout); label_texts b"%d" each."""
     lay = _layout(images.shape[1:])
     n = len(images)
     keys = [key_for(split, first_index + i).encode() for i in range(n)]
     records = np.zeros((n, lay.record), np.uint8)
-    records[:, :_BLOCK] = _headers_for(lay.label_template, [k + f".{LABEL_EXT}".encode() for k in keys])
-    records[:, _LABEL_AT] = labels.astype(np.int64) + ord("0")
+    sizes = np.fromiter(map(len, label_texts), np.int64, n)
+    for size in np.unique(sizes).tolist():
+        rows = np.flatnonzero(sizes == size)
+        records[rows, :_BLOCK] = _headers_for(_label_template(size),
+                                              [keys[i] + f".{LABEL_EXT}".encode() for i in rows])
+        text = np.frombuffer(b"".join(label_texts[i] for i in rows), np.uint8).reshape(len(rows), size)
+        records[rows, _LABEL_AT:_LABEL_AT + size] = text
     records[:, _IMAGE_HEADER_AT:_IMAGE_HEADER_AT + _BLOCK] = _headers_for(
         lay.image_template, [k + f".{IMAGE_EXT}".encode() for k in keys])
     header = np.frombuffer(lay.npy_header, np.uint8)
@@ -144,8 +156,39 @@ def _headers_match(headers: np.ndarray, template: np.ndarray, names: list[bytes]
                 and np.array_equal(headers[:, 154:156], np.broadcast_to(template[154:156], (len(headers), 2))))
 
 
+def _canonical_labels(records: np.ndarray, names: list[bytes], info: DatasetInfo) -> np.ndarray | None:
+    """The labels (int64) of a shard's records in _shard_bytes' layout, read from each label member's
+    header (its size field says how many digits) and its text; None where anything differs from what
+    _shard_bytes writes for a valid label of `info` (the tarfile path then reads it or names the fault)."""
+    headers = records[:, :_BLOCK]
+    octal = headers[:, 124:135].astype(np.int64) - ord("0")  # ustar size: 11 octal digits and a NUL
+    if not (((octal >= 0) & (octal <= 7)).all() and not headers[:, 135].any()):
+        return None
+    sizes = octal @ (8 ** np.arange(10, -1, -1))
+    labels = np.empty(len(records), np.int64)
+    for size in np.unique(sizes).tolist():
+        if not 1 <= size <= 19:  # int64's digits; no dataset has more classes
+            return None
+        rows = np.flatnonzero(sizes == size)
+        if not _headers_match(headers[rows], _label_template(size), [names[i] for i in rows]):
+            return None
+        text = records[rows, _LABEL_AT:_LABEL_AT + size]
+        if info.num_classes == 0:  # unlabelled: every label is UNLABELLED, written "-1"
+            if size != 2 or not (text == np.frombuffer(b"%d" % UNLABELLED, np.uint8)).all():
+                return None
+            labels[rows] = UNLABELLED
+            continue
+        digits = text.astype(np.int64) - ord("0")
+        if not ((digits >= 0) & (digits <= 9)).all() or (size > 1 and (digits[:, 0] == 0).any()):
+            return None
+        labels[rows] = digits @ (10 ** np.arange(size - 1, -1, -1, dtype=np.int64))
+    if info.num_classes and (labels >= info.num_classes).any():
+        return None
+    return labels
+
+
 def _decode_canonical(buf: bytes, info: DatasetInfo) -> tuple[str, np.ndarray, np.ndarray, np.ndarray] | None:
-    """(split, indices, images [n, pixels] view, label bytes) by slicing, with no per-sample Python.
+    """(split, indices, images [n, pixels] view, labels int64) by slicing, with no per-sample Python.
 
     Only for a shard in exactly the layout _shard_bytes writes for the dataset's image shape, which
     every byte that tarfile would read is checked against; anything else returns None and the caller
@@ -169,13 +212,13 @@ def _decode_canonical(buf: bytes, info: DatasetInfo) -> tuple[str, np.ndarray, n
     keys = [key_for(split, first_index + i).encode() for i in range(n)]
     label_ext, image_ext = f".{LABEL_EXT}".encode(), f".{IMAGE_EXT}".encode()
     npy_header = np.frombuffer(lay.npy_header, np.uint8)
-    labels = records[:, _LABEL_AT]
-    if not (_headers_match(records[:, :_BLOCK], lay.label_template, [k + label_ext for k in keys])
-            and _headers_match(records[:, _IMAGE_HEADER_AT:_IMAGE_HEADER_AT + _BLOCK], lay.image_template,
-                               [k + image_ext for k in keys])
+    if not (_headers_match(records[:, _IMAGE_HEADER_AT:_IMAGE_HEADER_AT + _BLOCK], lay.image_template,
+                           [k + image_ext for k in keys])
             and np.array_equal(records[:, lay.pixels_at - len(npy_header):lay.pixels_at],
-                               np.broadcast_to(npy_header, (n, len(npy_header))))
-            and ((labels >= ord("0")) & (labels < ord("0") + min(info.num_classes, 10))).all()):
+                               np.broadcast_to(npy_header, (n, len(npy_header))))):
+        return None
+    labels = _canonical_labels(records, [k + label_ext for k in keys], info)
+    if labels is None:
         return None
     indices = np.arange(first_index, first_index + n, dtype=np.int64)
     return split, indices, records[:, lay.pixels_at:lay.pixels_at + lay.num_pixels], labels
@@ -275,8 +318,8 @@ def decode_shard_bytes(buf: bytes, path: str, expected_count: int | None,
     """(split, indices int64, images uint8 [n, pixels], labels int64) of one shard's bytes."""
     fast = _decode_canonical(buf, info)
     if fast is not None and (expected_count is None or len(fast[1]) == expected_count):
-        split, indices, images, label_bytes = fast
-        return split, indices, np.ascontiguousarray(images), label_bytes.astype(np.int64) - ord("0")
+        split, indices, images, labels = fast
+        return split, indices, np.ascontiguousarray(images), labels
     samples = list(_iter_samples(buf, path, expected_count, info))
     if not samples:
         raise DataError(f"shard {path} holds no datapoints")

@@ -74,6 +74,23 @@ def batch_from_rows(rows: list[tuple[int, np.ndarray | None, int, str, str]]) ->
             "error": np.array([r[4] for r in rows], dtype=object)}
 
 
+def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One batch of the rows of several, in order; their decoded images must have one shape (else
+    DataError naming two). A batch of only undecodable rows takes the others' shape."""
+    if len(batches) == 1:
+        return batches[0]
+    decoded = [(b, int(np.argmax(b["error"] == ""))) for b in batches if (b["error"] == "").any()]
+    shape = decoded[0][0]["image"].shape[1:] if decoded else batches[0]["image"].shape[1:]
+    for b, i in decoded:
+        if b["image"].shape[1:] != shape:
+            first, at = decoded[0]
+            raise DataError(images_differ(first["source"][at], shape, b["source"][i], b["image"].shape[1:]))
+    images = [b["image"] if b["image"].shape[1:] == shape else np.zeros((len(b["image"]), *shape), np.uint8)
+              for b in batches]
+    return {"image": np.concatenate(images),
+            **{k: np.concatenate([b[k] for b in batches]) for k in ("split", "label", "source", "error")}}
+
+
 def images_differ(a: str, shape_a: tuple, b: str, shape_b: tuple) -> str:
     fmt = lambda s: "x".join(map(str, s))  # noqa: E731
     return (f"images differ in size or channels: {a} is {fmt(shape_a)} (H x W x C) but {b} is {fmt(shape_b)}; "
@@ -109,5 +126,5 @@ def open_source(data_cfg):
     raise DataError(f"data.source {data_cfg.source!r} is not an external source ({', '.join(SOURCE_KINDS)})")
 
 
-__all__ = ["SOURCE_KINDS", "SPLIT_CODES", "BadImage", "ImageTransform", "SourcePlan", "batch_from_rows",
+__all__ = ["SOURCE_KINDS", "SPLIT_CODES", "BadImage", "ImageTransform", "SourcePlan", "batch_from_rows", "concat_batches",
            "dataset_name", "decode_or_mark", "images_differ", "open_source"]

@@ -39,8 +39,11 @@ def _walk(root: str) -> tuple[list[str], list[str]]:
                 continue
             rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
             (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(rel)
-    key = lambda p: p.encode()  # noqa: E731
-    return sorted(images, key=key), sorted(others, key=key)
+    # Code-point order is UTF-8 byte order, without a bytes copy of every name (the driver's memory
+    # is the listing's: README, Performance).
+    images.sort()
+    others.sort()
+    return images, others
 
 
 class ImageFolderSource:
@@ -67,35 +70,40 @@ class ImageFolderSource:
                 raise DataError(f"image folder {root} has train/ and test/ folders, so every image must be in one "
                                 f"of them, but {outside[0]} is not ({len(outside)} such files)")
             split = np.array([SPLIT_CODES[f.split("/", 1)[0]] for f in files], np.int8)
-            within = [f.split("/", 1)[1] for f in files]
             for code, name in ((0, "train"), (1, "test")):
                 if not (split == code).any():  # train/ and test/ hold only other folders' files? impossible
                     raise DataError(f"image folder {root}: {name}/ holds no images")
         else:
             split = is_test(files, self.test_fraction).astype(np.int8)
-            within = files
             for code, name in ((0, "train"), (1, "test")):
                 if not (split == code).any():
                     raise DataError(f"image folder {root}: the hash split (data.test_fraction = {self.test_fraction}) "
                                     f"puts none of its {len(files)} images in the {name} split; add images, change "
                                     "data.test_fraction, or make train/ and test/ folders")
-        in_class = np.array(["/" in f for f in within])
+        skip = 1 if split_layout else 0  # path components before the class folder: train/ or test/
+        in_class = np.fromiter((f.count("/") > skip for f in files), bool, len(files))
         if in_class.any() and not in_class.all():
             loose, foldered = files[int(np.argmin(in_class))], files[int(np.argmax(in_class))]
             raise DataError(f"image folder {root}: {loose} is not in a class subfolder but {foldered} is; put every "
                             "image in a class folder (labels from folder names) or none (unlabelled)")
         if in_class.all():
-            class_of = [f.split("/", 1)[0] for f in within]
-            class_names = tuple(sorted(set(class_of), key=lambda c: c.encode()))
+            # Two passes over the names, so no list of 200k class-name strings is ever held.
+            class_of = lambda f: f.split("/", skip + 1)[skip]  # noqa: E731
+            class_names = tuple(sorted({class_of(f) for f in files}))
             number = {c: i for i, c in enumerate(class_names)}
-            labels = np.array([number[c] for c in class_of], np.int64)
+            labels = np.fromiter((number[class_of(f)] for f in files), np.int64, len(files))
         else:
             class_names, labels = None, np.full(len(files), -1, np.int64)
-        tasks = [{"root": root, "files": files[i:i + self.files_per_task],
-                  "split": split[i:i + self.files_per_task].tolist(),
-                  "label": labels[i:i + self.files_per_task].tolist()}
-                 for i in range(0, len(files), self.files_per_task)]
-        digest = hashlib.sha256("\n".join(files).encode()).hexdigest()
+        # A task's files as one string (NUL never appears in a path): the driver holds the plan for
+        # the whole job, and one string per 512 names is a third of the memory of 512 strings.
+        n = self.files_per_task
+        tasks = [{"root": root, "files": "\0".join(files[i:i + n]),
+                  "split": split[i:i + n].tolist(), "label": labels[i:i + n].tolist()}
+                 for i in range(0, len(files), n)]
+        sha = hashlib.sha256()
+        for i, f in enumerate(files):
+            sha.update(b"\n" + f.encode() if i else f.encode())
+        digest = sha.hexdigest()
         record = {"kind": self.kind, "location": root, "num_files": len(files), "files_sha256": digest,
                   "files_sha256_of": "the sorted relative paths joined by newlines",
                   "other_files_ignored": len(others),
@@ -109,7 +117,7 @@ class ImageFolderSource:
     @staticmethod
     def run_task(task: dict, tf: ImageTransform, skip_bad: bool = False) -> dict[str, np.ndarray]:
         rows = []
-        for rel, split, label in zip(task["files"], task["split"], task["label"]):
+        for rel, split, label in zip(task["files"].split("\0"), task["split"], task["label"]):
             path = os.path.join(task["root"], *rel.split("/"))
 
             def decode(path=path, rel=rel):
