@@ -26,6 +26,11 @@ from vaedist.evaluate import evaluate_batch
 from vaedist.model import VAE
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every process this test session starts (Ray's daemons and workers, subprocesses) inherits this
+# mark, so that what outlives the session can be told from other sessions' processes and reaped.
+SESSION_MARK = f"VAEDIST_TEST_SESSION={os.getpid()}-{os.urandom(4).hex()}"
+os.environ["VAEDIST_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 # Ray Train's controller polls its workers every 2 s: a test run of 1-2 s of training waits that long
 # to be seen starting, reporting and finishing, over some 50 runs. Every Ray process this session
 # starts (local clusters, `ray start`, the CLI in subprocesses) inherits the shorter interval.
@@ -88,6 +93,44 @@ def start_local_ray():
     ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     return ray
+
+
+def session_leftovers() -> dict[int, str]:
+    """{pid: command} of the processes other than this one that carry SESSION_MARK."""
+    found = {}
+    mark = SESSION_MARK.encode() + b"\0"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read() + b"\0":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_processes_left():
+    """Set up first, so torn down last: once every cluster is shut down, nothing of this session may
+    remain. Ray has left a worker behind (a `ray::TrainController` orphaned under pid 1 when its
+    cluster was shut down as the run ended); such a process is killed here and named in a warning."""
+    import signal
+    import time
+    import warnings
+
+    yield
+    deadline = time.monotonic() + 10  # workers exit on their own once their raylet is gone
+    while (left := session_leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        warnings.warn(f"killed {len(left)} process(es) this test session left behind: {sorted(left.values())}")
 
 
 @pytest.fixture(scope="session")

@@ -97,37 +97,34 @@ def test_crash_mid_run_resumes_and_eval_every_epochs_skips_evaluation_in_between
     assert got["bpd"] == pytest.approx(rows[2]["test_bpd"], rel=1e-9) and got["off"] < 1e-9
 
 
-def test_rerun_resumes_and_refuses_another_model_shape(ray_cluster, small_shards, tmp_path):
-    # Epoch 0 is checkpointed without a test evaluation (eval_every_epochs=3), so the rerun restores
+def test_rerun_resumes_from_what_storage_holds_and_refuses_another_model_shape(ray_cluster, small_shards, tmp_path):
+    # One run, resumed twice, on two workers (rank 0 chooses the checkpoint; both must load it).
+    # 1. Epoch 0 is checkpointed without a test evaluation (eval_every_epochs=3), so the rerun restores
     # Ray's checkpoint-manager snapshot with an unevaluated checkpoint in it: it used to hold a null
     # score there, and the rerun failed in Ray's checkpoint manager.
-    cfg = debug_config(small_shards, tmp_path, "rerun", "train.epochs=2", "train.eval_every_epochs=3")
-    first = train(cfg)
+    two = ("scaling.num_workers=2", "train.eval_every_epochs=3")
+    first = train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=2", *two))
     assert [(r["epoch"], r["test_loss"] is None) for r in first.epochs] == [(0, True), (1, False)]
-    again = train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=3", "train.eval_every_epochs=3"))
+    again = train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=3", *two))
     assert [(r["epoch"], r["restored_from_epoch"]) for r in again.epochs] == [(0, -1), (1, -1), (2, 1)]
     assert again.epochs[:2] == first.epochs  # epochs 0 and 1 not retrained
-    with pytest.raises(CheckpointError, match=r"different model shape: model.latent_dim: checkpoint 8 vs config 5"):
-        train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=4", "model.latent_dim=5"))
-    assert [r["epoch"] for r in read_metrics(again.run_dir) if r["kind"] == "epoch"] == [0, 1, 2]
-
-
-def test_resumes_from_checkpoints_that_ray_did_not_register(ray_cluster, small_shards, tmp_path):
-    # Ray Train records a checkpoint only when its controller next polls; a node lost in between
+    # 2. Ray Train records a checkpoint only when its controller next polls; a node lost in between
     # leaves the newest checkpoints in storage but not in Ray's records. Simulated whole: Ray's
-    # records are removed, and the newest file is torn as by a failure during its upload. Two
-    # workers: rank 0 chooses, and both must load the same checkpoint.
-    first = train(debug_config(small_shards, tmp_path, "unregistered", "train.epochs=3", "scaling.num_workers=2"))
-    run_dir = tmp_path / "unregistered"
+    # records are removed, and the newest file is torn as by a failure during its upload.
+    run_dir = tmp_path / "rerun"
     (run_dir / "checkpoint_manager_snapshot.json").unlink()
     torn = run_dir / "epoch-0002" / "checkpoint.pt"
     torn.write_bytes(torn.read_bytes()[:1000])
-    again = train(debug_config(small_shards, tmp_path, "unregistered", "train.epochs=4", "scaling.num_workers=2"))
+    third = train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=4", *two))
     # Resumed from epoch 1, the newest readable one: epochs 0-1 not retrained, 2 (torn) retrained.
-    assert [(r["epoch"], r["restored_from_epoch"]) for r in again.epochs] == [(0, -1), (1, -1), (2, 1), (3, 1)]
-    assert again.epochs[:2] == first.epochs[:2]
-    assert all(len(set(r["rank_param_sums"])) == 1 for r in again.epochs[2:])
+    assert [(r["epoch"], r["restored_from_epoch"]) for r in third.epochs] == [(0, -1), (1, -1), (2, 1), (3, 1)]
+    assert third.epochs[:2] == first.epochs
+    assert all(len(set(r["rank_param_sums"])) == 1 for r in third.epochs[2:])
     assert load_model(str(run_dir / "epoch-0002"))[2]["epoch"] == 2  # rewritten whole
+    # 3. Another model shape under the same run name is refused before training.
+    with pytest.raises(CheckpointError, match=r"different model shape: model.latent_dim: checkpoint 8 vs config 5"):
+        train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=5", "model.latent_dim=5", *two))
+    assert [r["epoch"] for r in read_metrics(third.run_dir) if r["kind"] == "epoch"] == [0, 1, 2, 3]
 
 
 def test_bad_inputs_fail_before_training(ray_cluster, small_shards, tmp_path):
