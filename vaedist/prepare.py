@@ -45,7 +45,9 @@ def _run_task(kind: str):
 # (scheduling, moving and converting the block); with the source's tasks of ~0.1 s each that took a
 # third of the machine (README, Performance). So each Ray Data task runs a run of consecutive source
 # tasks (at most GROUP_MAX, and few enough that every CPU still gets GROUP_SPREAD runs to balance the
-# load), and outputs their rows as blocks of BLOCK_BYTES of images or more (the last one less).
+# load), and outputs their rows as blocks of BLOCK_BYTES of images or more (the last one less),
+# concatenated here rather than by Ray Data's block shaping, so that images of two shapes stop the
+# job with a DataError naming two of them instead of becoming a ragged tensor column.
 GROUP_MAX = 8
 GROUP_SPREAD = 4
 BLOCK_BYTES = 1 << 20
@@ -58,7 +60,8 @@ def task_groups(tasks: list[dict], cpus: int) -> list[list[dict]]:
 
 
 def _decode_group(batch: dict[str, np.ndarray], kind: str, transform: ImageTransform, skip_bad: bool):
-    """map_batches: one group of source tasks (batch_size=1) -> their decoded rows, a batch per task."""
+    """map_batches: one group of source tasks (batch_size=1) -> their decoded rows, in batches of at
+    least BLOCK_BYTES of images (Ray Data's target block size for this job, so it keeps them whole)."""
     (group,) = batch["tasks"]
     run = _run_task(kind)
     pending, pending_bytes = [], 0
