@@ -7,9 +7,9 @@ arrays to vaedist's shards (the built-in datasets keep their own single-process 
 The driver lists the items and cuts them into tasks (data.external: sorted files, shard URLs, array
 rows; errors such as an empty folder come here, before any work); Ray Data decodes and transforms
 the tasks in parallel over the cluster's CPUs (from_items of runs of consecutive tasks, then
-map_batches, one run per call, a block per task: see task_groups) and hands the batches back in task order (preserve_order), block by block; the driver
-writes them with the same shard writer as the built-ins (data.external.writer), a shard at a time.
-Rows are numbered in that order, so the bytes are the same on any number of workers. The driver
+map_batches, one run per call, blocks of about a MiB: see task_groups) and hands the batches back in
+task order (preserve_order), block by block; the driver writes them with the same shard writer as
+the built-ins (data.external.writer), a shard at a time. Rows are numbered in that order, so the bytes are the same on any number of workers. The driver
 never holds more than the plan (the file list), a shard per split and a block or two in flight: its
 memory grows only by the plan with the number of images (README, Performance).
 """
