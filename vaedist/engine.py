@@ -47,14 +47,25 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
 
 
+# The optimiser's kernel choice, which load_state_dict would otherwise take from the checkpoint.
+KERNEL_FLAGS = ("fused", "foreach", "capturable")
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restore an optimiser's state with Adam's `step` counters on the CPU, where torch keeps them
-    for its foreach/for-loop kernels: a checkpoint loaded with map_location=<GPU> would put them on
-    the GPU, and those kernels then read each one with .item(), a host sync per parameter tensor
-    per step for the rest of the run. Fused (and capturable) Adam wants them on the parameters'
-    device, and load_state_dict moves them there itself."""
-    steps_on_cpu = {**state, "state": {k: {n: (v.cpu() if n == "step" and isinstance(v, torch.Tensor) else v)
-                                           for n, v in s.items()} for k, s in state["state"].items()}}
+    """Restore an optimiser's state under this run's kernel (train.optimizer_kernel on this device),
+    with Adam's `step` counters where that kernel keeps them.
+
+    torch's load_state_dict takes every param-group setting from the checkpoint, the kernel flags
+    included: a run trained on a GPU (fused) and resumed with foreach would silently stay fused, and
+    its fused flag would move the counters to the GPU, where the foreach/for-loop kernels read each
+    one with .item(), a host sync per parameter tensor per step (found on the H200: bench gpu's test
+    tier). So the flags are this optimiser's, and the counters go to the CPU; fused (and capturable)
+    Adam wants them on the parameters' device, and load_state_dict moves them there itself."""
+    groups = [{**saved, **{flag: group[flag] for flag in KERNEL_FLAGS if flag in group}}
+              for saved, group in zip(state["param_groups"], optimizer.param_groups)]
+    steps_on_cpu = {**state, "param_groups": groups,
+                    "state": {k: {n: (v.cpu() if n == "step" and isinstance(v, torch.Tensor) else v)
+                                  for n, v in s.items()} for k, s in state["state"].items()}}
     optimizer.load_state_dict(steps_on_cpu)
 
 

@@ -121,6 +121,26 @@ def test_adam_step_counters_stay_on_the_cpu_when_restored(tmp_path):
     assert all(s["exp_avg"].device == p.device for p, s in zip(model.parameters(), fresh.state.values()))
 
 
+def test_a_resume_keeps_the_configured_kernel_not_the_checkpoints():
+    """A checkpoint of a fused run (a GPU's default) restored under foreach stays foreach, its step
+    counters on the CPU: torch's load_state_dict alone would take fused from the checkpoint (what the
+    GPU test tier caught on an H200). And the other way round."""
+    cfg, model, optimizer, images = setup()
+    fused = make_optimizer(model, TrainConfig(optimizer_kernel="fused"))
+    run_epoch(cfg, model, fused, images, 0)
+    saved = copy.deepcopy(fused.state_dict())
+    assert saved["param_groups"][0]["fused"] is True
+    foreach = make_optimizer(model, TrainConfig(optimizer_kernel="foreach"))
+    load_optimizer_state(foreach, copy.deepcopy(saved))
+    assert all(g["foreach"] and not g["fused"] for g in foreach.param_groups)
+    assert all(s["step"].device.type == "cpu" and float(s["step"]) == 4 for s in foreach.state.values())
+    back = make_optimizer(model, TrainConfig(optimizer_kernel="fused"))
+    load_optimizer_state(back, foreach.state_dict())
+    assert all(g["fused"] and not g["foreach"] for g in back.param_groups)
+    # The state itself is the checkpoint's, whichever kernel runs it.
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(saved["state"].values(), back.state.values()))
+
+
 def test_optimizer_kernel_auto_is_fused_on_cuda_only():
     cfg = TrainConfig()
     assert optimizer_kernel(cfg, torch.device("cpu")) == "foreach"
