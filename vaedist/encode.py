@@ -270,14 +270,15 @@ class EncodeResult:
 
 def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, epochs: list[int] | None = None,
            all_kept: bool = False, echo: Callable[[str], None] | None = None,
-           shards_dir: str | None = None) -> EncodeResult:
+           shards_dir: str | None = None, rows_per_file: int = ROWS_PER_FILE) -> EncodeResult:
     """Encode cfg.encode.splits with a checkpoint into the latent table at `out` (default
     output.latents_dir). With `epochs` (or all_kept), encode those checkpoints of one run into one
     table with an `epoch` column, a row per datapoint per checkpoint.
 
     shards_dir (default data.shards_dir) may hold other data than the checkpoint was trained on, as
     long as its images have the shape and channels the model takes; the lineage says which data the
-    model was trained on and whether it is the data encoded."""
+    model was trained on and whether it is the data encoded. rows_per_file: the Parquet files' least
+    rows (the benchmarks time a short job's progress by smaller files)."""
     import ray
 
     from vaedist.cluster import check_resources, init_ray
@@ -371,7 +372,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
                                                                   info.to_manifest(), lineage, epoch_list))
                 # The write tasks only move bytes; without a CPU of their own they write files as the
                 # actors produce rows, instead of queueing behind the actors until the end.
-                .write_parquet(staging, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": 0}))
+                .write_parquet(staging, min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": 0}))
     except Exception as e:
         failure = f"{type(e).__name__}: {e}"
     else:
