@@ -164,3 +164,24 @@ def test_bad_inputs_are_refused_before_anything_published_is_lost(published, tmp
     assert sorted(storage.listdir(enc.path)) == listing
     with pytest.raises(QueryError):
         run_sql(enc.path, "SELEKT * FROM latents")
+
+
+def test_ray_datas_gpu_and_cpu_warning_is_dropped_during_the_job_only():
+    """Ray Data's own check (what a GPU encode actor's remote args go through) logs its "experimental"
+    warning; during an encode job it is dropped, and nothing else is, and afterwards it is back."""
+    from ray.data._internal.execution.operators.map_operator import _canonicalize_ray_remote_args
+
+    from vaedist.encode import GPU_AND_CPU_WARNING, MAP_OPERATOR_LOGGER, gpu_and_cpu_warning_dropped
+
+    logger = logging.getLogger(MAP_OPERATOR_LOGGER)
+    handler = LogCaptureHandler()
+    logger.addHandler(handler)
+    try:
+        with gpu_and_cpu_warning_dropped():
+            _canonicalize_ray_remote_args({"num_cpus": 2, "num_gpus": 1})
+            logger.warning("another warning")
+        assert [r.getMessage() for r in handler.records] == ["another warning"]
+        _canonicalize_ray_remote_args({"num_cpus": 2, "num_gpus": 1})
+        assert handler.records[-1].getMessage().startswith(GPU_AND_CPU_WARNING)
+    finally:
+        logger.removeHandler(handler)
