@@ -61,6 +61,12 @@ def fixed_cost(written: list[tuple[float, int]]) -> tuple[float, float | None]:
     return max(t0 - r0 / rate, 0.0), rate
 
 
+def shard_rows_of(cfg: Config) -> int:
+    """The rows of the shards' first shard: a table file per shard, for timing."""
+    splits = read_manifest(cfg.data.shards_dir)["splits"]
+    return max(1, splits[cfg.encode.splits[0]]["shards"][0]["num_samples"])
+
+
 def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = print,
                  query_repeats: int = 20) -> dict[str, float]:
     from vaedist.encode import encode
@@ -80,13 +86,14 @@ def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = pri
         # timing: a job is normally submitted to a running cluster.
         init_ray(cfg.scaling.address)
         start = time.perf_counter()
-        result = encode(cfg, checkpoint=checkpoint, out=f"{tmp}/latents")
+        # Files of a shard's rows (not the default 20,000): points enough to time the job's progress.
+        result = encode(cfg, checkpoint=checkpoint, out=f"{tmp}/latents", rows_per_file=shard_rows_of(cfg))
         ray_s = time.perf_counter() - start
         echo(f"(a) Ray Data encode job (verify + publish included): {total / ray_s:,.0f} rows/s ({ray_s:.1f} s)")
         fixed, steady = fixed_cost(result.written)
         if steady:
             echo(f"    of which fixed cost {fixed:.1f} s (job start to its first rows, extrapolated from the files as "
-                 f"they appeared) and steady {steady:,.0f} rows/s; (b) at that rate: {total / plain_s:,.0f} rows/s")
+                 f"they appeared) and steady {steady:,.0f} rows/s: steady (a)/(b) {steady * plain_s / total:.3f}")
         echo(f"ratio (a)/(b): {plain_s / ray_s:.3f}")
         con = connect(result.path)
         loss_by_digit(result.path, split="test", con=con)  # warm-up: OS cache, DuckDB metadata
