@@ -27,6 +27,7 @@ from vaedist.config import Config
 from vaedist.console import LineProgress
 from vaedist.data.common import DataError
 from vaedist.data.external import ImageTransform, concat_batches, open_source
+from vaedist.data.external.transform import bomb_guard
 from vaedist.data.external.writer import ShardAssembler
 
 _RUNNERS = {"images": ("vaedist.data.external.folder", "ImageFolderSource"),
@@ -66,7 +67,8 @@ def _decode_group(batch: dict[str, np.ndarray], kind: str, transform: ImageTrans
     run = _run_task(kind)
     pending, pending_bytes = [], 0
     for task in json.loads(group):
-        pending.append(run(task, transform, skip_bad))
+        with bomb_guard():  # once per task, not per image; not held across the yields
+            pending.append(run(task, transform, skip_bad))
         pending_bytes += pending[-1]["image"].nbytes
         if pending_bytes >= BLOCK_BYTES:
             yield concat_batches(pending)
@@ -123,7 +125,9 @@ def prepare_external(cfg: Config, out: str | None = None, progress: bool = True,
 def _local_batches(plan, transform: ImageTransform, skip_bad: bool):
     run = _run_task(plan.kind)
     for task in plan.tasks:
-        yield run(task, transform, skip_bad)
+        with bomb_guard():
+            batch = run(task, transform, skip_bad)
+        yield batch
 
 
 def _ray_batches(cfg: Config, plan):

@@ -11,6 +11,7 @@ import os
 import struct
 import tarfile
 import zlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from vaedist.data import DataError, load_split_arrays, manifest_dataset, read_ma
 from vaedist.data import verify_shards
 from vaedist.data.common import DatasetInfo
 from vaedist.data.external import batch_from_rows, concat_batches
-from vaedist.data.external.transform import ImageTransform, convert_array, decode_image, is_test
+from vaedist.data.external.transform import BadImage, ImageTransform, convert_array, decode_image, is_test
 from vaedist.data.external.webdataset import expand_braces
 from vaedist.data.shards import _decode_canonical, _iter_samples, _shard_bytes, _shard_bytes_tarfile
 from vaedist.prepare import prepare_external, task_groups
@@ -262,6 +263,16 @@ def test_decompression_bomb_guard_stays_on(tmp_path):
     (root / "huge.png").write_bytes(_png_header_only(30000, 30000))  # 900M pixels, a few bytes on disk
     with pytest.raises(DataError, match=r"huge\.png: over Pillow's decompression-bomb limit"):
         prepare(tmp_path, "data.source=images", f"data.source_path={root}", "data.test_fraction=0.5")
+    # Between the limit and twice it Pillow only warns: the guard, entered once per decode task (not
+    # per image), makes that an error too, and leaves the process's warning filters as they were.
+    (root / "huge.png").write_bytes(_png_header_only(10000, 10000))  # 100M pixels: 1.1x the limit
+    filters = list(warnings.filters)
+    with pytest.raises(DataError, match=r"huge\.png: over Pillow's decompression-bomb limit"):
+        prepare(tmp_path, "data.source=images", f"data.source_path={root}", "data.test_fraction=0.5")
+    assert warnings.filters == filters
+    with pytest.raises(BadImage, match="decompression-bomb"):
+        decode_image(_png_header_only(10000, 10000), "alone.png", ImageTransform(None, None))
+    assert warnings.filters == filters
 
 
 def test_folder_errors(tmp_path):

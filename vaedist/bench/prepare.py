@@ -43,6 +43,11 @@ def _source_images(count: int, mnist_dir: str | None, fashion_dir: str | None) -
         for split in ("train", "test"):
             images, labels, _ = load_idx(dataset, split, where)
             parts.append((images, labels.astype(np.int64) + offset))
+    if not parts:
+        from vaedist.config import ConfigError
+
+        raise ConfigError("bench prepare makes its images from MNIST's (and Fashion-MNIST's) IDX files and found "
+                          "neither: give --mnist-dir or set VAEDIST_MNIST_DIR")
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     reps = -(-count // len(images))
