@@ -276,7 +276,7 @@ class RowsDisplay:
                 mtime = fs.get_file_info(path).mtime
             except Exception:  # still being written: no footer yet
                 continue
-            seen = time.perf_counter() - self.start
+            seen = time.perf_counter() - self.start  # no later than seen: another node's clock may differ
             self.counted[name] = (min(mtime.timestamp() - self.wall_start, seen) if mtime else seen, rows)
         done = sum(rows for _, rows in self.counted.values())
         if self.bar is not None:

@@ -13,7 +13,8 @@ a line saying so (a step starts only when the time left is at least what the las
   train        Ray Train on 1 GPU vs the plain CUDA loop (bench train's), the default MLP, bf16 and fp32
   batch_sweep  the plain loop at batch 128 ... 8192: samples/s, and the test negative ELBO after a
                fixed number of samples (constant learning rate), so the speed/quality trade shows
-  encode       the Ray Data encode job on the GPU vs the plain loop (bench encode's), S=16 K=0 and S=1 K=1000 over all 70,000 images
+  encode       the Ray Data encode job on the GPU vs the plain loop (bench encode's), S=16 K=0 and S=1
+               K=1000, over all 70,000 images
   cpu_scaling  Ray Train with 1, 2, 4, 8 CPU workers (DDP over gloo) and encode with 1 ... 14 CPU actors:
                speed-up and efficiency per worker, short runs, capped to the cores present
 
@@ -469,7 +470,8 @@ def part_encode(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
     for name, (splits, cfg) in settings.items():
         if name not in plain:
             continue
-        out = steps.run(f"{name} Ray Data job", lambda: _ray_encode(cfg, checkpoint, setup.work, s.samples_per_shard), kind="ray")
+        out = steps.run(f"{name} Ray Data job", lambda: _ray_encode(cfg, checkpoint, setup.work, s.samples_per_shard),
+                        kind="ray")
         if out is None:
             continue
         steady = out["steady_rows_per_s"]
@@ -480,7 +482,8 @@ def part_encode(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
         # rate, between its first file and its last, is what a large table runs at.
         line = (f"{out['ray_rows_per_s']:,.0f} / {out['plain_rows_per_s']:,.0f} rows/s, **ratio {out['ratio']:.3f}** "
                 f"({out['rows']:,} rows of {'+'.join(splits)}); steady "
-                + (f"{steady:,.0f} rows/s, **ratio {out['steady_ratio']:.3f}**" if steady else "not measured (one file)")
+                + (f"{steady:,.0f} rows/s, **ratio {out['steady_ratio']:.3f}**" if steady
+                   else "not measured (one file)")
                 + f" after a fixed cost of {out['fixed_s']:.1f} s")
         res.echo(f"encode {name}: Ray Data job / plain loop: {line}")
         res.row("encode", f"{name}: Ray Data, {where} / plain loop", line)
@@ -529,7 +532,8 @@ def part_cpu_scaling(setup: Setup, budget: Budget, res: Results) -> dict[str, An
         cfg = _base(setup, "encode.use_gpu=false", f"encode.concurrency={n}", "encode.cpus_per_actor=1",
                     "encode.num_samples_mc=1", "encode.num_samples_iw=0", f"encode.splits={list(splits)}",
                     f"encode.batch_size={setup.sizes.encode_batch}")
-        out = steps.run(f"encode {n} actors", lambda: _ray_encode(cfg, _checkpoint(setup), setup.work, s.samples_per_shard), kind="encode")
+        out = steps.run(f"encode {n} actors",
+                        lambda: _ray_encode(cfg, _checkpoint(setup), setup.work, s.samples_per_shard), kind="encode")
         if out is None:
             continue
         # The steady rate, not end to end: 70,000 rows of S=1 K=0 take about as long as the job's start.
