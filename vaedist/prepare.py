@@ -52,6 +52,17 @@ def _run_task(kind: str):
 GROUP_MAX = 8
 GROUP_SPREAD = 4
 BLOCK_BYTES = 1 << 20
+# Ray Data's operator resource reservation budgets each operator's CPUs from its view of the cluster,
+# which it first gets ~1 s into a job (one task runs alone meanwhile), and sees a finished task's CPU
+# free only a scheduling round (0.1 s) or two later: ~0.15 s idle per task per CPU, a sixth of this job
+# on 2 CPUs. It exists to share the cluster between a pipeline's operators, and this job has one. So
+# it is off here; the job keeps QUEUED_PER_CPU tasks per CPU submitted instead (Ray starts the next
+# the moment a CPU frees), and the driver prefetches PREFETCH_PER_TASK blocks per task in flight:
+# Ray Data's downstream-capacity backpressure, which still bounds the blocks waiting for the driver,
+# allows twice what the driver prefetches, and blocks that preserve_order holds back behind a slower
+# task would otherwise stop new tasks (README, Performance).
+QUEUED_PER_CPU = 2
+PREFETCH_PER_TASK = 2
 
 
 def task_groups(tasks: list[dict], cpus: int) -> list[list[dict]]:
@@ -138,10 +149,14 @@ def _ray_batches(cfg: Config, plan):
     from vaedist.console import is_verbose
 
     init_ray(cfg.scaling.address)
-    groups = task_groups(plan.tasks, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    groups = task_groups(plan.tasks, cpus)
+    in_flight = max(1, min(QUEUED_PER_CPU * cpus, len(groups)))  # Ray Data warns of a cap above the tasks
     ctx = DataContext.get_current()
-    kept = ctx.execution_options.preserve_order, ctx.raise_original_map_exception, ctx.target_max_block_size
+    kept = (ctx.execution_options.preserve_order, ctx.raise_original_map_exception, ctx.target_max_block_size,
+            ctx.op_resource_reservation_enabled)
     ctx.target_max_block_size = BLOCK_BYTES
+    ctx.op_resource_reservation_enabled = False
     ctx.execution_options.preserve_order = True  # blocks come back in task order: the rows' order
     ctx.raise_original_map_exception = True  # a task's DataError reaches us as one, with its message
     # Ray Data logs a failed task's traceback as ERROR lines; the DataError below says it in one.
@@ -153,11 +168,13 @@ def _ray_batches(cfg: Config, plan):
         ds = (ray.data.from_items([{"tasks": json.dumps(g, separators=(",", ":"))} for g in groups],
                                   override_num_blocks=len(groups))
               .map_batches(_decode_group, batch_size=1, num_cpus=1,
+                           compute=ray.data.TaskPoolStrategy(size=in_flight),
                            fn_kwargs={"kind": plan.kind, "transform": ImageTransform.from_config(cfg.data),
                                       "skip_bad": cfg.data.skip_bad_images}))
         message = None
         try:
-            yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+            yield from ds.iter_batches(batch_size=None, batch_format="numpy",
+                                       prefetch_batches=PREFETCH_PER_TASK * in_flight)
         except Exception as e:
             found = _data_error(e)
             if found is None:
@@ -168,5 +185,6 @@ def _ray_batches(cfg: Config, plan):
             gc.collect()
             raise DataError(message)
     finally:
-        ctx.execution_options.preserve_order, ctx.raise_original_map_exception, ctx.target_max_block_size = kept
+        (ctx.execution_options.preserve_order, ctx.raise_original_map_exception, ctx.target_max_block_size,
+         ctx.op_resource_reservation_enabled) = kept
         data_log.setLevel(kept_level)

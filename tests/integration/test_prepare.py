@@ -53,9 +53,16 @@ def test_png_tree_is_exactly_mnist_on_any_number_of_cpus(ray_cluster, mnist_dir,
                                                          monkeypatch):
     import vaedist.data.external.folder as folder
 
+    from ray.data import DataContext
+
     monkeypatch.setattr(folder, "FILES_PER_TASK", 128)  # 20 tasks, so the workers interleave
     cfg = load_config(None, ["data.source=images", f"data.source_path={mnist_png_tree}", "data.samples_per_shard=300"])
+    ctx = DataContext.get_current()
+    settings = lambda: (ctx.op_resource_reservation_enabled, ctx.execution_options.preserve_order,  # noqa: E731
+                        ctx.target_max_block_size, ctx.raise_original_map_exception)
+    before = settings()
     two = prepare_external(cfg, str(tmp_path / "two"), progress=False)
+    assert settings() == before  # the job's Ray Data settings are its own, not the process's
     assert two["dataset"]["image_shape"] == [28, 28, 1] and two["dataset"]["class_names"] == [str(d) for d in range(10)]
     verify_shards(str(tmp_path / "two"))
     for split, count in (("train", TRAIN), ("test", TEST)):

@@ -141,6 +141,18 @@ def test_task_groups_keep_order_and_spread_over_the_cpus():
     assert task_groups([], 2) == []
 
 
+def test_the_ray_data_switches_the_prepare_job_sets_exist():
+    """The job turns Ray Data's operator resource reservation off (README, Performance); a DataContext
+    without the field would take the assignment silently and run the job at the old, slower pace."""
+    import dataclasses
+
+    from ray.data import DataContext
+
+    fields = {f.name for f in dataclasses.fields(DataContext)}
+    assert {"op_resource_reservation_enabled", "target_max_block_size", "raise_original_map_exception",
+            "downstream_capacity_backpressure_ratio"} <= fields
+
+
 def test_concat_batches_keeps_rows_and_checks_shapes():
     img = lambda v, shape=(2, 2, 1): np.full(shape, v, np.uint8)  # noqa: E731
     a = batch_from_rows([(0, img(1), 3, "a/1.png", ""), (1, None, 4, "a/2.png", "bad")])
