@@ -149,8 +149,7 @@ def test_the_ray_data_switches_the_prepare_job_sets_exist():
     from ray.data import DataContext
 
     fields = {f.name for f in dataclasses.fields(DataContext)}
-    assert {"op_resource_reservation_enabled", "target_max_block_size", "raise_original_map_exception",
-            "downstream_capacity_backpressure_ratio"} <= fields
+    assert {"op_resource_reservation_enabled", "target_max_block_size", "raise_original_map_exception"} <= fields
 
 
 def test_concat_batches_keeps_rows_and_checks_shapes():
