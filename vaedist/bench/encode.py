@@ -20,17 +20,21 @@ from vaedist.config import Config
 from vaedist.data import manifest_dataset, read_manifest
 
 
-def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:
+def plain_encode(cfg: Config, checkpoint: str, out_dir: str, num_threads: int | None = None) -> dict[str, int]:
     """(b): one process, shard by shard, through the job's own LatentEncoder (so only Ray differs),
-    with all the job's CPUs as threads, on the GPU when the job's actors use one (encode.use_gpu),
-    written with pyarrow in files as large as the job's."""
+    on the GPU when the job's actors use one (encode.use_gpu), written with pyarrow in files as large
+    as the job's. num_threads: by default all the job's CPUs (cpus_per_actor x concurrency), the fair
+    baseline for a benchmark; with an actor's cpus_per_actor the table is bit-identical to the job's
+    (the determinism contract: float32 kernels round differently with another thread count)."""
     from vaedist.encode import ROWS_PER_FILE, LatentEncoder, encoder_kwargs, shard_rows
 
     ec = cfg.encode
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
     kwargs = encoder_kwargs(cfg, [checkpoint], shards_dir, manifest_dataset(manifest).to_manifest(), lineage={})
-    kwargs.update(num_threads=int(ec.cpus_per_actor * ec.concurrency), fail_after_batches=-1)
+    if num_threads is None:
+        num_threads = int(ec.cpus_per_actor * ec.concurrency)
+    kwargs.update(num_threads=num_threads, fail_after_batches=-1)
     encoder = LatentEncoder(**kwargs)
     rows: dict[str, int] = {}
     pending: list[pa.Table] = []
