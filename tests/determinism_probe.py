@@ -7,7 +7,7 @@ and MKL's ISA caps, which must be set before torch is imported) and thread count
 For each checkpoint and each thread count in VAEDIST_PROBE_THREADS (default "1,2") it writes:
 the likelihood's evaluation input and the keyed noise (promised bit-identical everywhere), the
 per-datapoint evaluation (mu, logvar, z, recon_nll, kl, loss, log_px, gap: bit-identical only under
-the same kernels and thread count) and the weights after a few optimiser steps from the checkpoint.
+the same kernels, thread count and batching), the same rows evaluated in other batches and the weights after a few optimiser steps from the checkpoint.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ def probe(shards: str, checkpoints: list[str], threads: list[int]) -> dict[str, 
             for name, value in evaluate_batch(model, x, indices, "test", seed=7, num_samples_mc=2,
                                               num_samples_iw=8, iw_chunk_size=4).items():
                 out[f"{key}/eval/{name}"] = value.numpy()
+            # The same rows in other batches: a row's numbers depend on its batch's size (kernel choice).
+            parts = [evaluate_batch(model, x[a:b], indices[a:b], "test", seed=7, num_samples_mc=2, num_samples_iw=8,
+                                    iw_chunk_size=4) for a, b in ((0, 1), (1, 37), (37, ROWS))]
+            for name in parts[0]:
+                out[f"{key}/rebatched/{name}"] = torch.cat([p[name] for p in parts]).numpy()
             train = TrainConfig(batch_size_per_worker=64, lr=1e-3, seed=3)
             optimizer = make_optimizer(model, train, torch.device("cpu"))
             train_steps(model, optimizer, torch.as_tensor(images.reshape(len(images), -1)), train, epoch=0, rank=0,

@@ -1,5 +1,7 @@
-"""Evaluation that is deterministic per datapoint: the same key gives the same numbers whatever batch
-it lands in, on however many workers or devices. No Ray.
+"""Evaluation that is deterministic per datapoint: the same key gets the same input and the same
+noise whatever batch, worker or device it lands on, so its numbers differ only by float32 rounding
+(bit-identical for the same batching, thread count and kernels: the determinism contract,
+docs/concepts/determinism.md). No Ray.
 
 Each datapoint (split, index) gets a fixed input (the likelihood's eval_input: for Bernoulli, the
 fixed binarisation data.fixed_binarize) and its own noise

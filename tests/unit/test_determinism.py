@@ -7,7 +7,7 @@ AVX2 one does, and an AVX2 machine as one without AVX2, and each checks:
     exact  - keyed inputs (binarisation, 8-bit scaling) under any kernels and thread count;
     exact  - keyed noise for any thread count; within a few ulps across instruction sets;
     exact  - every number, for the same kernels and thread count (two fresh processes);
-    close  - evaluation and a few training steps, across thread counts and instruction sets.
+    close  - evaluation and a few training steps, across thread counts, batchings and instruction sets.
 """
 
 from __future__ import annotations
@@ -119,6 +119,10 @@ def test_other_threads_and_instruction_sets_agree_within_the_stated_tolerance(pr
             for other in (key, key.replace("/1/", "/2/")):
                 np.testing.assert_allclose(probe[other], reference[key], rtol=EVAL_RTOL[column],
                                            atol=EVAL_ATOL.get(column, 0.0), err_msg=f"{name} {other}")
+        for key in keys(probe, "rebatched"):  # other batch sizes: close to the whole batch's numbers
+            column = key.rsplit("/", 1)[1]
+            np.testing.assert_allclose(probe[key], reference[key.replace("rebatched", "eval")], rtol=EVAL_RTOL[column],
+                                       atol=EVAL_ATOL.get(column, 0.0), err_msg=f"{name} {key}")
         for key in keys(reference, "trained"):
             for other in (key, key.replace("/1/", "/2/")):
                 np.testing.assert_allclose(probe[other], reference[key], rtol=0, atol=TRAINED_ATOL,
@@ -129,7 +133,7 @@ def test_the_table_identities_hold_exactly_under_every_kernel_choice(probes):
     """loss = recon_nll + kl and gap = log_px + loss are computed in float64 from the float32 terms:
     exact in the table whatever rounded the terms."""
     for name, probe in probes.items():
-        for key in keys(probe, "eval/loss"):
+        for key in keys(probe, "loss"):
             base = key.rsplit("/", 1)[0]
             np.testing.assert_array_equal(probe[key], probe[f"{base}/recon_nll"] + probe[f"{base}/kl"])
             np.testing.assert_array_equal(probe[f"{base}/gap"], probe[f"{base}/log_px"] + probe[key])
