@@ -19,7 +19,7 @@ from vaedist.data import (DataError, load_mnist, load_split_arrays, manifest_dat
                           shard_paths, verify_shards)
 from vaedist.prepare import prepare_external
 
-from conftest import debug_config, start_local_ray
+from conftest import start_local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -110,35 +110,3 @@ def test_bad_files_through_the_job_and_the_command(ray_cluster, tmp_path):
     assert manifest["dataset"]["image_shape"] == [4, 4, 1] and manifest["source"]["skipped"][0]["source"] == "a/99-broken.jpg"
     result = CliRunner().invoke(cli, ["data", "prepare", "--source", "images", "--path", str(root), "--out", str(out)])
     assert result.exit_code == 1 and "99-broken.jpg" in result.output and "Traceback" not in result.output
-
-
-def test_unlabelled_colour_folder_trains_encodes_and_queries(ray_cluster, tmp_path):
-    from vaedist.encode import encode
-    from vaedist.query import loss_by_digit, run_sql
-    from vaedist.train import train
-
-    root = tmp_path / "colour"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(240):
-        image = np.zeros((10, 10, 3), np.uint8)
-        image[..., i % 3] = rng.integers(100, 256, (10, 10))  # a red, green or blue tint
-        Image.fromarray(image).save(root / f"{i:03d}.png")
-    shards = str(tmp_path / "shards")
-    overrides = ["data.source=images", f"data.source_path={root}", "data.image_size=[8,8]", "data.samples_per_shard=100"]
-    manifest = prepare_external(load_config(None, overrides), shards, progress=False)
-    assert manifest["dataset"]["num_classes"] == 0 and manifest["dataset"]["image_shape"] == [8, 8, 3]
-    cfg = debug_config(shards, tmp_path / "runs", "colour", *overrides, "train.batch_size_per_worker=20",
-                       f"output.latents_dir={tmp_path / 'latents'}")
-    trained = train(cfg)
-    losses = [e["train_loss"] for e in trained.epochs]
-    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[1] < losses[0]
-    encoded = encode(cfg, checkpoint=trained.best_checkpoint)
-    assert encoded.rows == {s: e["num_samples"] for s, e in manifest["splits"].items()}
-    by_label = loss_by_digit(encoded.path, split="test").to_pylist()
-    assert [row["label"] for row in by_label] == [-1]
-    table = run_sql(encoded.path, "SELECT index, label FROM latents WHERE split = 'test' ORDER BY index").to_pylist()
-    assert all(row["label"] == -1 for row in table) and len(table) == manifest["splits"]["test"]["num_samples"]
-    rows = run_sql(encoded.path, "SELECT index, source FROM latents WHERE split = 'test' ORDER BY index").to_pylist()
-    assert [r["source"] for r in rows] == list(read_sources(shards, manifest, "test"))  # each row's own file
-    assert all((root / r["source"]).is_file() for r in rows)

@@ -1,9 +1,9 @@
 """The report in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright
 loads its pages over HTTP from a local server, as someone would open a published report.
 
-The report is built from real artefacts: a copy of the session's trained run (conftest.trained_run)
-finished with train.num_samples_iw_final, so its metrics.jsonl has epoch rows and a final NLL row;
-the encode job's table of that run's checkpoint; then `write_report`. Beside it, without another
+The report is built from real artefacts: the session's trained run (conftest.trained_run, trained
+with train.num_samples_iw_final, so its metrics.jsonl has epoch rows and a final NLL row); the encode
+job's table of that run's checkpoint; then `write_report`. Beside it, without another
 training or encode job: a table of the run's two checkpoints (conftest.write_latent_table), whose
 report has dynamics.html, and comparison.html of the encoded table against that table's first epoch.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -68,19 +67,10 @@ def report(ray_cluster, trained_run, tmp_path_factory):
     from vaedist.encode import encode
     from vaedist.query import read_lineage
     from vaedist.report import write_comparison, write_report
-    from vaedist.train import train
-
     if not ray_cluster.is_initialized():  # a module with a cluster of its own shut the shared one down
         start_local_ray()
-    cfg, result = trained_run
-    # Rerunning a finished run resumes after its last epoch: only the final importance-weighted test
-    # NLL is computed. On a copy, so the session's run stays as other tests expect it.
-    storage_path = tmp_path_factory.mktemp("runs")
-    shutil.copytree(result.run_dir, storage_path / cfg.output.run_name)
-    finished_cfg = config_from_dict(cfg.to_dict(), [f"output.storage_path={storage_path}",
-                                                    "train.num_samples_iw_final=8"])
-    finished = train(finished_cfg)
-    assert finished.final is not None and len(finished.epochs) == len(result.epochs)
+    finished_cfg, finished = trained_run  # its final importance-weighted NLL is in the report
+    assert finished.final is not None
     # The test split only, no log p(x): all the report draws on, at the least encoding time.
     encode_cfg = config_from_dict(finished_cfg.to_dict(), ["encode.splits=[test]", "encode.num_samples_iw=0",
                                                            "encode.concurrency=1"])
