@@ -58,7 +58,7 @@ bench-train: $(STAMP)
 bench-encode: $(STAMP)
 	$(BIN)/vaedist bench encode
 
-# What travels beside the code to a GPU machine without a package index (README, "Proving the GPU
+# What travels beside the code to a GPU machine without a package index (docs/guides/clusters.md, "Proving the GPU
 # paths ..."): Ray's wheelhouse for its Python (PYVER, default 3.12) and MNIST's IDX files, ~61 MB.
 gpu-bundle:
 	../shared/offline-wheels/build.sh .whl
