@@ -100,3 +100,55 @@ def test_user_facing_text_tells_no_development_history(path):
     text = (REPO / path).read_text()
     found = [m.group(0) for pattern in HISTORY for m in re.finditer(pattern, text, re.IGNORECASE)]
     assert not found, f"{path} tells development history: {found}"
+
+
+def _open_quote(text: str) -> bool:
+    import shlex
+
+    try:
+        shlex.split(text)
+    except ValueError:
+        return True
+    return False
+
+
+def _documented_vaedist_commands() -> list[tuple[str, str]]:
+    """(page, command) for every `vaedist ...` line of every bash block, run by the tests or not."""
+    found = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        for block in re.findall(r"```bash[^\n]*\n(.*?)```", page.read_text(), re.S):
+            pending = ""
+            for line in block.splitlines():
+                line = re.sub(r"(^|\s+)#.*$", "", line).rstrip()
+                pending = f"{pending} {line.removesuffix(chr(92)).strip()}".strip()
+                if line.endswith("\\") or _open_quote(pending):
+                    continue
+                for part in re.split(r"\s*(?:&&|;)\s*", pending):
+                    if part.startswith("vaedist ") and "$" not in part:
+                        found.append((str(page.relative_to(REPO)), part))
+                pending = ""
+    return found
+
+
+def test_every_documented_vaedist_command_parses():
+    """Each documented `vaedist` line names a real command with options it has and values of their
+    types (click parses it without running it), so the docs' unrun blocks cannot drift either."""
+    import shlex
+
+    import click
+
+    from vaedist.cli import cli
+
+    commands = _documented_vaedist_commands()
+    assert len(commands) > 40
+    for page, line in commands:
+        args = shlex.split(line)[1:]
+        command: click.Command = cli
+        while isinstance(command, click.Group):
+            name = args.pop(0)
+            assert name in command.commands, f"{page}: {line!r}: no command {name!r}"
+            command = command.commands[name]
+        try:
+            command.make_context(name, list(args), resilient_parsing=False).close()
+        except click.UsageError as e:
+            pytest.fail(f"{page}: {line!r}: {e.format_message()}")
