@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 import click
+
+# Document this checkout's vaedist, whatever else is installed (mkdocs runs from the repository root).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The Python API reference: one page per module. Adding a module's page is one line here.
 API_MODULES = [
@@ -208,14 +213,12 @@ GENERATED = {
 # --- the hooks --------------------------------------------------------------------------------
 
 def _drop_missing(nav: list, docs_dir: str) -> list:
-    import os
-
     kept = []
     for item in nav:
         (title, target), = item.items() if isinstance(item, dict) else ((None, item),)
         if isinstance(target, list):
             kept.append({title: _drop_missing(target, docs_dir)})
-        elif target in OPTIONAL_PAGES and not os.path.exists(os.path.join(docs_dir, target)):
+        elif target in OPTIONAL_PAGES and not (Path(docs_dir) / target).exists():
             continue
         else:
             kept.append(item)

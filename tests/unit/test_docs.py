@@ -95,7 +95,11 @@ HISTORY = [r"\bsessions? \d", r"\bissue \d+", r"\brun \d+\b(?! (?:epochs|steps|t
            r"\bborrowed\b", r"minutes a loan", r"\boverturn", r"\bcommit [0-9a-f]{7,}"]
 
 
-@pytest.mark.parametrize("path", ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md"))])
+USER_PAGES = ["README.md", "k8s/README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").rglob("*.md")),
+              *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md"))]
+
+
+@pytest.mark.parametrize("path", USER_PAGES)
 def test_user_facing_text_tells_no_development_history(path):
     text = (REPO / path).read_text()
     found = [m.group(0) for pattern in HISTORY for m in re.finditer(pattern, text, re.IGNORECASE)]
