@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -37,8 +38,14 @@ OPTIONAL_PAGES = {"guides/reliability.md"}
 
 
 def _md(text: str | None) -> str:
-    """Help text as one Markdown table cell."""
-    return " ".join((text or "").replace("|", "\\|").replace("\b", "").split())
+    """Plain help text or a docstring as one line of Markdown that shows it as written: outside
+    `code spans`, the characters Markdown would read as emphasis, HTML or links are escaped (a
+    column's `__key__` is not bold, `<split>` is not a tag); `|` is escaped everywhere (table cells)."""
+    text = " ".join((text or "").replace("\b", "").split())
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):  # even parts are outside code spans
+        parts[i] = re.sub(r"([\\_*\[\]])", r"\\\1", parts[i]).replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts).replace("|", "\\|")
 
 
 # --- the CLI ----------------------------------------------------------------------------------
@@ -97,7 +104,7 @@ def cli_page() -> str:
                 if body and all(line.startswith(("vaedist ", "#")) for line in body):
                     lines += ["```text", *body, "```", ""]
                 else:
-                    lines += [" ".join(body), ""]
+                    lines += [_md(" ".join(body)), ""]
         if isinstance(command, click.Group):
             lines += ["Commands: " + ", ".join(f"`{path} {name}`" for name in sorted(command.commands)), ""]
         params = [p for p in command.get_params(ctx) if p.name != "help"]
@@ -158,7 +165,7 @@ def config_page() -> str:
                       f"- default: {_default(f)}"]
             if typing.get_origin(tp) is typing.Literal:
                 lines.append("- allowed: " + ", ".join(f"`{a}`" for a in typing.get_args(tp)))
-            lines += ["", " ".join(doc.split()) if doc else "(undocumented)", ""]
+            lines += ["", _md(doc) if doc else "(undocumented)", ""]
     return "\n".join(lines)
 
 

@@ -156,3 +156,11 @@ def test_every_documented_vaedist_command_parses():
             command.make_context(name, list(args), resilient_parsing=False).close()
         except click.UsageError as e:
             pytest.fail(f"{page}: {line!r}: {e.format_message()}")
+
+
+def test_generated_reference_tells_no_development_history(site):
+    """The reference is the code's own help text and docstrings: they are user-facing too."""
+    for page in sorted((site / "reference").rglob("index.html")):
+        text = _text(page)
+        found = [m.group(0) for pattern in HISTORY for m in re.finditer(pattern, text, re.IGNORECASE)]
+        assert not found, f"{page.relative_to(site)} tells development history: {found}"
