@@ -142,6 +142,7 @@ def test_every_documented_vaedist_command_parses():
     import click
 
     from vaedist.cli import cli
+    from vaedist.config import ConfigError, load_config
 
     commands = _documented_vaedist_commands()
     assert len(commands) > 40
@@ -153,9 +154,17 @@ def test_every_documented_vaedist_command_parses():
             assert name in command.commands, f"{page}: {line!r}: no command {name!r}"
             command = command.commands[name]
         try:
-            command.make_context(name, list(args), resilient_parsing=False).close()
+            ctx = command.make_context(name, list(args), resilient_parsing=False)
         except click.UsageError as e:
             pytest.fail(f"{page}: {line!r}: {e.format_message()}")
+        # The config it names, with its overrides, is a valid config (a renamed key fails here).
+        config_path, overrides = ctx.params.get("config_path"), ctx.params.get("overrides") or ()
+        if config_path is None or (REPO / config_path).is_file():
+            try:
+                load_config(config_path and REPO / config_path, list(overrides))
+            except ConfigError as e:
+                pytest.fail(f"{page}: {line!r}: {e}")
+        ctx.close()
 
 
 def test_generated_reference_tells_no_development_history(site):
