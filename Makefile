@@ -12,14 +12,14 @@ export VAEDIST_MNIST_DIR
 VAEDIST_FASHION_MNIST_DIR ?= $(wildcard $(abspath ../shared/data/fashion-mnist))
 export VAEDIST_FASHION_MNIST_DIR
 
-.PHONY: install chromium run test test-unit test-integration bench-train bench-encode gpu-bundle clean
+.PHONY: install chromium docs run test test-unit test-integration bench-train bench-encode gpu-bundle clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,mlflow]"
+	$(BIN)/pip install --quiet -e ".[test,mlflow,docs]"
 	touch $(STAMP)
 
 # Debian's Chromium for the report's browser test (tests/integration/test_report_browser.py), installed
@@ -49,13 +49,16 @@ test-unit: $(STAMP)
 test-integration: $(STAMP) chromium
 	$(BIN)/pytest -q -m integration
 
+docs: $(STAMP)  ## the documentation site, strict (a broken link or reference fails), into site/
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench-train: $(STAMP)
 	$(BIN)/vaedist bench train
 
 bench-encode: $(STAMP)
 	$(BIN)/vaedist bench encode
 
-# What travels beside the code to a GPU machine without a package index (README, "Proving the GPU
+# What travels beside the code to a GPU machine without a package index (docs/guides/clusters.md, "Proving the GPU
 # paths ..."): Ray's wheelhouse for its Python (PYVER, default 3.12) and MNIST's IDX files, ~61 MB.
 gpu-bundle:
 	../shared/offline-wheels/build.sh .whl
@@ -63,4 +66,4 @@ gpu-bundle:
 	du -sh .whl
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache site

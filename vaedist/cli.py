@@ -1,7 +1,7 @@
 """The `vaedist` command: a thin click group; each command parses arguments and calls one function.
 
-    vaedist run --mnist-dir ../shared/data/mnist          # the whole pipeline on an embedded Ray
-    vaedist data prepare --mnist-dir ../shared/data/mnist
+    vaedist run --mnist-dir /data/mnist          # the whole pipeline on an embedded Ray
+    vaedist data prepare --mnist-dir /data/mnist
     vaedist train --config configs/debug.yaml --set train.lr=3e-4
 """
 
@@ -18,7 +18,7 @@ from vaedist.config import MNIST_DIR_ENV, Config, ConfigError, load_config
 EXAMPLES = """
 \b
 Examples:
-  vaedist run --mnist-dir ../shared/data/mnist      # prepare -> train -> encode -> summary -> report
+  vaedist run --mnist-dir /data/mnist      # prepare -> train -> encode -> summary -> report
   vaedist data prepare --config configs/debug.yaml
   vaedist data verify
   vaedist train --config configs/debug.yaml --set scaling.num_workers=2
@@ -118,7 +118,7 @@ def cli() -> None:
 def run(config_path, overrides, mnist_dir, address, verbose) -> None:
     """The whole pipeline: shards -> train -> encode -> loss-by-digit summary -> report.
 
-    vaedist run --config configs/quickstart.yaml --mnist-dir ../shared/data/mnist
+    vaedist run --config configs/quickstart.yaml --mnist-dir /data/mnist
     """
     from vaedist.console import set_verbose
     from vaedist.pipeline import run_pipeline
@@ -156,7 +156,7 @@ def data_prepare(config_path, overrides, mnist_dir, out, source, source_path, im
     (data.source: images, webdataset, arrays).
 
     \b
-    vaedist data prepare --mnist-dir ../shared/data/mnist --out outputs/shards
+    vaedist data prepare --mnist-dir /data/mnist --out outputs/shards
     vaedist data prepare --config configs/fashion-mnist.yaml
     vaedist data prepare --set data.dataset=mnist8m --set data.mnist8m_variants=20 --out outputs/shards-1m
     vaedist data prepare --source images --path /data/cats --image-size 32 32 --channels 3 --out outputs/shards-cats
@@ -736,7 +736,7 @@ def bench_gpu(out, budget_s, mnist_dir, parts, work_dir) -> None:
     the GPU test tier, Ray Train vs the plain loop (bf16, fp32), a batch-size sweep, encode on the GPU,
     CPU scaling of training and encode, and the device's facts.
 
-    vaedist bench gpu --out outputs/bench-gpu --budget-s 480 --mnist-dir ../shared/data/mnist
+    vaedist bench gpu --out outputs/bench-gpu --budget-s 480 --mnist-dir .whl/mnist
     """
     from vaedist.bench.gpu import bench_gpu as run
 

@@ -229,7 +229,7 @@ class TrainConfig:
     per step), or auto: fused on CUDA, foreach on CPU (fused measured no faster there)."""
     compile: bool = False
     """torch.compile the model before training (off: measured no faster for these models, and the
-    first epoch pays the compilation; see README, Performance)."""
+    first epoch pays the compilation; see the Performance page)."""
     progress_every_steps: int = 0
     """Log the running training loss every N optimiser steps (0: once per epoch). Each log reads
     the sums back from the device, a host sync."""
@@ -257,7 +257,7 @@ class TrainConfig:
     iwae_samples: int | None = None
     """objective=iwae only (and required there): k, importance samples per datapoint, in place of
     num_samples_mc. Time and memory per step grow linearly with k: the decoder runs on
-    batch_size_per_worker x k samples (README, Performance: `vaedist bench objectives`)."""
+    batch_size_per_worker x k samples (the Performance page: `vaedist bench objectives`)."""
     free_bits: float | None = None
     """objective=free-bits only (and required there): λ, the nats of KL each latent dimension gets
     free, floored on the minibatch average of that dimension's KL (0: the ELBO)."""

@@ -44,4 +44,4 @@ def require_cuda(what: str) -> torch.device:
              "or newer)" if torch.version.cuda else f"torch {torch.__version__} is a CPU-only build")
     found = f"the NVIDIA driver here is {driver}" if driver else "no NVIDIA driver was found"
     raise CudaUnavailableError(f"{what} asked for a GPU, but CUDA is not usable: {build}, {found}. Install a torch "
-                               "build for this driver (README, 'GPUs'), or set the use_gpu key to false")
+                               "build for this driver (docs/guides/clusters.md, 'GPUs'), or set the use_gpu key to false")

@@ -8,7 +8,7 @@
 A published table is a directory (local or s3://...) of Parquet files, possibly one level of
 hive partitions, beside `_lineage.json` and `_SUCCESS`; names starting with `_` or `.` (the
 encode job's staging directories) are not part of it. Each analysis is one SQL query, kept below
-as a module constant so the README can quote it; parameters are DuckDB's `$name` placeholders.
+as a module constant so the docs can quote it; parameters are DuckDB's `$name` placeholders.
 """
 
 from __future__ import annotations

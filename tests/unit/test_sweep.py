@@ -111,3 +111,22 @@ def test_the_command_refuses_bad_input_before_any_trial_starts(tmp_path):
     assert not (tmp_path / "debug-sweep" / "t000-lr=0.001").exists()  # nothing ran
     identity = json.loads((tmp_path / "debug-sweep" / "sweep.json").read_text())
     assert [t["overrides"]["train.lr"] for t in identity["trials"]] == [1e-3, 3e-4]  # the recorded sweep untouched
+
+
+def test_sweep_table_has_the_documented_columns_in_order(tmp_path):
+    """sweep.parquet's columns are results.COLUMNS (the swept keys where SWEPT_KEYS stands), which the
+    docs' generated reference prints: a column added to the table but not to COLUMNS fails here."""
+    import json
+
+    from vaedist.sweep import results
+
+    trials = [{"name": "t000-lr=0.001", "overrides": {"train.lr": 0.001}},
+              {"name": "t001-lr=0.0003", "overrides": {"train.lr": 0.0003}}]
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "s", "keys": ["train.lr"], "sampled": {},
+                                                     "config": {"train.epochs": 2}, "trials": trials}))
+    table = results.collect(str(tmp_path))
+    expected = [c for name in results.COLUMNS for c in (["train.lr"] if name == results.SWEPT_KEYS else [name])]
+    assert table.column_names == expected
+    assert {f.name: f.type for f in table.schema if f.name != "train.lr"} == {
+        name: tp for name, (tp, _) in results.COLUMNS.items() if name != results.SWEPT_KEYS}
+    assert table.column("status").to_pylist() == ["pending", "pending"]

@@ -30,6 +30,32 @@ VIEW_NAME = "sweep"
 # scheduler, early), error (failed more than sweep.max_trial_failures allows), pending (never started).
 DONE = ("finished", "stopped")
 
+# sweep.parquet's columns, in order: name -> (Arrow type, meaning). SWEPT_KEYS stands for the swept keys'
+# columns, one per key, named by it, typed by its values (numbers, booleans, strings, else JSON text).
+SWEPT_KEYS = "<swept key>"
+COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "index": (pa.int64(), "the trial's position in the sweep's list of trials"),
+    "name": (pa.string(), "the trial's run directory name, its index and values (t003-lr=0.0003-latent_dim=16)"),
+    SWEPT_KEYS: (pa.null(), "one column per swept key, named by the key (quote it in SQL: \"train.lr\")"),
+    "status": (pa.string(), "finished, stopped (by the scheduler), error, running (or killed while running), pending"),
+    "epochs_run": (pa.int64(), "epochs in the trial's metrics.jsonl"),
+    "epochs": (pa.int64(), "epochs planned (train.epochs)"),
+    "train_loss": (pa.float64(), "the last epoch's mean training l_i, nats"),
+    "train_recon_nll": (pa.float64(), "its reconstruction term"),
+    "train_kl": (pa.float64(), "its KL term"),
+    "test_loss": (pa.float64(), "the last evaluated epoch's mean test l_i, nats"),
+    "test_recon_nll": (pa.float64(), "its reconstruction term"),
+    "test_kl": (pa.float64(), "its KL term"),
+    "test_nll_iw": (pa.float64(), "the final importance-weighted test NLL (with train.num_samples_iw_final > 0)"),
+    "stopped_after_epochs": (pa.int64(), "stopped trials: the epochs the scheduler had seen when it stopped it"),
+    "best_checkpoint": (pa.string(), "the checkpoint of lowest test loss"),
+    "wall_s": (pa.float64(), "seconds of every attempt so far"),
+    "attempts": (pa.int64(), "times the trial started"),
+    "error": (pa.string(), "the error of a failed trial"),
+    "overrides": (pa.string(), "the trial's config overrides, JSON"),
+    "run_dir": (pa.string(), "the trial's run directory"),
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # trial.json: written by the trial itself (running, finished) and by the sweep driver (stopped, error).
@@ -142,13 +168,9 @@ def collect(sweep_dir: str) -> pa.Table:
                                     "name": pa.array([r["name"] for r in rows], pa.string())}
     for key in keys:
         columns[key] = _column(key, [r[key] for r in rows])
-    types = {"status": pa.string(), "epochs_run": pa.int64(), "epochs": pa.int64(), "train_loss": pa.float64(),
-             "train_recon_nll": pa.float64(), "train_kl": pa.float64(), "test_loss": pa.float64(),
-             "test_recon_nll": pa.float64(), "test_kl": pa.float64(), "test_nll_iw": pa.float64(),
-             "stopped_after_epochs": pa.int64(), "best_checkpoint": pa.string(), "wall_s": pa.float64(), "attempts": pa.int64(), "error": pa.string(),
-             "overrides": pa.string(), "run_dir": pa.string()}
-    for name, tp in types.items():
-        columns[name] = pa.array([r[name] for r in rows], tp)
+    for name, (tp, _) in COLUMNS.items():
+        if name not in columns and name != SWEPT_KEYS:
+            columns[name] = pa.array([r[name] for r in rows], tp)
     return pa.table(columns).replace_schema_metadata({"vaedist.sweep": json.dumps(
         {"name": identity["name"], "keys": keys, "sampled": identity.get("sampled", {})})})
 
