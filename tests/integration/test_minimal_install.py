@@ -4,9 +4,9 @@ without this tier a command that imports an optional package where it need not w
 fail there. tests/offline_env.py builds the environment: a venv of links to this interpreter's
 required packages and pytest, vaedist from PYTHONPATH.
 
-One pipeline, its commands chained in subprocesses as a user types them (each with its embedded Ray):
-data prepare -> train -> encode -> query -> report -> sweep (twice: as is, and rerun with tracking off)
--> run; and tracking asked for without mlflow, refused before any work."""
+One pipeline, its commands chained as a user types them: data prepare; train, sweep and run asking for
+tracking, each refused before any work; train -> encode -> query -> report -> sweep (twice: as is, and
+rerun with tracking off) -> query of the sweep -> run."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,8 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "debug.yaml")
-# Import names of what only the extras install (their distributions are checked against pyproject below).
-EXTRAS_MODULES = {"mlflow": "mlflow", "boto3": "boto3", "moto": "moto", "playwright": "playwright",
-                  "webdataset": "webdataset"}
+# What only the extras install (distribution and import names alike; checked against pyproject below).
+EXTRAS_ONLY = ("mlflow", "boto3", "moto", "playwright", "webdataset")
 # Ray's C++ log lines look like "[2026-11-24 16:55:29,429 E 3773 3773] core_worker.cc:2465: ...".
 CPP_ERROR = re.compile(r"^\[\S+ \S+ E \d+ \d+\]", re.M)
 NO_MLFLOW = "mlflow is not installed: pip install 'vaedist[mlflow]', or set tracking.enabled=false"
@@ -45,17 +43,31 @@ def minimal(tmp_path_factory) -> dict:
     return {"python": str(python), "env": env}
 
 
-def vaedist(minimal, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`vaedist ARGS` with the environment's interpreter, stdout and stderr together."""
-    return subprocess.run([minimal["python"], "-m", "vaedist.cli", *args], cwd=cwd, env=minimal["env"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+# The commands run one after another in one process, as `vaedist.cli.main(args)`: the same code as
+# typing them, and one Python, torch and embedded Ray start instead of one per command (which on
+# 2 CPUs would cost minutes). Each step's output is framed by marker lines.
+DRIVER = """
+import json, sys, time
+from vaedist.cli import main
+
+for step, args, expect in json.loads(sys.argv[1]):
+    print(f"=== {step} start", flush=True)
+    start, code = time.monotonic(), 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    print(f"=== {step} exit {code} {time.monotonic() - start:.1f} s", flush=True)
+    if code != expect:
+        break
+"""
+STEP = re.compile(r"^=== (\S+) start\n(.*?)^=== \1 exit (\d+) ([\d.]+) s$", re.M | re.S)
 
 
 @pytest.fixture(scope="module")
 def pipeline(minimal, mnist_dir, tmp_path_factory) -> dict:
-    """{step: CompletedProcess} of the chained commands, and the paths they wrote; each step's
-    seconds in "seconds". A step runs only when the one before it succeeded (the test of that
-    step says why the chain stopped)."""
+    """{step: (exit code, output)} of the chained commands, "seconds" per step, and the paths they
+    wrote. The chain stops at the first step whose exit code is not the expected one."""
     out = tmp_path_factory.mktemp("pipeline")
     paths = {"shards": out / "shards", "runs": out / "runs", "latents": out / "latents", "report": out / "report",
              "run_latents": out / "run-latents", "run_report": out / "run-report"}
@@ -66,57 +78,61 @@ def pipeline(minimal, mnist_dir, tmp_path_factory) -> dict:
                   "train.num_samples_iw_final=0", "encode.splits=[test]", "encode.num_samples_mc=1",
                   "encode.num_samples_iw=0")]]
     sweep = ["sweep", *common, "--grid", "model.latent_dim=4,8", "--name", "grid", "--max-concurrent", "2"]
-    steps = {
-        "prepare": ["data", "prepare", *common],
-        "train": ["train", *common],
-        "encode": ["encode", *common, "--out", str(paths["latents"])],
-        "query": ["query", *common, "loss-by-digit", "--split", "test", "--latents", str(paths["latents"])],
-        "report": ["report", *common, "--latents", str(paths["latents"]), "--out", str(paths["report"])],
+    run = ["run", *common, "--set", "output.run_name=minimal-run", "--set", f"output.latents_dir={paths['run_latents']}",
+           "--set", f"output.report_dir={paths['run_report']}"]
+    tracked = ["--set", "tracking.enabled=true", "--set", "output.run_name=tracked"]
+    steps = [
+        ("prepare", ["data", "prepare", *common], 0),
+        # Tracking asked for where mlflow is missing: the clear error, before any work (and before
+        # this process has started Ray).
+        ("train_tracked", ["train", *common, *tracked], 1),
+        ("sweep_tracked", [*sweep, *tracked, "--name", "tracked"], 1),
+        ("run_tracked", [*run, *tracked], 1),
+        ("train", ["train", *common], 0),
+        ("encode", ["encode", *common, "--out", str(paths["latents"])], 0),
+        ("query", ["query", *common, "loss-by-digit", "--split", "test", "--latents", str(paths["latents"])], 0),
+        ("report", ["report", *common, "--latents", str(paths["latents"]), "--out", str(paths["report"])], 0),
         # The sweep as the README shows it (tracking left to its default: on only where a store is named).
-        "sweep": sweep,
-        # Its rerun, with the advice the missing-mlflow error gives: nothing left to run, the summary only.
-        "sweep_tracking_off": [*sweep, "--set", "tracking.enabled=false"],
-        "sweep_query": ["query", *common, "--sweep", "grid", "SELECT name, status FROM sweep ORDER BY name"],
-        "run": ["run", *common, "--set", "output.run_name=minimal-run",
-                "--set", f"output.latents_dir={paths['run_latents']}",
-                "--set", f"output.report_dir={paths['run_report']}"],
-    }
-    done: dict = {"paths": paths, "seconds": {}}
-    for step, args in steps.items():
-        start = time.monotonic()
-        done[step] = vaedist(minimal, out, *args)
-        done["seconds"][step] = round(time.monotonic() - start, 1)
-        if done[step].returncode != 0:
-            break
-    # Tracking asked for where mlflow is missing: the clear error, before any training.
-    for command in ("train", "sweep", "run"):
-        args = steps[command] + ["--set", "tracking.enabled=true", "--set", "output.run_name=tracked"]
-        if command == "sweep":
-            args += ["--name", "tracked"]
-        start = time.monotonic()
-        done[f"{command}_tracked"] = vaedist(minimal, out, *args)
-        done["seconds"][f"{command}_tracked"] = round(time.monotonic() - start, 1)
+        ("sweep", sweep, 0),
+        # Its rerun with the advice the missing-mlflow error gives: nothing left to run, the summary only.
+        ("sweep_tracking_off", [*sweep, "--set", "tracking.enabled=false"], 0),
+        ("sweep_query", ["query", *common, "--sweep", "grid", "SELECT name, status FROM sweep ORDER BY name"], 0),
+        ("run", run, 0),
+    ]
+    proc = subprocess.run([minimal["python"], "-c", DRIVER, json.dumps(steps)], cwd=out, env=minimal["env"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
+    done: dict = {"paths": paths, "seconds": {}, "process": proc}
+    for m in STEP.finditer(proc.stdout):
+        done[m[1]] = (int(m[3]), m[2])
+        done["seconds"][m[1]] = float(m[4])
     print("seconds per step:", done["seconds"])
     return done
 
 
-def succeeded(pipeline, step: str) -> str:
-    """The step's output, after asserting it ran, exited 0 and printed no traceback or error line."""
-    ran = [s for s in pipeline if isinstance(pipeline[s], subprocess.CompletedProcess)]
-    assert step in pipeline, f"the chain stopped before {step}: {ran[-1]} failed:\n{pipeline[ran[-1]].stdout[-4000:]}"
-    proc = pipeline[step]
-    assert proc.returncode == 0, f"vaedist {' '.join(proc.args[3:])}\n{proc.stdout[-4000:]}"
+def step(pipeline, name: str) -> tuple[int, str]:
+    """(exit code, output) of a step; fails naming where the chain stopped when it did not run."""
+    if name not in pipeline:
+        ran = [s for s in pipeline["seconds"]]
+        raise AssertionError(f"{name} did not run; the steps that did: {ran}. The process (exit "
+                             f"{pipeline['process'].returncode}) ended with:\n{pipeline['process'].stdout[-5000:]}")
+    return pipeline[name]
+
+
+def succeeded(pipeline, name: str) -> str:
+    """The step's output, after asserting it exited 0 and printed no traceback or error line."""
+    code, output = step(pipeline, name)
+    assert code == 0, f"{name} exited {code}:\n{output[-4000:]}"
     for noise in ("Traceback", "ERROR"):
-        assert noise not in proc.stdout, f"{noise!r} in the output of {step}:\n{proc.stdout[-4000:]}"
-    assert not CPP_ERROR.search(proc.stdout), proc.stdout[-4000:]
-    return proc.stdout
+        assert noise not in output, f"{noise!r} in the output of {name}:\n{output[-4000:]}"
+    assert not CPP_ERROR.search(output), output[-4000:]
+    return output
 
 
 def test_the_environment_has_the_required_packages_and_none_that_only_extras_bring(minimal):
     only_extras = set(offline_env.extras_only())
-    assert {"mlflow", "boto3", "moto", "playwright", "webdataset"} <= only_extras, only_extras
+    assert set(EXTRAS_ONLY) <= only_extras, only_extras
     code = ("import importlib.util as u, json, sys, vaedist; print(json.dumps({'vaedist': vaedist.__file__, "
-            f"'found': [m for m in {sorted(EXTRAS_MODULES.values())!r} if u.find_spec(m)], "
+            f"'found': [m for m in {EXTRAS_ONLY!r} if u.find_spec(m)], "
             "'required': [m for m in ('torch', 'torchvision', 'ray', 'pyarrow', 'duckdb', 'yaml', 'pytest') "
             "if u.find_spec(m)]}))")
     proc = subprocess.run([minimal["python"], "-c", code], env=minimal["env"], capture_output=True, text=True,
@@ -157,8 +173,12 @@ def test_run_end_to_end(pipeline):
 
 @pytest.mark.parametrize("command", ["train", "sweep", "run"])
 def test_tracking_asked_for_without_mlflow_is_refused_before_any_work(pipeline, command):
-    proc = pipeline[f"{command}_tracked"]
-    assert proc.returncode == 1 and NO_MLFLOW in proc.stdout, proc.stdout[-3000:]
-    assert "Traceback" not in proc.stdout and "epoch" not in proc.stdout and "[1/5]" not in proc.stdout, proc.stdout
+    code, output = step(pipeline, f"{command}_tracked")
+    assert code == 1 and NO_MLFLOW in output, output[-3000:]
+    assert "Traceback" not in output and "epoch" not in output and "[1/5]" not in output, output
     runs = pipeline["paths"]["runs"]
     assert not (runs / "tracked").exists(), sorted(p.name for p in runs.iterdir())
+
+
+def test_the_chain_ran_to_its_end(pipeline):
+    assert pipeline["process"].returncode == 0 and "run" in pipeline, pipeline["process"].stdout[-5000:]
