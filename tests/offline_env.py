@@ -7,12 +7,12 @@
 
 Both are runnable by hand to poke at them:
 
-    .venv/bin/python tests/offline_env.py /tmp/gpu-like      # -> /tmp/gpu-like/{venv,site,wheels}
+    python tests/offline_env.py /tmp/gpu-like                # -> /tmp/gpu-like/{venv,site,wheels}
     /tmp/gpu-like/venv/bin/python ...                        # with PYTHONPATH=$PWD:/tmp/gpu-like/site
-    .venv/bin/python tests/offline_env.py --minimal /tmp/min # -> /tmp/min/venv
+    python tests/offline_env.py --minimal /tmp/min           # -> /tmp/min/venv
     /tmp/min/venv/bin/python -m vaedist.cli ...              # with PYTHONPATH=$PWD
 
-That machine (issue 19; /work/.library/device/KINDS.md lists its image) has PyTorch, torchvision,
+The GPU machine (issue 19; /work/.library/device/KINDS.md lists its image) has PyTorch, torchvision,
 NumPy, pandas, PyArrow, click, PyYAML, tqdm, matplotlib and pytest (and, among much else, the attrs,
 msgpack, protobuf and requests that the wheelhouse's packages need), but no package index, and no Ray,
 DuckDB, MLflow or Ray's dashboard extras: Ray comes from `../shared/offline-wheels/build.sh`'s wheelhouse through
@@ -22,9 +22,9 @@ Why symlinks rather than a fresh venv with torch from PyPI: a CUDA torch and its
 gigabytes to download and minutes to install on every CI run, and a different torch than the one the
 rest of the suite tests. What the test must be faithful to is which packages can be imported, and a
 venv (no system site-packages) whose site-packages holds links to exactly the allowed distributions of
-.venv (and their own requirements, nothing else) gives that: importing DuckDB, MLflow or a dashboard
-package fails there as it does on the GPU machine, while the allowed packages are the very files the
-rest of the suite runs. Top-level directories shared by several distributions (`google/`: protobuf
+this interpreter's environment (and their own requirements, nothing else) gives that: importing DuckDB,
+MLflow or a dashboard package fails there as it does on the GPU machine, while the allowed packages are
+the very files the rest of the suite runs. Top-level directories shared by several distributions (`google/`: protobuf
 beside the google-* packages MLflow brings) become real directories holding links to the allowed
 parts only.
 """

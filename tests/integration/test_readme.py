@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, readme_commands, repo_copy
+from conftest import readme_commands, repo_copy
 
 pytestmark = pytest.mark.integration
 EXPENSIVE = ("vaedist train", "vaedist encode")
@@ -25,7 +27,7 @@ def test_readme_using_it_commands_work_as_written(tmp_path, mnist_dir, latent_ta
     # What `vaedist encode --config configs/debug.yaml` would have published there.
     shutil.copytree(latent_tables["latents"], repo / "outputs" / "latents-debug")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VAEDIST_"))}
-    env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # this interpreter's `vaedist`
     for command in cheap:
         done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], cwd=repo, env=env,
                               capture_output=True, text=True, timeout=300)
