@@ -12,7 +12,7 @@ export VAEDIST_MNIST_DIR
 VAEDIST_FASHION_MNIST_DIR ?= $(wildcard $(abspath ../shared/data/fashion-mnist))
 export VAEDIST_FASHION_MNIST_DIR
 
-.PHONY: install chromium docs run test test-unit test-integration bench-train bench-encode gpu-bundle clean
+.PHONY: install chromium docs run test test-unit test-integration test-minimal bench-train bench-encode gpu-bundle clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP) chromium
 	$(BIN)/pytest -q -m integration
+
+# The main commands where only vaedist's required dependencies are installed (no extras); part of `test`.
+test-minimal: $(STAMP)
+	$(BIN)/pytest -q tests/integration/test_minimal_install.py
 
 docs: $(STAMP)  ## the documentation site, strict (a broken link or reference fails), into site/
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site

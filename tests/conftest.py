@@ -11,6 +11,7 @@ import socket
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -301,13 +302,14 @@ def readme_commands(containing: str) -> list[str]:
 
 
 def repo_copy(dest: Path) -> Path:
-    """The tracked files of this checkout (what a fresh clone has), with .venv linked in."""
+    """The tracked files of this checkout (what a fresh clone has), with .venv a link to the environment
+    of the interpreter running the tests (wherever that lives)."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     for name in filter(None, files.decode().split("\0")):
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
-    (dest / ".venv").symlink_to(REPO / ".venv")
+    (dest / ".venv").symlink_to(sys.prefix)
     return dest
 
 

@@ -1,10 +1,18 @@
-"""A Python environment shaped like the borrowed GPU machine's, built from this checkout's .venv: used
-by tests/integration/test_gpu_proof.py, and runnable by hand to poke at it.
+"""Python environments holding only some of this interpreter's packages, built as venvs of links:
 
-    .venv/bin/python tests/offline_env.py /tmp/gpu-like      # -> /tmp/gpu-like/{venv,site,wheels}
+- build(): shaped like the borrowed GPU machine's (used by tests/integration/test_gpu_proof.py);
+- build_minimal(): vaedist's required dependencies (pyproject's `dependencies`) and pytest, none of
+  its extras (used by tests/integration/test_minimal_install.py: `pip install vaedist` without
+  `[mlflow]` or `[test]`).
+
+Both are runnable by hand to poke at them:
+
+    python tests/offline_env.py /tmp/gpu-like                # -> /tmp/gpu-like/{venv,site,wheels}
     /tmp/gpu-like/venv/bin/python ...                        # with PYTHONPATH=$PWD:/tmp/gpu-like/site
+    python tests/offline_env.py --minimal /tmp/min           # -> /tmp/min/venv
+    /tmp/min/venv/bin/python -m vaedist.cli ...              # with PYTHONPATH=$PWD
 
-That machine (issue 19; /work/.library/device/KINDS.md lists its image) has PyTorch, torchvision,
+The GPU machine (issue 19; /work/.library/device/KINDS.md lists its image) has PyTorch, torchvision,
 NumPy, pandas, PyArrow, click, PyYAML, tqdm, matplotlib and pytest (and, among much else, the attrs,
 msgpack, protobuf and requests that the wheelhouse's packages need), but no package index, and no Ray,
 DuckDB, MLflow or Ray's dashboard extras: Ray comes from `../shared/offline-wheels/build.sh`'s wheelhouse through
@@ -14,9 +22,9 @@ Why symlinks rather than a fresh venv with torch from PyPI: a CUDA torch and its
 gigabytes to download and minutes to install on every CI run, and a different torch than the one the
 rest of the suite tests. What the test must be faithful to is which packages can be imported, and a
 venv (no system site-packages) whose site-packages holds links to exactly the allowed distributions of
-.venv (and their own requirements, nothing else) gives that: importing DuckDB, MLflow or a dashboard
-package fails there as it does on the GPU machine, while the allowed packages are the very files the
-rest of the suite runs. Top-level directories shared by several distributions (`google/`: protobuf
+this interpreter's environment (and their own requirements, nothing else) gives that: importing DuckDB,
+MLflow or a dashboard package fails there as it does on the GPU machine, while the allowed packages are
+the very files the rest of the suite runs. Top-level directories shared by several distributions (`google/`: protobuf
 beside the google-* packages MLflow brings) become real directories holding links to the allowed
 parts only.
 """
@@ -35,6 +43,11 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELHOUSE_SCRIPT = REPO.parent / "shared" / "offline-wheels" / "build.sh"
@@ -92,22 +105,30 @@ def _dists(site: Path) -> dict[str, metadata.Distribution]:
     return {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions(path=[str(site)])}
 
 
-def closure(site: Path, roots) -> dict[str, metadata.Distribution]:
-    """The installed distributions `roots` need on this platform (requirements without extras)."""
-    dists, env = _dists(site), {**default_environment(), "extra": ""}
-    todo, found = [canonicalize_name(r) for r in roots], {}
+def closure(site: Path, roots, forbidden=FORBIDDEN) -> dict[str, metadata.Distribution]:
+    """The installed distributions `roots` need on this platform: requirement strings, whose extras
+    count (`ray[data]`), and whose dependencies' requirements count without theirs unless named so.
+    Raises if one of them is in `forbidden`."""
+    dists = _dists(site)
+    todo, found, seen = [Requirement(r) for r in roots], {}, set()
     while todo:
-        name = todo.pop()
-        if name in found or name not in dists:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name not in dists:
             continue
         found[name] = dists[name]
-        for line in dists[name].requires or []:
-            req = Requirement(line)
-            if req.marker is None or req.marker.evaluate(env):
-                todo.append(canonicalize_name(req.name))
-    bad = sorted(set(found) & {canonicalize_name(f) for f in FORBIDDEN})
+        for extra in ("", *sorted(req.extras)):
+            if (name, extra) in seen:
+                continue
+            seen.add((name, extra))
+            env = {**default_environment(), "extra": extra}
+            for line in dists[name].requires or []:
+                sub = Requirement(line)
+                if sub.marker is None or sub.marker.evaluate(env):
+                    todo.append(sub)
+    bad = sorted(set(found) & {canonicalize_name(f) for f in forbidden})
     if bad:
-        raise RuntimeError(f"the allowed packages require {bad}, which the GPU machine does not have")
+        raise RuntimeError(f"the allowed packages require {bad}, which the environment must not have")
     return found
 
 
@@ -152,16 +173,22 @@ def build_wheelhouse(dest: Path) -> Path:
     return dest
 
 
+def _linked_venv(venv: Path, dists: dict[str, metadata.Distribution]) -> Path:
+    """A venv (no pip, no system site-packages) whose site-packages links to `dists` of this
+    interpreter's; kept where it exists. Returns its python."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        link_site_packages(Path(sysconfig.get_paths()["purelib"]), Path(purelib), dists)
+    return python
+
+
 def build(root: Path, wheelhouse: Path) -> dict[str, Path]:
     """venv (the allowed packages only) + site (the wheelhouse, installed as on the GPU machine)."""
     source = Path(sysconfig.get_paths()["purelib"])
-    venv = root / "venv"
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-        purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; "
-                                  "print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True,
-                                 text=True).stdout.strip()
-        link_site_packages(source, Path(purelib), closure(source, [*LISTED, *wheelhouse_needs(wheelhouse)]))
+    python = _linked_venv(root / "venv", closure(source, [*LISTED, *wheelhouse_needs(wheelhouse)]))
     site = root / "site"
     if not site.exists():
         # The GPU machine's exact install: no index, no dependency resolution, into a directory. Compiled
@@ -169,10 +196,42 @@ def build(root: Path, wheelhouse: Path) -> dict[str, Path]:
         # would otherwise compile Ray anew and its node miss its 30 s start-up deadline on a busy machine.
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                         "--target", str(site), *map(str, sorted(wheelhouse.glob("*.whl")))], check=True)
-    return {"python": venv / "bin" / "python", "site": site}
+    return {"python": python, "site": site}
+
+
+def project_requirements(pyproject: Path = REPO / "pyproject.toml") -> tuple[list[str], dict[str, list[str]]]:
+    """(pyproject's required dependencies, {extra: its requirements})."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    return list(project["dependencies"]), dict(project.get("optional-dependencies", {}))
+
+
+def extras_only(source: Path | None = None) -> list[str]:
+    """The distributions that only vaedist's extras bring (mlflow, boto3, ...): what a plain
+    `pip install vaedist` lacks. Those the required dependencies also need (jsonschema: Ray's) are not.
+    An extra's package missing from this interpreter counts, without what it would have brought."""
+    source = source or Path(sysconfig.get_paths()["purelib"])
+    required, extras = project_requirements()
+    needed = set(closure(source, [*required, "pytest"], forbidden=()))
+    wanted = {canonicalize_name(Requirement(r).name) for reqs in extras.values() for r in reqs}
+    wanted |= set(closure(source, [r for reqs in extras.values() for r in reqs], forbidden=()))
+    return sorted(wanted - needed)
+
+
+def build_minimal(root: Path) -> Path:
+    """A venv with vaedist's required dependencies and pytest, and none of what only its extras bring;
+    vaedist itself comes from PYTHONPATH. Returns its python."""
+    source = Path(sysconfig.get_paths()["purelib"])
+    required, _ = project_requirements()
+    missing = sorted(Requirement(r).name for r in required if canonicalize_name(Requirement(r).name) not in _dists(source))
+    if missing:
+        raise RuntimeError(f"this interpreter lacks vaedist's required {missing}")
+    return _linked_venv(root / "venv", closure(source, [*required, "pytest"], forbidden=extras_only(source)))
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1]).resolve()
-    paths = build(root, build_wheelhouse(root / "wheels"))
-    print(f"{paths['python']} with PYTHONPATH={REPO}:{paths['site']}")
+    if sys.argv[1] == "--minimal":
+        print(f"{build_minimal(Path(sys.argv[2]).resolve())} with PYTHONPATH={REPO}")
+    else:
+        root = Path(sys.argv[1]).resolve()
+        paths = build(root, build_wheelhouse(root / "wheels"))
+        print(f"{paths['python']} with PYTHONPATH={REPO}:{paths['site']}")

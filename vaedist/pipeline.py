@@ -57,8 +57,12 @@ def run_pipeline(cfg: Config, echo: Callable[[str], None] = print) -> PipelineRe
     from vaedist.encode import encode
     from vaedist.query import format_table, loss_by_digit
     from vaedist.report import write_report
+    from vaedist.tracking import check_uri, log_encode, resolve_uri
     from vaedist.train import train
 
+    tracking_uri = resolve_uri(cfg)
+    if tracking_uri:  # before the shards, which can take longer than the training
+        check_uri(tracking_uri, cfg.tracking.experiment)
     shards_dir = ensure_shards(cfg, echo)
     echo(f"[2/5] train: run {cfg.output.run_name}, {cfg.train.epochs} epochs, {cfg.scaling.num_workers} worker(s)")
     trained = train(cfg, echo=lambda line: echo("      " + line))
@@ -71,7 +75,5 @@ def run_pipeline(cfg: Config, echo: Callable[[str], None] = print) -> PipelineRe
     report = write_report(encoded.path, storage.absolute(cfg.output.report_dir), checkpoint=checkpoint,
                           shards_dir=shards_dir)
     echo(f"[5/5] report: {report}")
-    from vaedist.tracking import log_encode, resolve_uri
-
-    log_encode(resolve_uri(cfg), encoded.path, experiment=cfg.tracking.experiment, report_dir=report)
+    log_encode(tracking_uri, encoded.path, experiment=cfg.tracking.experiment, report_dir=report)
     return PipelineResult(shards_dir, trained.run_dir, checkpoint, encoded.path, report, summary)

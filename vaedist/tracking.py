@@ -557,10 +557,10 @@ class SweepTracker:
 
     def finish(self, metrics: Mapping[str, float], status: str = "FINISHED") -> None:
         """The sweep's summary metrics (step 0) and its end."""
+        if self._client is None:  # before any mlflow import: without a store, mlflow may be absent
+            return
         from mlflow.entities import Metric
 
-        if self._client is None:
-            return
         now = _now_ms()
         points = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
         self._guard("logging the sweep's summary", self._client.log_batch, self.run_id, points)

@@ -3,7 +3,7 @@ machine without a package index"): an interpreter with only that machine's packa
 no Ray dashboard extras), Ray from ../shared/offline-wheels/build.sh's wheelhouse installed with
 `pip install --no-index --no-deps --target`, vaedist on PYTHONPATH, not installed. Without CUDA here the
 command runs its CPU mode, at tiny sizes, to the end. tests/offline_env.py builds the environment and
-says why it links .venv's packages rather than installing torch afresh.
+says why it links the test interpreter's packages rather than installing torch afresh.
 
 The wheelhouse (49 MB from PyPI) is kept in outputs/offline-wheels-py3.X, ignored by git and outside
 `.whl/`, which holds the GPU machine's own Python 3.12 wheelhouse and travels with the code."""

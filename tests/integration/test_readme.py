@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,7 +66,7 @@ def test_documented_commands_work_as_written(tmp_path, mnist_dir, latent_tables)
     shutil.copytree(latent_tables["latents"], repo / "outputs" / "latents-debug")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VAEDIST_"))}
     env["VAEDIST_MNIST_DIR"] = str(mnist_dir)  # the README's "MNIST comes from VAEDIST_MNIST_DIR"
-    env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # this interpreter's `vaedist`
     for command in cheap:
         done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], cwd=repo, env=env,
                               capture_output=True, text=True, timeout=300)

@@ -9,16 +9,26 @@ import yaml
 from click.testing import CliRunner
 
 from vaedist.cli import cli
-from vaedist.config import Config, ConfigError, field_docs, load_config
+from vaedist.config import Config, ConfigError, config_from_dict, field_docs, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
+def not_as_written(written, resolved, key: str = "") -> list[tuple[str, object, object]]:
+    """(key, YAML value, resolved value) wherever the resolved config does not hold what the YAML says."""
+    if isinstance(written, dict) and isinstance(resolved, dict):
+        return [d for k, v in written.items() for d in not_as_written(v, resolved.get(k), f"{key}{k}.")]
+    return [] if written == resolved else [(key.rstrip("."), written, resolved)]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_load(path):
+def test_shipped_configs_load_as_written_and_round_trip(path):
     cfg = load_config(path)
-    assert isinstance(cfg, Config)
+    # Every value of the file is in force (none dropped, renamed or coerced into another value) ...
+    assert not_as_written(yaml.safe_load(path.read_text()) or {}, cfg.to_dict()) == []
+    # ... and the resolved config (what checkpoints and sweeps store) reads back as the same config.
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_defaults_and_overrides_apply_in_order():
