@@ -175,9 +175,9 @@ def data_prepare(config_path, overrides, mnist_dir, out, source, source_path, im
     cfg = resolve_config(config_path, tuple(items), mnist_dir, address)
     out = out or cfg.data.shards_dir
     manifest = prepare_from_config(cfg, out)
-    for split, entry in manifest["splits"].items():
-        click.echo(f"{split}: {entry['num_samples']} datapoints in {len(entry['shards'])} shards")
-    source_entry = manifest.get("source") or {}
+    for split, entry in manifest.splits.items():
+        click.echo(f"{split}: {entry.num_samples} datapoints in {len(entry.shards)} shards")
+    source_entry = manifest.source
     if source_entry.get("num_skipped"):
         listed = source_entry["skipped"]
         click.echo(f"skipped {source_entry['num_skipped']} file(s) that could not be decoded "
@@ -187,9 +187,9 @@ def data_prepare(config_path, overrides, mnist_dir, out, source, source_path, im
         if len(listed) < source_entry["num_skipped"]:
             click.echo(f"  ... and {source_entry['num_skipped'] - len(listed)} more")
     if "transform" in source_entry:
-        shape = "x".join(map(str, manifest["dataset"]["image_shape"]))
-        click.echo(f"{manifest['dataset']['name']}: images {shape} (H x W x C), "
-                   f"{manifest['dataset']['num_classes'] or 'no'} classes")
+        shape = "x".join(map(str, manifest.dataset.image_shape))
+        click.echo(f"{manifest.dataset.name}: images {shape} (H x W x C), "
+                   f"{manifest.dataset.num_classes or 'no'} classes")
     click.echo(f"wrote {out}/manifest.json")
 
 

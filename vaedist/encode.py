@@ -37,8 +37,8 @@ from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_data
                                 run_dir_of)
 from vaedist.config import Config
 from vaedist.console import RowsDisplay
-from vaedist.data import (DataError, DatasetInfo, key_for, manifest_dataset, manifest_hash,
-                          read_checked_shard, read_manifest, read_sources)
+from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, key_for, manifest_hash, read_checked_shard,
+                          read_manifest, read_sources)
 from vaedist.data.shards import decode_shard_bytes
 from vaedist.devices import require_cuda
 from vaedist.rng import NOISE_SCHEME
@@ -58,15 +58,15 @@ class EncodeError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # What the Ray Data actors run.
 
-def read_shard(shards_dir: str, shard: dict, split: str, info: DatasetInfo) -> dict[str, np.ndarray]:
+def read_shard(shards_dir: str, shard: ShardEntry, split: str, info: DatasetInfo) -> dict[str, np.ndarray]:
     """One shard (its manifest entry), checked against the manifest's size and sha256 as it is read,
     -> one row per datapoint (decoded by the fast reader)."""
     buf = read_checked_shard(shards_dir, shard)
-    _, indices, images, labels = decode_shard_bytes(buf, storage.join(shards_dir, shard["path"]),
-                                                    shard["num_samples"], info)
+    _, indices, images, labels = decode_shard_bytes(buf, storage.join(shards_dir, shard.path),
+                                                    shard.num_samples, info)
     return {"key": np.array([key_for(split, int(i)) for i in indices], dtype=object),
             "split": np.full(len(indices), split, dtype=object), "index": indices, "label": labels,
-            "shard": np.full(len(indices), shard["path"], dtype=object), "image": images}
+            "shard": np.full(len(indices), shard.path, dtype=object), "image": images}
 
 
 class LatentEncoder:
@@ -94,7 +94,7 @@ class LatentEncoder:
         self.shards_dir, self.batch_size = shards_dir, batch_size
         self.num_samples_mc, self.num_samples_iw, self.iw_chunk_size = num_samples_mc, num_samples_iw, iw_chunk_size
         self.seed, self.lineage, self.fail_after_batches, self.batches = seed, lineage, fail_after_batches, 0
-        self.manifest: dict | None = None  # read on first use, for the datapoints' sources
+        self.manifest: Manifest | None = None  # read on first use, for the datapoints' sources
         self.sources: dict[str, np.ndarray] = {}
 
     def sources_of(self, split: str, indices: np.ndarray) -> np.ndarray:
@@ -102,7 +102,7 @@ class LatentEncoder:
         sources file (external data) has it read once per actor, not once per shard."""
         if self.manifest is None:
             self.manifest = read_manifest(self.shards_dir)
-        if not self.manifest["splits"][split].get("sources"):
+        if self.manifest.split(split).sources is None:
             return read_sources(self.shards_dir, self.manifest, split, indices)
         if split not in self.sources:
             self.sources[split] = read_sources(self.shards_dir, self.manifest, split)
@@ -110,7 +110,7 @@ class LatentEncoder:
 
     def __call__(self, shards: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         for entry, split in zip(shards["entry"], shards["split"]):
-            rows = read_shard(self.shards_dir, json.loads(entry), str(split), self.info)
+            rows = read_shard(self.shards_dir, ShardEntry.from_dict(json.loads(entry)), str(split), self.info)
             rows["source"] = self.sources_of(str(split), rows["index"])
             for start in range(0, len(rows["key"]), self.batch_size):
                 yield self.encode_rows({name: value[start:start + self.batch_size] for name, value in rows.items()})
@@ -249,10 +249,10 @@ def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset
             "fail_after_batches": int(os.environ.get(FAIL_ENV, -1))}
 
 
-def shard_rows(manifest: dict, splits: list[str]) -> list[dict[str, str]]:
+def shard_rows(manifest: Manifest, splits: list[str]) -> list[dict[str, str]]:
     """The job's input: a row per shard, its manifest entry (as JSON) and split."""
-    return [{"entry": json.dumps(s, sort_keys=True), "split": split}
-            for split in splits for s in manifest["splits"][split]["shards"]]
+    return [{"entry": json.dumps(s.to_dict(), sort_keys=True), "split": split}
+            for split in splits for s in manifest.split(split).shards]
 
 
 # Ray Data warns, on every job, that GPU actors which also ask for CPUs are "experimental"; an encode
@@ -317,7 +317,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     state = states[-1]
     model_cfg = config_of(state)
     manifest = read_manifest(shards_dir)
-    info = manifest_dataset(manifest)
+    info = manifest.dataset
     digest = manifest_hash(shards_dir)
     for st in states:
         # Any data the model's input layer fits: a model is encoded on data it never saw (out of
@@ -333,13 +333,13 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
         check_uri(tracking_uri, cfg.tracking.experiment)
     ec = cfg.encode
     for split in ec.splits:  # sizes here; the actors check each shard's sha256 as they read it
-        for shard in manifest["splits"][split]["shards"]:
-            path = storage.join(shards_dir, shard["path"])
-            if not storage.exists(path) or storage.size(path) != shard["bytes"]:
-                raise DataError(f"shard {path} is missing or not the size the manifest says ({shard['bytes']} "
+        for shard in manifest.split(split).shards:
+            path = storage.join(shards_dir, shard.path)
+            if not storage.exists(path) or storage.size(path) != shard.bytes:
+                raise DataError(f"shard {path} is missing or not the size the manifest says ({shard.bytes} "
                                 "bytes); prepare the shards again")
     shards = shard_rows(manifest, list(ec.splits))
-    expected = {split: manifest["splits"][split]["num_samples"] for split in ec.splits}
+    expected = {split: manifest.split(split).num_samples for split in ec.splits}
     epoch_list = [e for e, _ in chosen] if chosen[0][0] is not None else None
     lineage = {
         "checkpoint": state["path"], "checkpoint_epoch": state["epoch"], "config": model_cfg.to_dict(),

@@ -28,7 +28,7 @@ from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, ConfigError, config_from_dict
 from vaedist.console import EpochDisplay, score_for_ray
 from vaedist.custom_model import check_model
-from vaedist.data import (DataError, DatasetInfo, load_split_arrays, manifest_dataset, manifest_hash,
+from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, load_split_arrays, manifest_hash,
                           read_checked_shard, read_manifest)
 from vaedist.devices import CudaUnavailableError, require_cuda
 from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, load_optimizer_state, make_grad_scaler, make_optimizer,
@@ -46,27 +46,28 @@ FAIL_ENV = "VAEDIST_FAIL_AT_EPOCH"
 # ---------------------------------------------------------------------------------------------
 # Shards: which worker reads which, and how many steps every rank takes.
 
-def split_shards(manifest: dict, split: str, max_shards: int) -> list[dict]:
-    shards = manifest["splits"][split]["shards"]
+def split_shards(manifest: Manifest, split: str, max_shards: int) -> list[ShardEntry]:
+    shards = list(manifest.split(split).shards)
     return shards[:max_shards] if max_shards else shards
 
 
-def shards_for_rank(shards: list[dict], rank: int, world_size: int) -> list[dict]:
+def shards_for_rank(shards: list[ShardEntry], rank: int, world_size: int) -> list[ShardEntry]:
     """Round-robin: shard i goes to rank i mod world_size."""
     return shards[rank::world_size]
 
 
-def steps_per_epoch(shards: list[dict], world_size: int, batch_size: int, max_steps: int = 0) -> int:
+def steps_per_epoch(shards: list[ShardEntry], world_size: int, batch_size: int, max_steps: int = 0) -> int:
     """`memory` ingest: the same for every rank, the smallest rank's full batches (unequal counts
     would hang DDP)."""
-    per_rank = [sum(s["num_samples"] for s in shards_for_rank(shards, r, world_size)) for r in range(world_size)]
+    per_rank = [sum(s.num_samples for s in shards_for_rank(shards, r, world_size)) for r in range(world_size)]
     steps = min(per_rank) // batch_size
     return min(steps, max_steps) if max_steps else steps
 
 
-def _load_rank_arrays(shards_dir: str, shards: list[dict], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    paths = [storage.join(shards_dir, s["path"]) for s in shards]
-    return load_split_arrays(paths, [s["num_samples"] for s in shards], info)
+def _load_rank_arrays(shards_dir: str, shards: list[ShardEntry],
+                      info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    paths = [storage.join(shards_dir, s.path) for s in shards]
+    return load_split_arrays(paths, [s.num_samples for s in shards], info)
 
 
 def _evaluate(model, test_data, shards_dir: str, info: DatasetInfo, seed: int, device: torch.device,
@@ -335,7 +336,7 @@ class Plan:
     """What preflight found: the data, how it reaches the workers, and how many steps they take."""
     manifest_hash: str
     info: DatasetInfo
-    train_shards: list[dict]
+    train_shards: list[ShardEntry]
     ingest: str
     ingest_reason: str
     steps_per_epoch: int
@@ -347,7 +348,7 @@ def preflight(cfg: Config) -> Plan:
     if not storage.exists(shards_dir):
         raise DataError(f"shards directory {shards_dir} does not exist; run `vaedist data prepare` first")
     manifest = read_manifest(shards_dir)
-    info = manifest_dataset(manifest)
+    info = manifest.dataset
     # data.dataset names only the built-ins; shards of your own images are named after their source.
     external = (manifest.get("source") or {}).get("kind") in ("images", "webdataset", "arrays")
     if not external and info.name != cfg.data.dataset:
@@ -361,7 +362,7 @@ def preflight(cfg: Config) -> Plan:
     # The model fits these images (the conv geometry), and a custom factory passes its checks on a batch.
     batch = _load_rank_arrays(shards_dir, train_shards[:1], info)[:2] if cfg.model.kind == "custom" else None
     check_model(cfg.model, info.image_shape, batch, cfg.train.seed)
-    num_train = sum(s["num_samples"] for s in train_shards)
+    num_train = sum(s.num_samples for s in train_shards)
     ingest, why = choose_ingest(cfg.data, info, num_train, cfg.scaling.num_workers)
     if ingest == "memory":
         for shard in train_shards + test_shards:
@@ -375,12 +376,12 @@ def preflight(cfg: Config) -> Plan:
         # Sizes only: reading every byte of a large dataset here would double its first epoch. The
         # decode tasks check each shard's sha256 as they read it, and name any that fails.
         for shard in train_shards + test_shards:
-            path = storage.join(shards_dir, shard["path"])
+            path = storage.join(shards_dir, shard.path)
             if not storage.exists(path):
                 raise DataError(f"shard {path} is missing")
-            if storage.size(path) != shard["bytes"]:
+            if storage.size(path) != shard.bytes:
                 raise DataError(f"shard {path}: size mismatch, {storage.size(path)} bytes but the manifest says "
-                                f"{shard['bytes']} (truncated or overwritten)")
+                                f"{shard.bytes} (truncated or overwritten)")
         steps = stream_steps(num_train, cfg.scaling.num_workers, cfg.train.batch_size_per_worker)
     if steps == 0:
         raise ConfigError(f"train.batch_size_per_worker: {cfg.train.batch_size_per_worker} is larger than a "

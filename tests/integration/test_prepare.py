@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vaedist.config import load_config
-from vaedist.data import (DataError, load_mnist, load_split_arrays, manifest_dataset, read_manifest, read_sources,
+from vaedist.data import (DataError, load_mnist, load_split_arrays, read_manifest, read_sources,
                           shard_paths, verify_shards)
 from vaedist.prepare import prepare_external
 
@@ -28,7 +28,7 @@ TRAIN, TEST = 2000, 500
 
 def images_and_labels(shards: str, split: str):
     manifest = read_manifest(shards)
-    _, images, labels = load_split_arrays(shard_paths(shards, split), info=manifest_dataset(manifest))
+    _, images, labels = load_split_arrays(shard_paths(shards, split), info=manifest.dataset)
     return images, labels
 
 
@@ -63,7 +63,7 @@ def test_png_tree_is_exactly_mnist_on_any_number_of_cpus(ray_cluster, mnist_dir,
     before = settings()
     two = prepare_external(cfg, str(tmp_path / "two"), progress=False)
     assert settings() == before  # the job's Ray Data settings are its own, not the process's
-    assert two["dataset"]["image_shape"] == [28, 28, 1] and two["dataset"]["class_names"] == [str(d) for d in range(10)]
+    assert two.dataset.image_shape == (28, 28, 1) and two.dataset.class_names == tuple(str(d) for d in range(10))
     verify_shards(str(tmp_path / "two"))
     for split, count in (("train", TRAIN), ("test", TEST)):
         expected_images, expected_labels, _ = load_mnist(split, mnist_dir)
@@ -107,7 +107,7 @@ def test_bad_files_through_the_job_and_the_command(ray_cluster, tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipped 1 file(s)" in result.output and "a/99-broken.jpg" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["dataset"]["image_shape"] == [4, 4, 1] and manifest["source"]["skipped"][0]["source"] == "a/99-broken.jpg"
+    assert manifest.dataset.image_shape == (4, 4, 1) and manifest.source["skipped"][0]["source"] == "a/99-broken.jpg"
     result = CliRunner().invoke(cli, ["data", "prepare", "--source", "images", "--path", str(root), "--out", str(out)])
     assert result.exit_code == 1 and "99-broken.jpg" in result.output and "Traceback" not in result.output
 
@@ -127,18 +127,18 @@ def test_unlabelled_colour_folder_trains_encodes_and_queries(ray_cluster, tmp_pa
     shards = str(tmp_path / "shards")
     overrides = ["data.source=images", f"data.source_path={root}", "data.image_size=[8,8]", "data.samples_per_shard=100"]
     manifest = prepare_external(load_config(None, overrides), shards, progress=False)
-    assert manifest["dataset"]["num_classes"] == 0 and manifest["dataset"]["image_shape"] == [8, 8, 3]
+    assert manifest.dataset.num_classes == 0 and manifest.dataset.image_shape == (8, 8, 3)
     cfg = debug_config(shards, tmp_path / "runs", "colour", *overrides, "train.batch_size_per_worker=20",
                        f"output.latents_dir={tmp_path / 'latents'}")
     trained = train(cfg)
     losses = [e["train_loss"] for e in trained.epochs]
     assert len(losses) == 2 and all(np.isfinite(losses)) and losses[1] < losses[0]
     encoded = encode(cfg, checkpoint=trained.best_checkpoint)
-    assert encoded.rows == {s: e["num_samples"] for s, e in manifest["splits"].items()}
+    assert encoded.rows == {s: e.num_samples for s, e in manifest.splits.items()}
     by_label = loss_by_digit(encoded.path, split="test").to_pylist()
     assert [row["label"] for row in by_label] == [-1]
     table = run_sql(encoded.path, "SELECT index, label FROM latents WHERE split = 'test' ORDER BY index").to_pylist()
-    assert all(row["label"] == -1 for row in table) and len(table) == manifest["splits"]["test"]["num_samples"]
+    assert all(row["label"] == -1 for row in table) and len(table) == manifest.split("test").num_samples
     rows = run_sql(encoded.path, "SELECT index, source FROM latents WHERE split = 'test' ORDER BY index").to_pylist()
     assert [r["source"] for r in rows] == list(read_sources(shards, manifest, "test"))  # each row's own file
     assert all((root / r["source"]).is_file() for r in rows)

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.integration
 def recompute_test_loss(checkpoint_dir: str, shards: str, max_test_shards: int = 0) -> float:
     """A single-process evaluation of a checkpoint over the whole test split, no Ray."""
     model, cfg, _ = load_model(checkpoint_dir)
-    shards_meta = read_manifest(shards)["splits"]["test"]["shards"]
+    shards_meta = read_manifest(shards).split("test").shards
     shards_meta = shards_meta[:max_test_shards] if max_test_shards else shards_meta
-    idx, images, _ = load_split_arrays([storage.join(shards, s["path"]) for s in shards_meta])
+    idx, images, _ = load_split_arrays([storage.join(shards, s.path) for s in shards_meta])
     sums = evaluate_sums(model, images, idx, "test", cfg.train.seed, torch.device("cpu"))
     return sums["loss"] / sums["count"]
 

@@ -23,7 +23,7 @@ from vaedist import analysis, query, report, schema
 from vaedist.checkpoint import CheckpointError, save_checkpoint, write_metrics
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
-from vaedist.data import DataError, manifest_dataset, manifest_hash, prepare_shards, read_manifest
+from vaedist.data import DataError, manifest_hash, prepare_shards, read_manifest
 from vaedist.model import VAE
 from vaedist.query import QueryError, read_lineage
 from vaedist.report import (COMPARISON_FIGURES, COMPARISON_PAGE, DIAGNOSTIC_FIGURES, DYNAMICS_FIGURES, DYNAMICS_PAGE,
@@ -85,7 +85,7 @@ def fashion_table(fashion_dir, tmp_path_factory) -> str:
     shards = str(root / "shards")
     prepare_shards(shards, "fashion-mnist", source_dir=source, samples_per_shard=250, limit_per_split=500,
                    progress=False)
-    info = manifest_dataset(read_manifest(shards))
+    info = read_manifest(shards).dataset
     model = untrained(0, info.image_shape)
     save_checkpoint(str(root / "checkpoint"), model_state=model.state_dict(), optimizer_state=None, epoch=1,
                     global_step=0, config=CFG, manifest_hash=manifest_hash(shards), history=[], dataset=info.name,

@@ -42,7 +42,7 @@ def _images_of(con, latents_dir: str, shards_dir: str, keys: list[str], info: Da
 
 
 def _open_shards(shards_dir: str, lineage: dict, latents_dir: str,
-                 from_lineage: str) -> tuple[dict, DatasetInfo]:
+                 from_lineage: str) -> tuple[data.Manifest, DatasetInfo]:
     """(manifest, dataset) of the shards, refused unless they are the ones the table was encoded from."""
     try:
         manifest = data.read_manifest(shards_dir)
@@ -53,4 +53,4 @@ def _open_shards(shards_dir: str, lineage: dict, latents_dir: str,
         raise data.DataError(f"shards {shards_dir} have manifest hash {shards_hash[:12]}…, but latent table "
                              f"{latents_dir} was encoded from {lineage['manifest_hash'][:12]}…; give the shards "
                              "it was encoded from")
-    return manifest, data.manifest_dataset(manifest)
+    return manifest, manifest.dataset
