@@ -32,10 +32,10 @@ import pyarrow as pa
 import torch
 
 from vaedist import __version__, schema, storage
-from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_data_compatible, checkpoint_for_epoch,
-                                config_of, kept_checkpoint_dirs, load_checkpoint, load_model,
+from vaedist.checkpoint import (CheckpointError, CheckpointState, best_checkpoint_dir, check_data_compatible,
+                                checkpoint_for_epoch, config_of, kept_checkpoint_dirs, load_checkpoint, load_model,
                                 run_dir_of)
-from vaedist.config import Config
+from vaedist.config import Config, EncodeConfig
 from vaedist.console import RowsDisplay
 from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, key_for, manifest_hash, read_checked_shard,
                           read_manifest, read_sources)
@@ -44,6 +44,7 @@ from vaedist.devices import require_cuda
 from vaedist.rng import NOISE_SCHEME
 from vaedist.evaluate import evaluate_batch
 from vaedist.likelihoods import get_likelihood
+from vaedist.lineage import Lineage, write_lineage
 from vaedist.tracking import check_uri, log_encode, resolve_uri
 
 log = logging.getLogger("vaedist.encode")
@@ -81,7 +82,7 @@ class LatentEncoder:
 
     def __init__(self, checkpoints: list[str], shards_dir: str, dataset: dict, batch_size: int, num_samples_mc: int,
                  num_samples_iw: int, iw_chunk_size: int, seed: int, use_gpu: bool, num_threads: int,
-                 lineage: dict[str, Any], epochs: list[int] | None = None, fail_after_batches: int = -1):
+                 lineage: Lineage | None, epochs: list[int] | None = None, fail_after_batches: int = -1):
         # A GPU actor whose CUDA does not work must fail, not compute on the CPU holding its GPU.
         self.device = require_cuda("an encode actor (encode.use_gpu)") if use_gpu else torch.device("cpu")
         if self.device.type == "cpu":
@@ -238,7 +239,7 @@ def publish(staging: str, out: str) -> None:
     storage.rmtree(staging)
 
 
-def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset: dict, lineage: dict[str, Any],
+def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset: dict, lineage: Lineage | None,
                    epochs: list[int] | None = None) -> dict[str, Any]:
     """LatentEncoder's arguments from cfg.encode (shared by the job and the benchmark's plain loop)."""
     ec = cfg.encode
@@ -277,12 +278,34 @@ def gpu_and_cpu_warning_dropped() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+def build_lineage(states: list[CheckpointState], model_cfg: Config, ec: EncodeConfig, info: DatasetInfo,
+                  digest: str, shards_dir: str, epoch_list: list[int] | None) -> Lineage:
+    """What the table records of its making, before the job runs (the rows and the job come after).
+    states: the checkpoints encoded, the last epoch's last."""
+    state = states[-1]
+    return Lineage(
+        checkpoint=state.path, checkpoint_epoch=state.epoch, config=model_cfg.to_dict(),
+        manifest_hash=digest, shards_dir=shards_dir, splits=list(ec.splits),
+        # The data the model was trained on, beside the data encoded (manifest_hash, dataset).
+        train_manifest_hash=state.manifest_hash, train_dataset=state.dataset,
+        same_data_as_training=state.manifest_hash == digest,
+        dataset=info.name, image_shape=list(info.image_shape),
+        class_names=list(info.class_names) if info.class_names else None,
+        num_samples_mc=ec.num_samples_mc, num_samples_iw=ec.num_samples_iw, seed=ec.seed,
+        binarize_seed=model_cfg.train.seed, latent_dim=model_cfg.model.latent_dim,
+        # What p(x|z) models: binarised draws or the 8-bit pixels (compare refuses to mix them).
+        likelihood=model_cfg.model.likelihood, binarised=get_likelihood(model_cfg.model).binarised,
+        noise_scheme=NOISE_SCHEME, schema_version=schema.SCHEMA_VERSION, vaedist_version=__version__,
+        epochs=epoch_list,
+        checkpoints=[{"epoch": st.epoch, "path": st.path} for st in states] if epoch_list is not None else None)
+
+
 @dataclass
 class EncodeResult:
     path: str
     rows: dict[str, int]
     seconds: float
-    lineage: dict[str, Any]
+    lineage: Lineage
     written: list[tuple[float, int]] = field(default_factory=list)
     """(seconds after the job started, rows in finished Parquet files by then), as the files appeared."""
 
@@ -324,8 +347,8 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
         # distribution) as readily as on its own.
         check_data_compatible(st, info.name, info.image_shape, shards_dir)
         if (config_of(st).model != model_cfg.model or config_of(st).train.seed != model_cfg.train.seed
-                or st["manifest_hash"] != state["manifest_hash"]):
-            raise EncodeError(f"checkpoints {st['path']} and {state['path']} are of different models, seeds or "
+                or st.manifest_hash != state.manifest_hash):
+            raise EncodeError(f"checkpoints {st.path} and {state.path} are of different models, seeds or "
                               "training data; one table holds the checkpoints of one run")
     check_output_path(out)
     tracking_uri = resolve_uri(cfg)
@@ -341,24 +364,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     shards = shard_rows(manifest, list(ec.splits))
     expected = {split: manifest.split(split).num_samples for split in ec.splits}
     epoch_list = [e for e, _ in chosen] if chosen[0][0] is not None else None
-    lineage = {
-        "checkpoint": state["path"], "checkpoint_epoch": state["epoch"], "config": model_cfg.to_dict(),
-        "manifest_hash": digest, "shards_dir": shards_dir, "splits": list(ec.splits),
-        # The data the model was trained on, beside the data encoded (manifest_hash, dataset).
-        "train_manifest_hash": state["manifest_hash"],
-        "train_dataset": state.get("data", {}).get("dataset", "mnist"),
-        "same_data_as_training": state["manifest_hash"] == digest,
-        "dataset": info.name, "image_shape": list(info.image_shape),
-        "class_names": list(info.class_names) if info.class_names else None,
-        "num_samples_mc": ec.num_samples_mc, "num_samples_iw": ec.num_samples_iw, "seed": ec.seed,
-        "binarize_seed": model_cfg.train.seed, "latent_dim": model_cfg.model.latent_dim,
-        # What p(x|z) models: binarised draws or the 8-bit pixels (compare refuses to mix them).
-        "likelihood": model_cfg.model.likelihood, "binarised": get_likelihood(model_cfg.model).binarised,
-        "noise_scheme": NOISE_SCHEME, "schema_version": schema.SCHEMA_VERSION, "vaedist_version": __version__,
-    }
-    if epoch_list is not None:
-        lineage["epochs"] = epoch_list
-        lineage["checkpoints"] = [{"epoch": st["epoch"], "path": st["path"]} for st in states]
+    lineage = build_lineage(states, model_cfg, ec, info, digest, shards_dir, epoch_list)
 
     job = {"command": " ".join(["vaedist encode" if os.path.basename(sys.argv[0]) == "vaedist" else sys.argv[0],
                                 *sys.argv[1:]]),
@@ -392,7 +398,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
                 .map_batches(LatentEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
                              num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
                              runtime_env=runtime_env or None,
-                             fn_constructor_kwargs=encoder_kwargs(cfg, [st["path"] for st in states], shards_dir,
+                             fn_constructor_kwargs=encoder_kwargs(cfg, [st.path for st in states], shards_dir,
                                                                   info.to_manifest(), lineage, epoch_list))
                 # The write tasks only move bytes; without a CPU of their own they write files as the
                 # actors produce rows, instead of queueing behind the actors until the end.
@@ -411,8 +417,8 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     rows = verify_table(staging, expected, epoch_list)
     # _lineage.json also says which job wrote the table (the Parquet files' copy does not, so that the
     # same inputs still give byte-identical files): an unfinished table's readers name it.
-    lineage = {**lineage, "rows": rows, "job": job}
-    storage.write_bytes(storage.join(staging, schema.LINEAGE_FILE), (json.dumps(lineage, indent=2, sort_keys=True) + "\n").encode())
+    lineage = lineage.replace(rows=rows, job=job)
+    write_lineage(staging, lineage)
     storage.write_bytes(storage.join(staging, schema.SUCCESS_FILE), b"")
     publish(staging, out)
     log.debug("published %s: %s rows in %.1f s", out, rows, seconds)  # the CLI prints the summary

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vaedist import collective, storage
-from vaedist.checkpoint import (KEPT_DIR, CheckpointError, best_checkpoint_dir, check_data_compatible,
+from vaedist.checkpoint import (KEPT_DIR, CheckpointError, CheckpointState, best_checkpoint_dir, check_data_compatible,
                                 check_model_compatible, checkpoint_dir_name, latest_checkpoint_dir, load_checkpoint,
                                 newest_readable_checkpoint, read_metrics, run_dir_of, save_checkpoint, write_metrics)
 from vaedist.cluster import check_resources, init_ray
@@ -92,8 +92,8 @@ def _rank_node_ids() -> list[str]:
     return collective.gather_objects(ray.get_runtime_context().get_node_id())
 
 
-def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: int,
-                                   device: torch.device) -> dict | None:
+def _newer_unregistered_checkpoint(run_dir: str, registered: CheckpointState | None, rank: int,
+                                   device: torch.device) -> CheckpointState | None:
     """A complete checkpoint in the run directory that is newer than the one Ray restored, if any.
 
     Ray Train registers a reported checkpoint only when its controller next polls the workers
@@ -103,8 +103,8 @@ def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: 
     did not register, so that one stays beside the kept ones."""
     state = None
     if rank == 0:
-        state = newest_readable_checkpoint(run_dir, registered["epoch"] if registered is not None else -1)
-    path = collective.broadcast_object(state["path"] if state is not None else None, device)
+        state = newest_readable_checkpoint(run_dir, registered.epoch if registered is not None else -1)
+    path = collective.broadcast_object(state.path if state is not None else None, device)
     if rank != 0 and path is not None:
         state = load_checkpoint(path)
     return state
@@ -201,16 +201,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if state is not None:
         check_model_compatible(state, cfg)
         check_data_compatible(state, info.name, info.image_shape, shards_dir)
-        if state["manifest_hash"] != expected_hash:
-            raise CheckpointError(f"checkpoint {state['path']} was trained on shards with manifest hash "
-                                  f"{state['manifest_hash'][:12]}, but {shards_dir} has {expected_hash[:12]}")
-        _unwrap(model).load_state_dict(state["model"])
-        if state.get("optimizer"):
-            load_optimizer_state(optimizer, state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        history, restored_from = list(state.get("history", [])), state["epoch"]
+        if state.manifest_hash != expected_hash:
+            raise CheckpointError(f"checkpoint {state.path} was trained on shards with manifest hash "
+                                  f"{state.manifest_hash[:12]}, but {shards_dir} has {expected_hash[:12]}")
+        _unwrap(model).load_state_dict(state.model)
+        if state.optimizer:
+            load_optimizer_state(optimizer, state.optimizer)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        start_epoch, global_step = state.epoch + 1, state.global_step
+        history, restored_from = list(state.history), state.epoch
 
     # Rank 0 records the run in MLflow (when tracking is on): the same MLflow run after a restart.
     tracker = None
@@ -391,9 +391,9 @@ def preflight(cfg: Config) -> Plan:
     if state is not None:  # a rerun resumes: refuse a checkpoint that cannot fit before starting
         check_model_compatible(state, cfg)
         check_data_compatible(state, info.name, info.image_shape, shards_dir)
-        if state["manifest_hash"] != digest:
+        if state.manifest_hash != digest:
             raise CheckpointError(f"run {run_dir_of(cfg)} was trained on different shards (manifest "
-                                  f"{state['manifest_hash'][:12]} vs {digest[:12]} in {shards_dir}); "
+                                  f"{state.manifest_hash[:12]} vs {digest[:12]} in {shards_dir}); "
                                   "use a new output.run_name")
     return Plan(digest, info, train_shards, ingest, why, steps)
 

@@ -58,9 +58,9 @@ def test_custom_model_ships_to_two_workers_then_encodes_and_reports(ray_cluster,
     assert epoch["test_loss"] < 784 * 0.7  # better than an untrained decoder's ~ln 2 per pixel
 
     state = load_checkpoint(str(Path(result.best_checkpoint) / CHECKPOINT_FILE))
-    assert state["config"]["model"]["factory"] == "toyvae.model:build"
-    assert state["config"]["model"]["kwargs"] == {"channels": 4, "hidden": 16}
-    assert all(k.startswith("net.") for k in state["model"]) and state["model"]["net.encoder.0.weight"].shape[0] == 4
+    assert state.config["model"]["factory"] == "toyvae.model:build"
+    assert state.config["model"]["kwargs"] == {"channels": 4, "hidden": 16}
+    assert all(k.startswith("net.") for k in state.model) and state.model["net.encoder.0.weight"].shape[0] == 4
 
     table = encode(cfg)  # Ray Data's encoder actors rebuild the model from the checkpoint's config
     assert table.rows == {"test": 4000}

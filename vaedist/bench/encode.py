@@ -29,7 +29,7 @@ def plain_encode(cfg: Config, checkpoint: str, out_dir: str) -> dict[str, int]:
     ec = cfg.encode
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
-    kwargs = encoder_kwargs(cfg, [checkpoint], shards_dir, manifest.dataset.to_manifest(), lineage={})
+    kwargs = encoder_kwargs(cfg, [checkpoint], shards_dir, manifest.dataset.to_manifest(), lineage=None)
     kwargs.update(num_threads=int(ec.cpus_per_actor * ec.concurrency), fail_after_batches=-1)
     encoder = LatentEncoder(**kwargs)
     rows: dict[str, int] = {}
