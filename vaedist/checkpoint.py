@@ -38,7 +38,7 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit; the message names the path."""
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no truth value to compare by
 class CheckpointState:
     """What checkpoint.pt holds. `path` is the file it was read from (not stored in it)."""
     model: dict[str, torch.Tensor]

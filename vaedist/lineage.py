@@ -72,7 +72,8 @@ class Lineage:
     """The job that wrote the table: {"command", "host", "started"}; _lineage.json only."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys this vaedist does not know, kept as they were."""
-    version: int = LINEAGE_VERSION
+    version: int = field(default=LINEAGE_VERSION, compare=False)
+    """The version read (to_dict writes the current one)."""
 
     def checkpoint_of_epoch(self, epoch: int) -> str | None:
         """The path of the checkpoint that encoded `epoch`, where the lineage lists it."""

@@ -47,7 +47,7 @@ class ShardEntry:
     def from_dict(cls, d: dict[str, Any]) -> "ShardEntry":
         missing = [f for f in ("path", "num_samples", "first_index", "bytes", "sha256") if f not in d]
         if missing:
-            raise KeyError(f"shard without {missing}")
+            raise ValueError(f"a shard without {', '.join(missing)}")
         return cls(path=str(d["path"]), first_index=int(d["first_index"]), num_samples=int(d["num_samples"]),
                    bytes=int(d["bytes"]), sha256=str(d["sha256"]))
 
@@ -97,7 +97,8 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     """Where the data came from: {"kind": a source kind, ...} (the files' md5s, the plan, the transform)."""
     members: dict[str, str] = field(default_factory=lambda: dict(MEMBERS))
-    format_version: int = FORMAT_VERSION
+    format_version: int = field(default=FORMAT_VERSION, compare=False)
+    """The version read (to_dict writes the current one)."""
     path: str = field(default="", compare=False)
 
     @property
@@ -133,8 +134,8 @@ class Manifest:
                 _check_split(name)
                 try:
                     splits[name] = SplitEntry.from_dict(entry)
-                except KeyError as e:
-                    raise KeyError(f"{name} split: {e}") from None
+                except (KeyError, TypeError, AttributeError, ValueError) as e:
+                    raise ValueError(f"{name} split: {e}") from None
             return cls(dataset=dataset, splits=splits, samples_per_shard=int(d.get("samples_per_shard", 0)),
                        source=dict(d.get("source") or {}), members=dict(d.get("members") or MEMBERS),
                        format_version=version, path=path)
