@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from vaedist.config import MNIST_DIR_ENV, Config, ConfigError, load_config
+from vaedist.registry import DATA_SOURCES
 
 EXAMPLES = """
 \b
@@ -138,7 +139,7 @@ def data() -> None:
 @data.command("prepare")
 @config_options
 @click.option("--out", help="Shards directory (default: data.shards_dir).")
-@click.option("--source", type=click.Choice(["builtin", "images", "webdataset", "arrays"]),
+@click.option("--source", type=click.Choice(DATA_SOURCES),
               help="What to read (data.source): builtin (data.dataset), or your own images, shards or arrays.")
 @click.option("--path", "source_path", help="The folder, shard pattern or array file (data.source_path).")
 @click.option("--image-size", nargs=2, type=int, metavar="H W", help="Make every image H x W (data.image_size).")

@@ -37,6 +37,7 @@ from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_s
 from vaedist.likelihoods import bits_per_dim
 from vaedist.model import VAE
 from vaedist.tracking import TrainTracker, check_uri, resolve_uri
+from vaedist.registry import EXTERNAL_SOURCES
 from vaedist.user_code import model_runtime_env
 
 log = logging.getLogger("vaedist.train")
@@ -350,7 +351,7 @@ def preflight(cfg: Config) -> Plan:
     manifest = read_manifest(shards_dir)
     info = manifest.dataset
     # data.dataset names only the built-ins; shards of your own images are named after their source.
-    external = (manifest.get("source") or {}).get("kind") in ("images", "webdataset", "arrays")
+    external = manifest.source_kind in EXTERNAL_SOURCES
     if not external and info.name != cfg.data.dataset:
         raise DataError(f"{shards_dir} holds {info.name} (its manifest.json says so), but data.dataset is "
                         f"{cfg.data.dataset!r}; point data.shards_dir at {cfg.data.dataset} shards or set "

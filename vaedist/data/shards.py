@@ -26,8 +26,8 @@ import numpy as np
 from vaedist import storage
 from vaedist.console import LineProgress
 from vaedist.data.common import MNIST, SPLITS, UNLABELLED, DataError, DatasetInfo, key_for, parse_key
-from vaedist.data.manifest import (MANIFEST_NAME, FileEntry, Manifest, ShardEntry, SplitEntry, manifest_path,
-                                   read_manifest, write_manifest)
+from vaedist.data.manifest import (FileEntry, Manifest, ShardEntry, SplitEntry, manifest_path, read_manifest,
+                                   write_manifest)
 
 IMAGE_EXT = "npy"
 LABEL_EXT = "cls"
