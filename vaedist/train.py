@@ -27,7 +27,6 @@ from vaedist.checkpoint import (KEPT_DIR, CheckpointError, CheckpointState, best
 from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, ConfigError, config_from_dict
 from vaedist.console import EpochDisplay, score_for_ray
-from vaedist.custom_model import check_model
 from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, load_split_arrays, manifest_hash,
                           read_checked_shard, read_manifest)
 from vaedist.devices import CudaUnavailableError, require_cuda
@@ -35,7 +34,7 @@ from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, load_optimizer_state,
                             train_epoch)
 from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_steps
 from vaedist.likelihoods import bits_per_dim
-from vaedist.model import VAE
+from vaedist.model import VAE, check_model
 from vaedist.tracking import TrainTracker, check_uri, resolve_uri
 from vaedist.registry import EXTERNAL_SOURCES
 from vaedist.user_code import model_runtime_env
