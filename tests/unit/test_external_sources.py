@@ -27,7 +27,9 @@ from vaedist.data.common import DatasetInfo
 from vaedist.data.external import batch_from_rows, concat_batches
 from vaedist.data.external.transform import BadImage, ImageTransform, convert_array, decode_image, is_test
 from vaedist.data.external.webdataset import expand_braces
-from vaedist.data.shards import _decode_canonical, _iter_samples, _shard_bytes, _shard_bytes_tarfile
+from vaedist.data.common import key_for
+from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, _decode_canonical, _iter_samples, _layout, _shard_bytes,
+                                 _tarinfo)
 from vaedist.prepare import prepare_external, task_groups
 
 RNG = np.random.default_rng(0)
@@ -106,6 +108,18 @@ def test_hash_split_is_stable_and_near_the_fraction():
     assert np.array_equal(is_test(names[:1000] + ["new.png"], 0.1)[:1000], test[:1000])  # adding moves nothing
 
 
+def shard_bytes_by_tarfile(split: str, first_index: int, images: np.ndarray, labels: np.ndarray) -> bytes:
+    """A shard by tarfile, sample by sample: the reference the NumPy layout (_shard_bytes) must equal."""
+    header = _layout(images.shape[1:]).npy_header
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for offset, (image, label) in enumerate(zip(images, labels)):
+            key = key_for(split, first_index + offset)
+            for ext, data in ((LABEL_EXT, b"%d" % int(label)), (IMAGE_EXT, header + image.tobytes())):
+                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("classes", [10, 20, 1234567, 0])
 def test_sliced_shard_layout_is_tarfiles_for_any_label(classes):
     # The NumPy layout (writer and reader) against tarfile, for MNIST's digits, two-digit classes (the
@@ -116,7 +130,7 @@ def test_sliced_shard_layout_is_tarfiles_for_any_label(classes):
         labels = RNG.integers(0, classes, 13) if classes else np.full(13, -1)
         labels[0] = classes - 1 if classes else -1
         data = _shard_bytes("train", first, images, labels)
-        assert data == _shard_bytes_tarfile("train", first, images, labels)
+        assert data == shard_bytes_by_tarfile("train", first, images, labels)
         info = DatasetInfo("x", (*shape[:2], shape[2] if len(shape) == 3 else 1), None, classes)
         fast = _decode_canonical(data, info)
         assert fast is not None, "our own shards must take the sliced path"
