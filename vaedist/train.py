@@ -149,7 +149,104 @@ def _keep_copy(local_dir: str, run_dir: str, epoch: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-worker loop.
+# The per-worker loop: setup, this rank's data, restoring, one epoch's metrics, the final estimate.
+
+def _setup_worker(cfg: Config, rank: int) -> torch.device:
+    """This worker's device and threads, and the same initial weights on every rank."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if cfg.scaling.use_gpu:
+        require_cuda(f"training worker {rank} (scaling.use_gpu)")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    return device
+
+
+@dataclass
+class _RankData:
+    """A rank's share. memory: its round-robin training shards, decoded once, on its device, and its
+    test shards decoded; stream: its share of the Ray Dataset (anew each epoch) and its test shards,
+    read one at a time by _evaluate."""
+    train: Any
+    test: Any
+    num_steps: int
+    """Steps this rank takes per epoch (train.max_steps_per_epoch caps the driver's count)."""
+
+
+def _rank_data(cfg: Config, shards_dir: str, info: DatasetInfo, ingest: str, steps_per_epoch: int, rank: int,
+               world_size: int, device: torch.device) -> _RankData:
+    import ray.train
+
+    manifest = read_manifest(shards_dir)
+    train_shards = split_shards(manifest, "train", cfg.data.max_train_shards)
+    my_test = shards_for_rank(split_shards(manifest, "test", cfg.data.max_test_shards), rank, world_size)
+    cap = cfg.train.max_steps_per_epoch
+    num_steps = min(steps_per_epoch, cap) if cap else steps_per_epoch
+    if ingest == "memory":
+        _, train_images, _ = _load_rank_arrays(shards_dir, shards_for_rank(train_shards, rank, world_size), info)
+        test_indices, test_images, _ = _load_rank_arrays(shards_dir, my_test, info)
+        return _RankData(torch.from_numpy(train_images).to(device), (test_indices, test_images), num_steps)
+    return _RankData(ray.train.get_dataset_shard("train"), my_test, num_steps)
+
+
+def _restore(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, run_dir: str,
+             shards_dir: str, info: DatasetInfo, expected_hash: str, rank: int,
+             device: torch.device) -> tuple[int, int, list[dict], int]:
+    """(start epoch, global step, history, restored-from epoch or -1) after loading the newest
+    checkpoint, if any: Ray's (after a worker failure, or on a rerun) or a newer one it missed."""
+    import ray.train
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()  # the latest: after a worker failure, or on a rerun
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(ckpt_dir)  # on the CPU: see engine.load_optimizer_state
+    state = _newer_unregistered_checkpoint(run_dir, state, rank, device) or state
+    if state is None:
+        return 0, 0, [], -1
+    check_model_compatible(state, cfg)
+    check_data_compatible(state, info.name, info.image_shape, shards_dir)
+    if state.manifest_hash != expected_hash:
+        raise CheckpointError(f"checkpoint {state.path} was trained on shards with manifest hash "
+                              f"{state.manifest_hash[:12]}, but {shards_dir} has {expected_hash[:12]}")
+    _unwrap(model).load_state_dict(state.model)
+    if state.optimizer:
+        load_optimizer_state(optimizer, state.optimizer)
+    if scaler is not None and state.scaler:
+        scaler.load_state_dict(state.scaler)
+    return state.epoch + 1, state.global_step, list(state.history), state.epoch
+
+
+def _test_metrics(model: torch.nn.Module, data: _RankData, cfg: Config, shards_dir: str, info: DatasetInfo,
+                  epoch: int, device: torch.device) -> dict[str, Any]:
+    """The test split's means on epochs that evaluate (train.eval_every_epochs, and the last), summed
+    over the ranks. Every rank decides alike (from the epoch alone), so the collectives stay matched."""
+    if (epoch + 1) % cfg.train.eval_every_epochs != 0 and epoch != cfg.train.epochs - 1:
+        return {"test_loss": None, "test_recon_nll": None, "test_kl": None, "test_count": 0, "test_bpd": None}
+    test = collective.all_reduce_sums(_evaluate(_unwrap(model), data.test, shards_dir, info, cfg.train.seed, device),
+                                      device)
+    count = max(test["count"], 1)
+    metrics = {"test_loss": test["loss"] / count, "test_recon_nll": test["recon_nll"] / count,
+               "test_kl": test["kl"] / count, "test_count": int(test["count"])}
+    metrics["test_bpd"] = bits_per_dim(metrics["test_loss"], math.prod(info.image_shape))
+    return metrics
+
+
+def _final_estimate(model: torch.nn.Module, data: _RankData, cfg: Config, shards_dir: str, info: DatasetInfo,
+                    device: torch.device) -> dict[str, Any]:
+    """train.num_samples_iw_final: the test split's importance-sampled -log p(x), summed over the ranks."""
+    final = collective.all_reduce_sums(_evaluate(_unwrap(model), data.test, shards_dir, info, cfg.train.seed,
+                                                 device, batch_size=100,
+                                                 num_samples_iw=cfg.train.num_samples_iw_final), device)
+    row = {"kind": "final", "epoch": cfg.train.epochs - 1, "num_samples_iw": cfg.train.num_samples_iw_final,
+           "test_nll_iw": -final["log_px"] / final["count"], "test_loss": final["loss"] / final["count"],
+           "test_count": int(final["count"])}
+    row["test_bpd_iw"] = bits_per_dim(row["test_nll_iw"], math.prod(info.image_shape))
+    row["test_bpd"] = bits_per_dim(row["test_loss"], math.prod(info.image_shape))
+    return row
+
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
@@ -160,28 +257,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     info, ingest = DatasetInfo.from_manifest(loop_config["dataset"]), loop_config["ingest"]
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if cfg.scaling.use_gpu:
-        require_cuda(f"training worker {rank} (scaling.use_gpu)")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    device = _setup_worker(cfg, rank)
 
     # RAY (1): this worker's share of the data. memory: its round-robin shards, decoded once;
     # stream: its equal share of the Ray Dataset the driver built, anew each epoch.
-    manifest = read_manifest(shards_dir)
-    train_shards = split_shards(manifest, "train", cfg.data.max_train_shards)
-    my_test = shards_for_rank(split_shards(manifest, "test", cfg.data.max_test_shards), rank, world_size)
-    full_steps = loop_config["steps_per_epoch"]
-    num_steps = min(full_steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else full_steps
-    if ingest == "memory":
-        _, train_images, _ = _load_rank_arrays(shards_dir, shards_for_rank(train_shards, rank, world_size), info)
-        train_images = torch.from_numpy(train_images).to(device)
-        test_indices, test_images, _ = _load_rank_arrays(shards_dir, my_test, info)
-        test_data: Any = (test_indices, test_images)
-    else:
-        train_stream = ray.train.get_dataset_shard("train")
-        test_data = my_test
+    data = _rank_data(cfg, shards_dir, info, ingest, loop_config["steps_per_epoch"], rank, world_size, device)
 
     # RAY (2): DDP (a no-op wrapper with one worker) and device placement.
     model = ray.train.torch.prepare_model(VAE(cfg.model, info.image_shape))
@@ -190,27 +270,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     node_ids = _rank_node_ids()
     optimizer = make_optimizer(model, cfg.train, device)
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)
-
-    start_epoch, global_step, history, restored_from = 0, 0, [], -1
-    state = None
-    checkpoint = ray.train.get_checkpoint()  # the latest: after a worker failure, or on a rerun
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir)  # on the CPU: see engine.load_optimizer_state
-    state = _newer_unregistered_checkpoint(run_dir, state, rank, device) or state
-    if state is not None:
-        check_model_compatible(state, cfg)
-        check_data_compatible(state, info.name, info.image_shape, shards_dir)
-        if state.manifest_hash != expected_hash:
-            raise CheckpointError(f"checkpoint {state.path} was trained on shards with manifest hash "
-                                  f"{state.manifest_hash[:12]}, but {shards_dir} has {expected_hash[:12]}")
-        _unwrap(model).load_state_dict(state.model)
-        if state.optimizer:
-            load_optimizer_state(optimizer, state.optimizer)
-        if scaler is not None and state.scaler:
-            scaler.load_state_dict(state.scaler)
-        start_epoch, global_step = state.epoch + 1, state.global_step
-        history, restored_from = list(state.history), state.epoch
+    start_epoch, global_step, history, restored_from = _restore(cfg, model, optimizer, scaler, run_dir, shards_dir,
+                                                                info, expected_hash, rank, device)
 
     # Rank 0 records the run in MLflow (when tracking is on): the same MLflow run after a restart.
     tracker = None
@@ -224,34 +285,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _maybe_inject_fault(cfg, epoch, rank, run_dir)
         wall = time.perf_counter()
         if ingest == "memory":
-            batches: Any = train_images
+            batches: Any = data.train
         else:
-            batches = (b["image"] for b in stream_epoch(train_stream, cfg.train.batch_size_per_worker,
+            batches = (b["image"] for b in stream_epoch(data.train, cfg.train.batch_size_per_worker,
                                                          cfg.data.shuffle_buffer_rows, cfg.train.seed, epoch, rank,
                                                          device))
-        sums = train_epoch(model, optimizer, batches, cfg.train, epoch=epoch, rank=rank, num_steps=num_steps,
-                           steps_per_epoch=full_steps, start_step=global_step, device=device,
+        sums = train_epoch(model, optimizer, batches, cfg.train, epoch=epoch, rank=rank, num_steps=data.num_steps,
+                           steps_per_epoch=loop_config["steps_per_epoch"], start_step=global_step, device=device,
                            mixed_precision=cfg.train.mixed_precision, scaler=scaler,
-                           on_progress=_progress_logger(rank, epoch, num_steps))
-        global_step += num_steps
+                           on_progress=_progress_logger(rank, epoch, data.num_steps))
+        global_step += data.num_steps
         train = collective.all_reduce_sums({k: sums[k] for k in (*TRAIN_SUM_KEYS, "count")}, device)
         epoch_seconds = time.perf_counter() - wall
-        # Every rank decides alike (from the epoch alone), so the collectives inside stay matched.
-        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch == last:
-            test = collective.all_reduce_sums(_evaluate(_unwrap(model), test_data, shards_dir, info, cfg.train.seed,
-                                                        device), device)
-            test_metrics = {"test_loss": test["loss"] / max(test["count"], 1),
-                            "test_recon_nll": test["recon_nll"] / max(test["count"], 1),
-                            "test_kl": test["kl"] / max(test["count"], 1), "test_count": int(test["count"])}
-            test_metrics["test_bpd"] = bits_per_dim(test_metrics["test_loss"], math.prod(info.image_shape))
-        else:
-            test_metrics = {"test_loss": None, "test_recon_nll": None, "test_kl": None, "test_count": 0,
-                            "test_bpd": None}
         metrics = {
             "kind": "epoch", "epoch": epoch, "step": global_step,
             "train_loss": train["loss"] / train["count"], "train_recon_nll": train["recon_nll"] / train["count"],
             "train_kl": train["kl"] / train["count"], "train_objective": train["objective"] / train["count"],
-            **test_metrics,
+            **_test_metrics(model, data, cfg, shards_dir, info, epoch, device),
             "samples_per_s": train["count"] / epoch_seconds, "epoch_seconds": epoch_seconds,
             "world_size": world_size, "restored_from_epoch": restored_from, "ingest": ingest,
             "rank_sample_counts": [int(c) for c in collective.gather_floats(
@@ -284,14 +334,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # reading metrics.jsonl itself, right after rank 0 rewrote it, could read it torn.
     todo = cfg.train.num_samples_iw_final > 0 and (rank != 0 or not _has_final(run_dir, cfg.train.epochs))
     if collective.broadcast_object(todo, device):
-        final = collective.all_reduce_sums(_evaluate(_unwrap(model), test_data, shards_dir, info, cfg.train.seed,
-                                                     device, batch_size=100,
-                                                     num_samples_iw=cfg.train.num_samples_iw_final), device)
-        row = {"kind": "final", "epoch": last, "num_samples_iw": cfg.train.num_samples_iw_final,
-               "test_nll_iw": -final["log_px"] / final["count"], "test_loss": final["loss"] / final["count"],
-               "test_count": int(final["count"])}
-        row["test_bpd_iw"] = bits_per_dim(row["test_nll_iw"], math.prod(info.image_shape))
-        row["test_bpd"] = bits_per_dim(row["test_loss"], math.prod(info.image_shape))
+        row = _final_estimate(model, data, cfg, shards_dir, info, device)
         ray.train.report(row)
         on_rank_zero(rank, write_metrics, run_dir, history + [row])
         if tracker:
