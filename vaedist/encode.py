@@ -278,6 +278,31 @@ def gpu_and_cpu_warning_dropped() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+def check_checkpoints_fit(states: list[CheckpointState], info: DatasetInfo, shards_dir: str) -> None:
+    """Refuse checkpoints whose input layer does not fit the shards' images, or that are not of one
+    run (one model, seed and training data): one table holds the checkpoints of one run."""
+    last, model_cfg = states[-1], config_of(states[-1])
+    for st in states:
+        # Any data the model's input layer fits: a model is encoded on data it never saw (out of
+        # distribution) as readily as on its own.
+        check_data_compatible(st, info.name, info.image_shape, shards_dir)
+        if (config_of(st).model != model_cfg.model or config_of(st).train.seed != model_cfg.train.seed
+                or st.manifest_hash != last.manifest_hash):
+            raise EncodeError(f"checkpoints {st.path} and {last.path} are of different models, seeds or "
+                              "training data; one table holds the checkpoints of one run")
+
+
+def check_shard_sizes(manifest: Manifest, shards_dir: str, splits: list[str]) -> None:
+    """Every shard of `splits` present at the size the manifest says (the actors check each shard's
+    sha256 as they read it)."""
+    for split in splits:
+        for shard in manifest.split(split).shards:
+            path = storage.join(shards_dir, shard.path)
+            if not storage.exists(path) or storage.size(path) != shard.bytes:
+                raise DataError(f"shard {path} is missing or not the size the manifest says ({shard.bytes} "
+                                "bytes); prepare the shards again")
+
+
 def build_lineage(states: list[CheckpointState], model_cfg: Config, ec: EncodeConfig, info: DatasetInfo,
                   digest: str, shards_dir: str, epoch_list: list[int] | None) -> Lineage:
     """What the table records of its making, before the job runs (the rows and the job come after).
@@ -337,30 +362,17 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     else:
         chosen = [(None, resolve_checkpoint(cfg, checkpoint))]
     states = [load_checkpoint(path) for _, path in chosen]
-    state = states[-1]
-    model_cfg = config_of(state)
+    model_cfg = config_of(states[-1])
     manifest = read_manifest(shards_dir)
     info = manifest.dataset
     digest = manifest_hash(shards_dir)
-    for st in states:
-        # Any data the model's input layer fits: a model is encoded on data it never saw (out of
-        # distribution) as readily as on its own.
-        check_data_compatible(st, info.name, info.image_shape, shards_dir)
-        if (config_of(st).model != model_cfg.model or config_of(st).train.seed != model_cfg.train.seed
-                or st.manifest_hash != state.manifest_hash):
-            raise EncodeError(f"checkpoints {st.path} and {state.path} are of different models, seeds or "
-                              "training data; one table holds the checkpoints of one run")
+    check_checkpoints_fit(states, info, shards_dir)
     check_output_path(out)
     tracking_uri = resolve_uri(cfg)
     if tracking_uri:
         check_uri(tracking_uri, cfg.tracking.experiment)
     ec = cfg.encode
-    for split in ec.splits:  # sizes here; the actors check each shard's sha256 as they read it
-        for shard in manifest.split(split).shards:
-            path = storage.join(shards_dir, shard.path)
-            if not storage.exists(path) or storage.size(path) != shard.bytes:
-                raise DataError(f"shard {path} is missing or not the size the manifest says ({shard.bytes} "
-                                "bytes); prepare the shards again")
+    check_shard_sizes(manifest, shards_dir, ec.splits)
     shards = shard_rows(manifest, list(ec.splits))
     expected = {split: manifest.split(split).num_samples for split in ec.splits}
     epoch_list = [e for e, _ in chosen] if chosen[0][0] is not None else None
