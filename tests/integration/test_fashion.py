@@ -130,8 +130,8 @@ def test_fashion_mnist_end_to_end_as_a_user_sees_it(fashion_dir, tmp_path):
     assert "\r" not in text  # non-interactive output stays line-oriented: no carriage-return bars
 
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
-    assert manifest.dataset.name == "fashion-mnist" and manifest.dataset.class_names == CLASS_NAMES
-    assert manifest.split("test").num_samples == 10000
+    assert manifest["dataset"]["name"] == "fashion-mnist" and manifest["dataset"]["class_names"] == CLASS_NAMES
+    assert manifest["splits"]["test"]["num_samples"] == 10000
     lineage = json.loads((out / "latents" / "_lineage.json").read_text())
     assert lineage["dataset"] == "fashion-mnist" and lineage["class_names"] == CLASS_NAMES
     assert lineage["rows"] == {"test": 10000}

@@ -107,7 +107,7 @@ def test_bad_files_through_the_job_and_the_command(ray_cluster, tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipped 1 file(s)" in result.output and "a/99-broken.jpg" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest.dataset.image_shape == (4, 4, 1) and manifest.source["skipped"][0]["source"] == "a/99-broken.jpg"
+    assert manifest["dataset"]["image_shape"] == [4, 4, 1] and manifest["source"]["skipped"][0]["source"] == "a/99-broken.jpg"
     result = CliRunner().invoke(cli, ["data", "prepare", "--source", "images", "--path", str(root), "--out", str(out)])
     assert result.exit_code == 1 and "99-broken.jpg" in result.output and "Traceback" not in result.output
 

@@ -53,7 +53,7 @@ def write_image(path: Path, mode: str, size: tuple[int, int], seed: int = 0, fmt
     image.save(path, format=fmt)
 
 
-def prepare(tmp_path: Path, *overrides: str, out: str = "shards") -> tuple[dict, str]:
+def prepare(tmp_path: Path, *overrides: str, out: str = "shards") -> tuple[Manifest, str]:
     cfg = load_config(None, ["data.samples_per_shard=8", *overrides])
     shards = str(tmp_path / out)
     return prepare_external(cfg, shards, progress=False, use_ray=False), shards
