@@ -201,14 +201,14 @@ def build_tables(root: Path, mnist_dir: str) -> dict[str, str]:
     for name, k in (("latents", 8), ("latents_k0", 0)):
         table_dir = root / name
         (table_dir / ".staging-0").mkdir(parents=True)
-        for split, entry in read_manifest(shards)["splits"].items():
-            for i, shard in enumerate(entry["shards"]):
-                indices, images, labels = load_split_arrays([str(Path(shards, shard["path"]))])
+        for split, entry in read_manifest(shards).splits.items():
+            for i, shard in enumerate(entry.shards):
+                indices, images, labels = load_split_arrays([str(Path(shards, shard.path))])
                 x = fixed_binarize(images, indices, split, seed=cfg.train.seed)
                 rows = evaluate_batch(model, x, indices, split, seed=0, num_samples_mc=2, num_samples_iw=k)
                 columns = {name: value.numpy() for name, value in rows.items()}
                 columns.update(key=[key_for(split, int(j)) for j in indices], split=[split] * len(indices),
-                               index=indices, label=labels, shard=[shard["path"]] * len(indices))
+                               index=indices, label=labels, shard=[shard.path] * len(indices))
                 table = schema.to_table(columns, LATENT_DIM, lineage={**lineage, "num_samples_iw": k})
                 pq.write_table(table, table_dir / f"{split}_{i:06d}_000000.parquet")
         pq.write_table(table, table_dir / ".staging-0" / "leak.parquet")
@@ -240,15 +240,15 @@ def write_latent_table(table_dir: Path, shards: str, models: dict, lineage: dict
     table_dir.mkdir(parents=True)
     for epoch, model in models.items():
         for split in splits:
-            for i, shard in enumerate(read_manifest(shards)["splits"][split]["shards"]):
-                indices, images, labels = load_split_arrays([str(Path(shards, shard["path"]))])
+            for i, shard in enumerate(read_manifest(shards).split(split).shards):
+                indices, images, labels = load_split_arrays([str(Path(shards, shard.path))])
                 x = fixed_binarize(images, indices, split, seed=binarize_seed)
                 with torch.no_grad():
                     rows = evaluate_batch(model.eval(), x, indices, split, seed=0, num_samples_mc=2,
                                           num_samples_iw=num_samples_iw)
                 columns = {name: value.numpy() for name, value in rows.items()}
                 columns.update(key=[key_for(split, int(j)) for j in indices], split=[split] * len(indices),
-                               index=indices, label=labels, shard=[shard["path"]] * len(indices))
+                               index=indices, label=labels, shard=[shard.path] * len(indices))
                 if sources:
                     columns["source"] = read_sources(shards, read_manifest(shards), split, indices)
                 if epoch is not None:

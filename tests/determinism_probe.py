@@ -30,8 +30,8 @@ ROWS = 256
 
 
 def probe(shards: str, checkpoints: list[str], threads: list[int]) -> dict[str, np.ndarray]:
-    entry = read_manifest(shards)["splits"]["test"]["shards"][0]
-    indices, images, _ = load_split_arrays([str(Path(shards, entry["path"]))])
+    entry = read_manifest(shards).split("test").shards[0]
+    indices, images, _ = load_split_arrays([str(Path(shards, entry.path))])
     indices, images = indices[:ROWS], images[:ROWS]
     out = {"capability": np.array(torch.backends.cpu.get_cpu_capability())}
     for c, checkpoint in enumerate(checkpoints):

@@ -36,7 +36,6 @@ SOURCE = "source"
 # binarised: Bernoulli models binarised draws, the other likelihoods the 8-bit pixels; tables from
 # before likelihoods existed lack the field and were all binarised.
 SAME_DATA_FIELDS = ("dataset", "manifest_hash", "binarize_seed", "splits", "binarised")
-LINEAGE_DEFAULTS = {"binarised": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,14 +288,7 @@ def _run(con: duckdb.DuckDBPyConnection, latents_dir: str, sql: str, params: dic
 
 def class_names(latents_dir: str) -> list[str] | None:
     """The lineage's class_names (index = label), or None when the dataset names no classes."""
-    lineage = read_lineage(latents_dir)
-    names = lineage.get("class_names")
-    if names is None:
-        return None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise QueryError(f"{latents_dir}/_lineage.json: class_names must be a list of strings "
-                         f"(index = label), got {names!r}")
-    return names
+    return read_lineage(latents_dir).class_names  # checked a list of strings as it is read
 
 
 def _columns(con: duckdb.DuckDBPyConnection, latents_dir: str, view: str) -> list[str]:
@@ -306,7 +298,7 @@ def _columns(con: duckdb.DuckDBPyConnection, latents_dir: str, view: str) -> lis
 def _epochs(con: duckdb.DuckDBPyConnection, latents_dir: str, view: str = "latents") -> list[int]:
     # The encode job writes the epochs into the lineage after checking them against the rows; reading
     # them there saves a scan of the epoch column per call. Tables without that field are scanned.
-    listed = read_lineage(latents_dir).get("epochs")
+    listed = read_lineage(latents_dir).epochs
     if isinstance(listed, list) and listed and all(isinstance(e, int) and not isinstance(e, bool) for e in listed):
         return sorted(listed)
     return _execute(con, str(latents_dir), EPOCHS_SQL.format(latents=view)).column(EPOCH).to_pylist()
@@ -409,7 +401,7 @@ def totals(latents_dir: str, split: str | None = None, *, epoch: int | None = No
     and, when the table has log_px, the mean NLL (-log p(x)) with its standard error, in bits per
     dimension (bpd_iw), and the gap (dropped for a table encoded with K = 0)."""
     con, relation, params = _one_table(latents_dir, con, epoch, split)
-    shape = read_lineage(latents_dir).get("image_shape") or [28, 28, 1]
+    shape = read_lineage(latents_dir).image_shape or [28, 28, 1]
     result = _run(con, latents_dir, TOTALS_SQL.format(latents=relation),
                   {**params, "num_subpixels": math.prod(shape)})
     if result.column("nll_mean").null_count == result.num_rows:
@@ -449,11 +441,12 @@ def connect_pair(latents_dir: str, against_dir: str,
 
 def _check_same_data(latents_dir: str, against_dir: str) -> list[str] | None:
     """Refuse tables of different datapoints or binarisation; return the class names."""
-    a, b = ({**LINEAGE_DEFAULTS, **read_lineage(path)} for path in (latents_dir, against_dir))
-    differ = [f"{field} {a.get(field)!r} vs {b.get(field)!r}" for field in SAME_DATA_FIELDS
-              if field in a and field in b and a[field] != b[field]]
+    a, b = (read_lineage(path) for path in (latents_dir, against_dir))
+    # A field one table's lineage lacks (None: an older or hand-made table) is not held against it.
+    differ = [f"{field} {getattr(a, field)!r} vs {getattr(b, field)!r}" for field in SAME_DATA_FIELDS
+              if None not in (getattr(a, field), getattr(b, field)) and getattr(a, field) != getattr(b, field)]
     missing = [f"{field} (not in {path}/_lineage.json)" for path, lineage in ((latents_dir, a), (against_dir, b))
-               for field in ("manifest_hash",) if field not in lineage]
+               for field in ("manifest_hash",) if getattr(lineage, field) is None]
     if differ or missing:
         raise QueryError(f"cannot compare latent tables {latents_dir} and {against_dir}: they were not encoded "
                          f"from the same datapoints and binarisation: {'; '.join(differ + missing)}")

@@ -1,6 +1,9 @@
 """Checkpoints: model weights, optimiser state, progress, the resolved config and the shard
 manifest's hash, in one file that loads with torch.load(weights_only=True). No Ray.
 
+The file's contents are a CheckpointState (a typed, versioned record; this module is its one reader
+and writer): load_checkpoint returns one, and everyone else uses its attributes.
+
 A checkpoint directory holds `checkpoint.pt` and a human-readable `config.yaml`. A run directory
 (storage_path/run_name) holds checkpoint directories named `epoch-NNNN` (Ray Train's, the best and
 the latest), `kept/epoch-NNNN` (output.keep_epochs, kept for good) and `metrics.jsonl`.
@@ -11,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -25,10 +28,65 @@ CHECKPOINT_DIR_RE = re.compile(r"^epoch-(\d{4,})$")
 METRICS_FILE = "metrics.jsonl"
 KEPT_DIR = "kept"
 MNIST_SHAPE = (28, 28, 1)  # what checkpoints from before datasets had shapes were trained on
+# 1: the record says its version. Files without one (0) are read alike; a missing "data" entry
+# means MNIST (before datasets had names).
+CHECKPOINT_VERSION = 1
+_REQUIRED = ("model", "config", "epoch", "manifest_hash")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit; the message names the path."""
+
+
+@dataclass(eq=False)  # tensors have no truth value to compare by
+class CheckpointState:
+    """What checkpoint.pt holds. `path` is the file it was read from (not stored in it)."""
+    model: dict[str, torch.Tensor]
+    """The model's state_dict, on the CPU."""
+    config: dict[str, Any]
+    """The resolved config as a dict (config_of(state) makes it a Config, checked)."""
+    epoch: int
+    manifest_hash: str
+    """sha256 of the training shards' manifest.json."""
+    global_step: int = 0
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    """The mixed-precision grad scaler's state (None without fp16)."""
+    history: list[dict] = field(default_factory=list)
+    """The metrics rows of the epochs so far (metrics.jsonl's)."""
+    dataset: str = "mnist"
+    image_shape: tuple[int, int, int] = MNIST_SHAPE
+    vaedist_version: str = ""
+    version: int = CHECKPOINT_VERSION
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict torch.save writes (plain containers and tensors: loads with weights_only=True)."""
+        return {"version": CHECKPOINT_VERSION,
+                "data": {"dataset": self.dataset, "image_shape": list(self.image_shape)},
+                "model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, "epoch": self.epoch,
+                "global_step": self.global_step, "config": self.config, "manifest_hash": self.manifest_hash,
+                "history": self.history, "vaedist_version": self.vaedist_version}
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "") -> "CheckpointState":
+        """Any version this vaedist reads; CheckpointError naming `path` for another or a foreign dict."""
+        where = path or CHECKPOINT_FILE
+        if not isinstance(d, dict):
+            raise CheckpointError(f"checkpoint {where} is not a vaedist checkpoint (a {type(d).__name__})")
+        version = d.get("version", 0)
+        if not isinstance(version, int) or not 0 <= version <= CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint {where} has version {version!r}; this vaedist reads versions 0 to "
+                                  f"{CHECKPOINT_VERSION} (written by a newer vaedist?)")
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise CheckpointError(f"checkpoint {where} is not a vaedist checkpoint (missing {sorted(missing)})")
+        data = d.get("data") or {}
+        return cls(model=d["model"], config=d["config"], epoch=int(d["epoch"]), manifest_hash=str(d["manifest_hash"]),
+                   global_step=int(d.get("global_step", 0)), optimizer=d.get("optimizer"), scaler=d.get("scaler"),
+                   history=list(d.get("history") or []), dataset=str(data.get("dataset", "mnist")),
+                   image_shape=tuple(int(x) for x in data.get("image_shape", MNIST_SHAPE)),
+                   vaedist_version=str(d.get("vaedist_version", "")), version=version, path=path)
 
 
 def checkpoint_dir_name(epoch: int) -> str:
@@ -61,20 +119,12 @@ def save_checkpoint(directory: str, *, model_state: dict, optimizer_state: dict 
     """Write checkpoint.pt (+ config.yaml) into `directory`; returns the file path."""
     import yaml
 
-    state = {
-        "data": {"dataset": dataset, "image_shape": list(image_shape)},
-        "model": {k: v.detach().cpu() for k, v in model_state.items()},
-        "optimizer": optimizer_state,
-        "scaler": scaler_state,
-        "epoch": epoch,
-        "global_step": global_step,
-        "config": config.to_dict(),
-        "manifest_hash": manifest_hash,
-        "history": history,
-        "vaedist_version": __version__,
-    }
+    state = CheckpointState(model={k: v.detach().cpu() for k, v in model_state.items()}, config=config.to_dict(),
+                            epoch=epoch, manifest_hash=manifest_hash, global_step=global_step,
+                            optimizer=optimizer_state, scaler=scaler_state, history=history, dataset=dataset,
+                            image_shape=tuple(image_shape), vaedist_version=__version__)
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(state.to_dict(), buf)
     path = storage.join(directory, CHECKPOINT_FILE)
     storage.write_bytes(path, buf.getvalue())
     storage.write_bytes(storage.join(directory, "config.yaml"),
@@ -100,65 +150,56 @@ def resolve_checkpoint_path(path: str) -> str:
     return storage.join(best, CHECKPOINT_FILE)
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint's state dict (weights_only: no arbitrary code runs on load)."""
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> CheckpointState:
+    """The checkpoint's state (weights_only: no arbitrary code runs on load)."""
     file = resolve_checkpoint_path(path)
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(file)), map_location=map_location, weights_only=True)
+        raw = torch.load(io.BytesIO(storage.read_bytes(file)), map_location=map_location, weights_only=True)
     except Exception as e:  # a torn or foreign file: say which
         raise CheckpointError(f"checkpoint {file} cannot be read: {e}") from None
-    missing = {"model", "config", "epoch", "manifest_hash"} - set(state)
-    if missing:
-        raise CheckpointError(f"checkpoint {file} is not a vaedist checkpoint (missing {sorted(missing)})")
-    state["path"] = file
-    return state
+    return CheckpointState.from_dict(raw, file)
 
 
-def config_of(state: dict) -> Config:
+def config_of(state: CheckpointState) -> Config:
     try:
-        return config_from_dict(state["config"])
+        return config_from_dict(state.config)
     except ConfigError as e:
-        raise CheckpointError(f"checkpoint {state.get('path')} holds an invalid config: {e}") from None
+        raise CheckpointError(f"checkpoint {state.path} holds an invalid config: {e}") from None
 
 
-def image_shape_of(state: dict) -> tuple[int, int, int]:
-    """The (height, width, channels) a checkpoint's model takes."""
-    return tuple(state.get("data", {}).get("image_shape", MNIST_SHAPE))
-
-
-def check_data_compatible(state: dict, dataset: str, image_shape: tuple[int, int, int], shards_dir: str) -> None:
+def check_data_compatible(state: CheckpointState, dataset: str, image_shape: tuple[int, int, int],
+                          shards_dir: str) -> None:
     """Refuse a checkpoint trained on images of another shape or channel count than the shards' (its
     input layer would not fit), naming both. Other data of the same shape is fine: a model may encode
     data it was not trained on."""
-    if image_shape_of(state) != tuple(image_shape):
-        trained_on = state.get("data", {}).get("dataset", "mnist")
-        raise CheckpointError(f"checkpoint {state.get('path')} was trained on {trained_on} images of shape "
-                              f"{list(image_shape_of(state))}, but the shards in {shards_dir} hold {dataset} images "
+    if state.image_shape != tuple(image_shape):
+        raise CheckpointError(f"checkpoint {state.path} was trained on {state.dataset} images of shape "
+                              f"{list(state.image_shape)}, but the shards in {shards_dir} hold {dataset} images "
                               f"of shape {list(image_shape)} (height, width, channels): its input layer takes only "
                               "the first")
 
 
-def check_model_compatible(state: dict, cfg: Config) -> None:
+def check_model_compatible(state: CheckpointState, cfg: Config) -> None:
     """Refuse a checkpoint whose model shape differs from the config's, naming the fields."""
     saved = config_of(state).model
     diffs = [f"model.{k}: checkpoint {v!r} vs config {getattr(cfg.model, k)!r}"
              for k, v in asdict(saved).items() if getattr(cfg.model, k) != v]
     if diffs:
-        raise CheckpointError(f"checkpoint {state.get('path')} has a different model shape: " + "; ".join(diffs))
+        raise CheckpointError(f"checkpoint {state.path} has a different model shape: " + "; ".join(diffs))
 
 
-def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[VAE, Config, dict]:
-    """(model in eval mode, the config it was trained with, the raw state)."""
+def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[VAE, Config, CheckpointState]:
+    """(model in eval mode, the config it was trained with, the checkpoint's state)."""
     state = load_checkpoint(path, map_location)
     cfg = config_of(state)
     try:
-        model = VAE(cfg.model, image_shape_of(state))
+        model = VAE(cfg.model, state.image_shape)
     except ConfigError as e:  # model.kind=custom: its factory must import (and build) here too
-        raise CheckpointError(f"checkpoint {state['path']}: {e}") from None
+        raise CheckpointError(f"checkpoint {state.path}: {e}") from None
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.model)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {state['path']}: weights do not fit its own config: {e}") from None
+        raise CheckpointError(f"checkpoint {state.path}: weights do not fit its own config: {e}") from None
     return model.to(map_location).eval(), cfg, state
 
 
@@ -192,7 +233,7 @@ def latest_checkpoint_dir(run_dir: str) -> str | None:
 
 
 def newest_readable_checkpoint(run_dir: str, after_epoch: int = -1,
-                               map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+                               map_location: str | torch.device = "cpu") -> CheckpointState | None:
     """The state of the newest checkpoint after `after_epoch` that loads; torn ones (a failure during
     the upload) are passed over."""
     for epoch, directory in reversed(checkpoint_dirs(run_dir)):
@@ -223,11 +264,6 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not storage.exists(path):
         return []
     return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
-
-
-def format_loss(value: float | None, width: int = 8) -> str:
-    """A loss for the epoch tables; '-' for an epoch without a test evaluation (train.eval_every_epochs)."""
-    return f"{value:{width}.3f}" if value is not None else "-".rjust(width)
 
 
 def write_metrics(run_dir: str, rows: list[dict]) -> None:

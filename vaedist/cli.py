@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from vaedist.config import MNIST_DIR_ENV, Config, ConfigError, load_config
+from vaedist.registry import DATA_SOURCES
 
 EXAMPLES = """
 \b
@@ -138,7 +139,7 @@ def data() -> None:
 @data.command("prepare")
 @config_options
 @click.option("--out", help="Shards directory (default: data.shards_dir).")
-@click.option("--source", type=click.Choice(["builtin", "images", "webdataset", "arrays"]),
+@click.option("--source", type=click.Choice(DATA_SOURCES),
               help="What to read (data.source): builtin (data.dataset), or your own images, shards or arrays.")
 @click.option("--path", "source_path", help="The folder, shard pattern or array file (data.source_path).")
 @click.option("--image-size", nargs=2, type=int, metavar="H W", help="Make every image H x W (data.image_size).")
@@ -175,9 +176,9 @@ def data_prepare(config_path, overrides, mnist_dir, out, source, source_path, im
     cfg = resolve_config(config_path, tuple(items), mnist_dir, address)
     out = out or cfg.data.shards_dir
     manifest = prepare_from_config(cfg, out)
-    for split, entry in manifest["splits"].items():
-        click.echo(f"{split}: {entry['num_samples']} datapoints in {len(entry['shards'])} shards")
-    source_entry = manifest.get("source") or {}
+    for split, entry in manifest.splits.items():
+        click.echo(f"{split}: {entry.num_samples} datapoints in {len(entry.shards)} shards")
+    source_entry = manifest.source
     if source_entry.get("num_skipped"):
         listed = source_entry["skipped"]
         click.echo(f"skipped {source_entry['num_skipped']} file(s) that could not be decoded "
@@ -187,9 +188,9 @@ def data_prepare(config_path, overrides, mnist_dir, out, source, source_path, im
         if len(listed) < source_entry["num_skipped"]:
             click.echo(f"  ... and {source_entry['num_skipped'] - len(listed)} more")
     if "transform" in source_entry:
-        shape = "x".join(map(str, manifest["dataset"]["image_shape"]))
-        click.echo(f"{manifest['dataset']['name']}: images {shape} (H x W x C), "
-                   f"{manifest['dataset']['num_classes'] or 'no'} classes")
+        shape = "x".join(map(str, manifest.dataset.image_shape))
+        click.echo(f"{manifest.dataset.name}: images {shape} (H x W x C), "
+                   f"{manifest.dataset.num_classes or 'no'} classes")
     click.echo(f"wrote {out}/manifest.json")
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from vaedist.registry import BINARISED_LIKELIHOODS, DATA_SOURCES, LIKELIHOODS, OBJECTIVES
+
 MNIST_DIR_ENV = "VAEDIST_MNIST_DIR"
 FASHION_MNIST_DIR_ENV = "VAEDIST_FASHION_MNIST_DIR"
 # The environment variable naming each built-in dataset's local source directory (mnist8m deforms MNIST).
@@ -28,6 +30,10 @@ DATASET_DIR_ENV = {"mnist": MNIST_DIR_ENV, "fashion-mnist": FASHION_MNIST_DIR_EN
 
 class ConfigError(ValueError):
     """A configuration key, type or value is not allowed; the message names the key."""
+
+
+def _or_list(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -72,7 +78,7 @@ class DataConfig:
     shuffle_buffer_rows: int = 4096
     """ingest stream: rows in each worker's local shuffle buffer (it also shuffles the shards' order
     every epoch)."""
-    source: Literal["builtin", "images", "webdataset", "arrays"] = "builtin"
+    source: Literal[DATA_SOURCES] = "builtin"
     """What `vaedist data prepare` reads. builtin: data.dataset. images: a folder of image files
     (source_path; labels from first-level subfolders, a top-level train/ + test/ as the split).
     webdataset: existing tar shards (source_path, or train_pattern + test_pattern; local, s3://,
@@ -178,7 +184,7 @@ class ModelConfig:
     """custom: keyword arguments for model.factory (plain YAML values; saved in every checkpoint)."""
     activation: Literal["relu", "elu", "gelu", "softplus", "tanh"] = "elu"
     """Non-linearity between hidden layers."""
-    likelihood: Literal["bernoulli", "discretized-logistic", "discretized-logistic-mixture", "gaussian"] = "bernoulli"
+    likelihood: Literal[LIKELIHOODS] = "bernoulli"
     """The decoder's distribution p(x|z) (vaedist/likelihoods.py): bernoulli on binarised pixels
     (grey level / 255 as the probability of a 1); discretized-logistic (256 bins per sub-pixel) or
     discretized-logistic-mixture (PixelCNN++'s) on the 8-bit pixels; gaussian with a learned scale
@@ -245,7 +251,7 @@ class TrainConfig:
     num_samples_mc: int = 1
     """S, Monte Carlo samples of z per datapoint in the training loss (elbo, beta, free-bits; iwae
     draws iwae_samples instead, and this must stay 1)."""
-    objective: Literal["elbo", "beta", "iwae", "free-bits"] = "elbo"
+    objective: Literal[tuple(OBJECTIVES)] = "elbo"
     """What training minimises (vaedist/objectives.py). elbo: the mean negative ELBO; beta: β·KL
     (Higgins et al. 2017); iwae: the importance-weighted bound with iwae_samples samples (Burda et
     al. 2016); free-bits: each latent dimension's batch-averaged KL floored at free_bits nats
@@ -301,9 +307,10 @@ class TrainConfig:
     def _check_objective(self) -> None:
         """Each objective's own setting is required by it and refused by the others, so a setting
         that would be silently ignored (train.beta=4 under the elbo objective) is an error."""
-        own = {"beta": "beta", "iwae": "iwae_samples", "free-bits": "free_bits"}
         examples = {"beta": "4", "iwae_samples": "5", "free_bits": "0.5"}
-        for objective, name in own.items():
+        for objective, name in OBJECTIVES.items():
+            if name is None:
+                continue
             value = getattr(self, name)
             if self.objective == objective:
                 _check(value is not None, f"train.{name}",
@@ -502,14 +509,16 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
-        binarises = self.model.likelihood == "bernoulli"  # vaedist.likelihoods: only Bernoulli's input is binarised
+        binarises = self.model.likelihood in BINARISED_LIKELIHOODS
         if self.data.binarize is not None and self.data.binarize != binarises:
+            levels = [n for n in LIKELIHOODS if n not in BINARISED_LIKELIHOODS]
+            binarised = [n for n in LIKELIHOODS if n in BINARISED_LIKELIHOODS]
             raise ConfigError(
                 f"data.binarize={str(self.data.binarize).lower()} does not fit model.likelihood={self.model.likelihood}: "
-                + ("bernoulli models binarised pixels; for the 8-bit levels choose model.likelihood="
-                   "discretized-logistic, discretized-logistic-mixture or gaussian"
+                + (f"{self.model.likelihood} models binarised pixels; for the 8-bit levels choose model.likelihood="
+                   + _or_list(levels)
                    if binarises else f"{self.model.likelihood} models the 8-bit levels; for binarised pixels choose "
-                   "model.likelihood=bernoulli")
+                   "model.likelihood=" + _or_list(binarised))
                 + " (or leave data.binarize unset)")
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from the same arguments every time: the checkpoint stores the config (factory an
 weights, not the code, so encode and report import the factory again (run them where it imports: from
 the directory that holds its package, or with it on PYTHONPATH or installed).
 
-Before any cluster work `check_model` builds the model on one real batch and checks: it imports, the
+Before any cluster work `model.check_model` builds the model on one real batch and checks: it imports, the
 factory accepts the arguments, encode and decode return tensors of the right shapes and dtype with
 finite values, decode keeps z's leading dimensions (and treats each z alone), and the loss's gradient
 reaches every parameter (DDP refuses a parameter that gets none, and the optimiser would never train it).
@@ -45,7 +45,6 @@ import sys
 import sysconfig
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -143,24 +142,6 @@ def build_custom(cfg: ModelConfig, image_shape: tuple[int, int, int], params_per
 # ---------------------------------------------------------------------------------------------
 # The checks on one batch.
 
-def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int],
-                batch: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0) -> None:
-    """Before any cluster work: build the model for these images (the conv geometry, the factory)
-    and, for model.kind=custom, run the protocol's checks on the first CHECK_BATCH datapoints of
-    batch = (indices [N], images [N, H*W*C] uint8), which it then needs. Raises ConfigError
-    (FactoryError) naming the key or factory."""
-    from vaedist.model import VAE
-
-    torch.manual_seed(seed)
-    model = VAE(cfg, image_shape)
-    if cfg.kind != "custom":
-        return
-    indices, images_u8 = batch
-    n = min(CHECK_BATCH, len(indices))
-    x = model.likelihood.eval_input(images_u8[:n], indices[:n], "train", seed, torch.device("cpu"))
-    check_protocol(model, x, cfg.factory)
-
-
 def _fail(factory: str, what: str) -> None:
     raise FactoryError(f"model.factory {factory!r}: {what}")
 
@@ -185,7 +166,8 @@ def _check_tensor(factory: str, what: str, value, shape: tuple[int, ...], dtype:
 
 
 def check_protocol(model, x: torch.Tensor, factory: str) -> None:
-    """The protocol's checks of a VAE with a custom net on the batch x [B, P]."""
+    """The protocol's checks of a VAE (vaedist.model) with a custom net on the batch x [B, P]. The
+    model comes in as an argument: this module builds nets for model.py and imports nothing of it."""
     net, (b, p), d, f = model.net, x.shape, model.latent_dim, model.num_params
     gen = torch.Generator().manual_seed(0)
     net.train()

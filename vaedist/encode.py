@@ -32,18 +32,19 @@ import pyarrow as pa
 import torch
 
 from vaedist import __version__, schema, storage
-from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_data_compatible, checkpoint_for_epoch,
-                                config_of, kept_checkpoint_dirs, load_checkpoint, load_model,
+from vaedist.checkpoint import (CheckpointError, CheckpointState, best_checkpoint_dir, check_data_compatible,
+                                checkpoint_for_epoch, config_of, kept_checkpoint_dirs, load_checkpoint, load_model,
                                 run_dir_of)
-from vaedist.config import Config
+from vaedist.config import Config, EncodeConfig
 from vaedist.console import RowsDisplay
-from vaedist.data import (DataError, DatasetInfo, key_for, manifest_dataset, manifest_hash,
-                          read_checked_shard, read_manifest, read_sources)
+from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, key_for, manifest_hash, read_checked_shard,
+                          read_manifest, read_sources)
 from vaedist.data.shards import decode_shard_bytes
 from vaedist.devices import require_cuda
 from vaedist.rng import NOISE_SCHEME
 from vaedist.evaluate import evaluate_batch
 from vaedist.likelihoods import get_likelihood
+from vaedist.lineage import Lineage, write_lineage
 from vaedist.tracking import check_uri, log_encode, resolve_uri
 
 log = logging.getLogger("vaedist.encode")
@@ -58,15 +59,15 @@ class EncodeError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # What the Ray Data actors run.
 
-def read_shard(shards_dir: str, shard: dict, split: str, info: DatasetInfo) -> dict[str, np.ndarray]:
+def read_shard(shards_dir: str, shard: ShardEntry, split: str, info: DatasetInfo) -> dict[str, np.ndarray]:
     """One shard (its manifest entry), checked against the manifest's size and sha256 as it is read,
     -> one row per datapoint (decoded by the fast reader)."""
     buf = read_checked_shard(shards_dir, shard)
-    _, indices, images, labels = decode_shard_bytes(buf, storage.join(shards_dir, shard["path"]),
-                                                    shard["num_samples"], info)
+    _, indices, images, labels = decode_shard_bytes(buf, storage.join(shards_dir, shard.path),
+                                                    shard.num_samples, info)
     return {"key": np.array([key_for(split, int(i)) for i in indices], dtype=object),
             "split": np.full(len(indices), split, dtype=object), "index": indices, "label": labels,
-            "shard": np.full(len(indices), shard["path"], dtype=object), "image": images}
+            "shard": np.full(len(indices), shard.path, dtype=object), "image": images}
 
 
 class LatentEncoder:
@@ -81,7 +82,7 @@ class LatentEncoder:
 
     def __init__(self, checkpoints: list[str], shards_dir: str, dataset: dict, batch_size: int, num_samples_mc: int,
                  num_samples_iw: int, iw_chunk_size: int, seed: int, use_gpu: bool, num_threads: int,
-                 lineage: dict[str, Any], epochs: list[int] | None = None, fail_after_batches: int = -1):
+                 lineage: Lineage | None, epochs: list[int] | None = None, fail_after_batches: int = -1):
         # A GPU actor whose CUDA does not work must fail, not compute on the CPU holding its GPU.
         self.device = require_cuda("an encode actor (encode.use_gpu)") if use_gpu else torch.device("cpu")
         if self.device.type == "cpu":
@@ -94,7 +95,7 @@ class LatentEncoder:
         self.shards_dir, self.batch_size = shards_dir, batch_size
         self.num_samples_mc, self.num_samples_iw, self.iw_chunk_size = num_samples_mc, num_samples_iw, iw_chunk_size
         self.seed, self.lineage, self.fail_after_batches, self.batches = seed, lineage, fail_after_batches, 0
-        self.manifest: dict | None = None  # read on first use, for the datapoints' sources
+        self.manifest: Manifest | None = None  # read on first use, for the datapoints' sources
         self.sources: dict[str, np.ndarray] = {}
 
     def sources_of(self, split: str, indices: np.ndarray) -> np.ndarray:
@@ -102,7 +103,7 @@ class LatentEncoder:
         sources file (external data) has it read once per actor, not once per shard."""
         if self.manifest is None:
             self.manifest = read_manifest(self.shards_dir)
-        if not self.manifest["splits"][split].get("sources"):
+        if self.manifest.split(split).sources is None:
             return read_sources(self.shards_dir, self.manifest, split, indices)
         if split not in self.sources:
             self.sources[split] = read_sources(self.shards_dir, self.manifest, split)
@@ -110,7 +111,7 @@ class LatentEncoder:
 
     def __call__(self, shards: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         for entry, split in zip(shards["entry"], shards["split"]):
-            rows = read_shard(self.shards_dir, json.loads(entry), str(split), self.info)
+            rows = read_shard(self.shards_dir, ShardEntry.from_dict(json.loads(entry)), str(split), self.info)
             rows["source"] = self.sources_of(str(split), rows["index"])
             for start in range(0, len(rows["key"]), self.batch_size):
                 yield self.encode_rows({name: value[start:start + self.batch_size] for name, value in rows.items()})
@@ -238,7 +239,7 @@ def publish(staging: str, out: str) -> None:
     storage.rmtree(staging)
 
 
-def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset: dict, lineage: dict[str, Any],
+def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset: dict, lineage: Lineage | None,
                    epochs: list[int] | None = None) -> dict[str, Any]:
     """LatentEncoder's arguments from cfg.encode (shared by the job and the benchmark's plain loop)."""
     ec = cfg.encode
@@ -249,10 +250,10 @@ def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset
             "fail_after_batches": int(os.environ.get(FAIL_ENV, -1))}
 
 
-def shard_rows(manifest: dict, splits: list[str]) -> list[dict[str, str]]:
+def shard_rows(manifest: Manifest, splits: list[str]) -> list[dict[str, str]]:
     """The job's input: a row per shard, its manifest entry (as JSON) and split."""
-    return [{"entry": json.dumps(s, sort_keys=True), "split": split}
-            for split in splits for s in manifest["splits"][split]["shards"]]
+    return [{"entry": json.dumps(s.to_dict(), sort_keys=True), "split": split}
+            for split in splits for s in manifest.split(split).shards]
 
 
 # Ray Data warns, on every job, that GPU actors which also ask for CPUs are "experimental"; an encode
@@ -277,12 +278,59 @@ def gpu_and_cpu_warning_dropped() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+def check_checkpoints_fit(states: list[CheckpointState], info: DatasetInfo, shards_dir: str) -> None:
+    """Refuse checkpoints whose input layer does not fit the shards' images, or that are not of one
+    run (one model, seed and training data): one table holds the checkpoints of one run."""
+    last, model_cfg = states[-1], config_of(states[-1])
+    for st in states:
+        # Any data the model's input layer fits: a model is encoded on data it never saw (out of
+        # distribution) as readily as on its own.
+        check_data_compatible(st, info.name, info.image_shape, shards_dir)
+        if (config_of(st).model != model_cfg.model or config_of(st).train.seed != model_cfg.train.seed
+                or st.manifest_hash != last.manifest_hash):
+            raise EncodeError(f"checkpoints {st.path} and {last.path} are of different models, seeds or "
+                              "training data; one table holds the checkpoints of one run")
+
+
+def check_shard_sizes(manifest: Manifest, shards_dir: str, splits: list[str]) -> None:
+    """Every shard of `splits` present at the size the manifest says (the actors check each shard's
+    sha256 as they read it)."""
+    for split in splits:
+        for shard in manifest.split(split).shards:
+            path = storage.join(shards_dir, shard.path)
+            if not storage.exists(path) or storage.size(path) != shard.bytes:
+                raise DataError(f"shard {path} is missing or not the size the manifest says ({shard.bytes} "
+                                "bytes); prepare the shards again")
+
+
+def build_lineage(states: list[CheckpointState], model_cfg: Config, ec: EncodeConfig, info: DatasetInfo,
+                  digest: str, shards_dir: str, epoch_list: list[int] | None) -> Lineage:
+    """What the table records of its making, before the job runs (the rows and the job come after).
+    states: the checkpoints encoded, the last epoch's last."""
+    state = states[-1]
+    return Lineage(
+        checkpoint=state.path, checkpoint_epoch=state.epoch, config=model_cfg.to_dict(),
+        manifest_hash=digest, shards_dir=shards_dir, splits=list(ec.splits),
+        # The data the model was trained on, beside the data encoded (manifest_hash, dataset).
+        train_manifest_hash=state.manifest_hash, train_dataset=state.dataset,
+        same_data_as_training=state.manifest_hash == digest,
+        dataset=info.name, image_shape=list(info.image_shape),
+        class_names=list(info.class_names) if info.class_names else None,
+        num_samples_mc=ec.num_samples_mc, num_samples_iw=ec.num_samples_iw, seed=ec.seed,
+        binarize_seed=model_cfg.train.seed, latent_dim=model_cfg.model.latent_dim,
+        # What p(x|z) models: binarised draws or the 8-bit pixels (compare refuses to mix them).
+        likelihood=model_cfg.model.likelihood, binarised=get_likelihood(model_cfg.model).binarised,
+        noise_scheme=NOISE_SCHEME, schema_version=schema.SCHEMA_VERSION, vaedist_version=__version__,
+        epochs=epoch_list,
+        checkpoints=[{"epoch": st.epoch, "path": st.path} for st in states] if epoch_list is not None else None)
+
+
 @dataclass
 class EncodeResult:
     path: str
     rows: dict[str, int]
     seconds: float
-    lineage: dict[str, Any]
+    lineage: Lineage
     written: list[tuple[float, int]] = field(default_factory=list)
     """(seconds after the job started, rows in finished Parquet files by then), as the files appeared."""
 
@@ -314,51 +362,21 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     else:
         chosen = [(None, resolve_checkpoint(cfg, checkpoint))]
     states = [load_checkpoint(path) for _, path in chosen]
-    state = states[-1]
-    model_cfg = config_of(state)
+    model_cfg = config_of(states[-1])
     manifest = read_manifest(shards_dir)
-    info = manifest_dataset(manifest)
+    info = manifest.dataset
     digest = manifest_hash(shards_dir)
-    for st in states:
-        # Any data the model's input layer fits: a model is encoded on data it never saw (out of
-        # distribution) as readily as on its own.
-        check_data_compatible(st, info.name, info.image_shape, shards_dir)
-        if (config_of(st).model != model_cfg.model or config_of(st).train.seed != model_cfg.train.seed
-                or st["manifest_hash"] != state["manifest_hash"]):
-            raise EncodeError(f"checkpoints {st['path']} and {state['path']} are of different models, seeds or "
-                              "training data; one table holds the checkpoints of one run")
+    check_checkpoints_fit(states, info, shards_dir)
     check_output_path(out)
     tracking_uri = resolve_uri(cfg)
     if tracking_uri:
         check_uri(tracking_uri, cfg.tracking.experiment)
     ec = cfg.encode
-    for split in ec.splits:  # sizes here; the actors check each shard's sha256 as they read it
-        for shard in manifest["splits"][split]["shards"]:
-            path = storage.join(shards_dir, shard["path"])
-            if not storage.exists(path) or storage.size(path) != shard["bytes"]:
-                raise DataError(f"shard {path} is missing or not the size the manifest says ({shard['bytes']} "
-                                "bytes); prepare the shards again")
+    check_shard_sizes(manifest, shards_dir, ec.splits)
     shards = shard_rows(manifest, list(ec.splits))
-    expected = {split: manifest["splits"][split]["num_samples"] for split in ec.splits}
+    expected = {split: manifest.split(split).num_samples for split in ec.splits}
     epoch_list = [e for e, _ in chosen] if chosen[0][0] is not None else None
-    lineage = {
-        "checkpoint": state["path"], "checkpoint_epoch": state["epoch"], "config": model_cfg.to_dict(),
-        "manifest_hash": digest, "shards_dir": shards_dir, "splits": list(ec.splits),
-        # The data the model was trained on, beside the data encoded (manifest_hash, dataset).
-        "train_manifest_hash": state["manifest_hash"],
-        "train_dataset": state.get("data", {}).get("dataset", "mnist"),
-        "same_data_as_training": state["manifest_hash"] == digest,
-        "dataset": info.name, "image_shape": list(info.image_shape),
-        "class_names": list(info.class_names) if info.class_names else None,
-        "num_samples_mc": ec.num_samples_mc, "num_samples_iw": ec.num_samples_iw, "seed": ec.seed,
-        "binarize_seed": model_cfg.train.seed, "latent_dim": model_cfg.model.latent_dim,
-        # What p(x|z) models: binarised draws or the 8-bit pixels (compare refuses to mix them).
-        "likelihood": model_cfg.model.likelihood, "binarised": get_likelihood(model_cfg.model).binarised,
-        "noise_scheme": NOISE_SCHEME, "schema_version": schema.SCHEMA_VERSION, "vaedist_version": __version__,
-    }
-    if epoch_list is not None:
-        lineage["epochs"] = epoch_list
-        lineage["checkpoints"] = [{"epoch": st["epoch"], "path": st["path"]} for st in states]
+    lineage = build_lineage(states, model_cfg, ec, info, digest, shards_dir, epoch_list)
 
     job = {"command": " ".join(["vaedist encode" if os.path.basename(sys.argv[0]) == "vaedist" else sys.argv[0],
                                 *sys.argv[1:]]),
@@ -392,7 +410,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
                 .map_batches(LatentEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
                              num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
                              runtime_env=runtime_env or None,
-                             fn_constructor_kwargs=encoder_kwargs(cfg, [st["path"] for st in states], shards_dir,
+                             fn_constructor_kwargs=encoder_kwargs(cfg, [st.path for st in states], shards_dir,
                                                                   info.to_manifest(), lineage, epoch_list))
                 # The write tasks only move bytes; without a CPU of their own they write files as the
                 # actors produce rows, instead of queueing behind the actors until the end.
@@ -411,8 +429,8 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     rows = verify_table(staging, expected, epoch_list)
     # _lineage.json also says which job wrote the table (the Parquet files' copy does not, so that the
     # same inputs still give byte-identical files): an unfinished table's readers name it.
-    lineage = {**lineage, "rows": rows, "job": job}
-    storage.write_bytes(storage.join(staging, schema.LINEAGE_FILE), (json.dumps(lineage, indent=2, sort_keys=True) + "\n").encode())
+    lineage = lineage.replace(rows=rows, job=job)
+    write_lineage(staging, lineage)
     storage.write_bytes(storage.join(staging, schema.SUCCESS_FILE), b"")
     publish(staging, out)
     log.debug("published %s: %s rows in %.1f s", out, rows, seconds)  # the CLI prints the summary

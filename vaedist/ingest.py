@@ -26,7 +26,7 @@ import numpy as np
 
 from vaedist import storage
 from vaedist.config import DataConfig
-from vaedist.data import DatasetInfo, read_checked_shard
+from vaedist.data import DatasetInfo, ShardEntry, read_checked_shard
 from vaedist.data.shards import decode_shard_bytes
 
 INGEST_MODES = ("memory", "stream")
@@ -53,15 +53,15 @@ def decode_shards(batch: dict[str, np.ndarray], shards_dir: str, info: DatasetIn
     decoded datapoints per shard: image uint8 [n, pixels], index int64, label int64."""
     for path, num_samples, size, sha256, first_index in zip(batch["path"], batch["num_samples"], batch["bytes"],
                                                              batch["sha256"], batch["first_index"]):
-        shard = {"path": str(path), "num_samples": int(num_samples), "bytes": int(size), "sha256": str(sha256),
-                 "first_index": int(first_index)}
+        shard = ShardEntry(path=str(path), first_index=int(first_index), num_samples=int(num_samples),
+                           bytes=int(size), sha256=str(sha256))
         buf = read_checked_shard(shards_dir, shard)
-        _, indices, images, labels = decode_shard_bytes(buf, storage.join(shards_dir, shard["path"]),
-                                                        shard["num_samples"], info)
+        _, indices, images, labels = decode_shard_bytes(buf, storage.join(shards_dir, shard.path),
+                                                        shard.num_samples, info)
         yield {"image": np.ascontiguousarray(images), "index": indices, "label": labels}
 
 
-def stream_dataset(shards_dir: str, shards: list[dict], info: DatasetInfo, seed: int, limit_rows: int = 0):
+def stream_dataset(shards_dir: str, shards: list[ShardEntry], info: DatasetInfo, seed: int, limit_rows: int = 0):
     """The training shards as a Ray Dataset of decoded rows, shard order shuffled anew each epoch.
 
     The decode tasks reserve no CPU: they are light (a shard decodes in milliseconds) and a CPU
@@ -70,7 +70,7 @@ def stream_dataset(shards_dir: str, shards: list[dict], info: DatasetInfo, seed:
     import ray
     from ray.data import RandomSeedConfig
 
-    items = [{k: s[k] for k in ("path", "num_samples", "bytes", "sha256", "first_index")} for s in shards]
+    items = [s.to_dict() for s in shards]
     ds = (ray.data.from_items(items, override_num_blocks=len(items))
           .randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
           .map_batches(decode_shards, batch_size=1, fn_kwargs={"shards_dir": shards_dir, "info": info},

@@ -38,6 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vaedist import registry
+from vaedist.registry import check_registry
+
 LN2 = math.log(2.0)
 LN256 = math.log(256.0)
 LOG_2PI = math.log(2 * math.pi)
@@ -482,9 +485,10 @@ class Gaussian(Likelihood):
 
 
 LIKELIHOODS: dict[str, Callable[..., Likelihood]] = {
-    "bernoulli": Bernoulli, "discretized-logistic": DiscretizedLogistic,
-    "discretized-logistic-mixture": DiscretizedLogisticMixture, "gaussian": Gaussian,
-}
+    cls.name: cls for cls in (Bernoulli, DiscretizedLogistic, DiscretizedLogisticMixture, Gaussian)}
+check_registry("model.likelihood", LIKELIHOODS, registry.LIKELIHOODS)
+check_registry("binarised likelihoods", {n: c for n, c in LIKELIHOODS.items() if c.binarised},
+               [n for n in registry.LIKELIHOODS if n in registry.BINARISED_LIKELIHOODS])
 
 
 def get_likelihood(model_cfg, channels: int | None = None) -> Likelihood:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vaedist.likelihoods import Bernoulli, likelihood_of
+from vaedist.likelihoods import likelihood_of
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -41,11 +41,6 @@ def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag e^logvar) || N(0, I)), the sum over dimensions of gaussian_kl_per_dim  (K&W App. B)."""
     return gaussian_kl_per_dim(mu, logvar).sum(dim=-1)
-
-
-def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) of independent Bernoulli pixels (vaedist.likelihoods.Bernoulli owns it)."""
-    return Bernoulli().log_prob(logits, x)
 
 
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

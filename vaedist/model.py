@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from vaedist.config import ConfigError, ModelConfig
+from vaedist.custom_model import CHECK_BATCH, build_custom, check_protocol
 from vaedist.likelihoods import Likelihood, get_likelihood
 
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
@@ -154,8 +156,6 @@ class VAE(nn.Module):
         elif cfg.kind == "conv":
             self.encoder, self.to_posterior, self.decoder = _conv_nets(cfg, self.image_shape, out_channels)
         else:
-            from vaedist.custom_model import build_custom  # torch only, like this module
-
             self.net = build_custom(cfg, self.image_shape, out_channels)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,5 +199,18 @@ class VAE(nn.Module):
         params = self.decode(z)
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+
+def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int],
+                batch: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0) -> None:
+    """Before any cluster work: build the model for these images (the conv geometry, the factory)
+    and, for model.kind=custom, run the protocol's checks (custom_model.check_protocol) on the first
+    CHECK_BATCH datapoints of batch = (indices [N], images [N, H*W*C] uint8), which it then needs.
+    Raises ConfigError (FactoryError) naming the key or factory."""
+    torch.manual_seed(seed)
+    model = VAE(cfg, image_shape)
+    if cfg.kind != "custom":
+        return
+    indices, images_u8 = batch
+    n = min(CHECK_BATCH, len(indices))
+    x = model.likelihood.eval_input(images_u8[:n], indices[:n], "train", seed, torch.device("cpu"))
+    check_protocol(model, x, cfg.factory)

@@ -26,9 +26,11 @@ from typing import ClassVar
 
 import torch
 
+from vaedist import registry
 from vaedist.config import TrainConfig
 from vaedist.losses import (SampleTerms, batch_loss, gaussian_kl_per_dim, gaussian_log_prob,
                             standard_normal_log_prob)
+from vaedist.registry import check_registry
 
 
 class Objective:
@@ -132,6 +134,7 @@ class FreeBits(Objective):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ELBO, Beta, IWAE, FreeBits)}
+check_registry("train.objective", OBJECTIVES, registry.OBJECTIVES)
 
 
 def objective_for(cfg: TrainConfig) -> Objective:

@@ -31,6 +31,7 @@ import duckdb
 import pyarrow as pa
 
 from vaedist.analysis import EPOCH, VIEW_A, VIEW_B, _columns, _run, connect_pair
+from vaedist.lineage import Lineage
 from vaedist.query import QueryError, read_lineage
 
 SCORES = {"loss": "l_i, the negative ELBO", "nll": "-log p(x), importance-weighted"}
@@ -87,22 +88,25 @@ FROM moments JOIN metrics USING (score)
 ORDER BY score = 'nll', score"""
 
 
-def _describe(path: str, lineage: dict[str, Any]) -> str:
+def _describe(path: str, lineage: Lineage) -> str:
     """A table's lineage in a line: which checkpoint encoded which data."""
-    return (f"{path}: checkpoint {lineage.get('checkpoint', '?')} (epoch {lineage.get('checkpoint_epoch', '?')}) "
-            f"on {lineage.get('dataset', '?')} (manifest {str(lineage.get('manifest_hash', '?'))[:12]}), "
-            f"S = {lineage.get('num_samples_mc', '?')}, K = {lineage.get('num_samples_iw', '?')}")
+    def known(value: Any) -> Any:
+        return "?" if value is None else value
+
+    return (f"{path}: checkpoint {known(lineage.checkpoint)} (epoch {known(lineage.checkpoint_epoch)}) "
+            f"on {known(lineage.dataset)} (manifest {str(known(lineage.manifest_hash))[:12]}), "
+            f"S = {known(lineage.num_samples_mc)}, K = {known(lineage.num_samples_iw)}")
 
 
-def same_checkpoint(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_checkpoint(a: Lineage, b: Lineage) -> bool:
     """Whether two lineages name the same checkpoint (and so the same model and binarisation)."""
-    named = all(a.get(field) is not None and a.get(field) == b.get(field)
+    named = all(getattr(a, field) is not None and getattr(a, field) == getattr(b, field)
                 for field in ("checkpoint", "checkpoint_epoch"))
-    return named and all(a.get(field) == b.get(field) for field in SAME_CHECKPOINT_FIELDS)
+    return named and all(getattr(a, field) == getattr(b, field) for field in SAME_CHECKPOINT_FIELDS)
 
 
-def same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return bool(a.get("manifest_hash")) and a.get("manifest_hash") == b.get("manifest_hash")
+def same_data(a: Lineage, b: Lineage) -> bool:
+    return bool(a.manifest_hash) and a.manifest_hash == b.manifest_hash
 
 
 def pair_kind(latents_dir: str, against_dir: str) -> Literal["comparison", "ood"]:
@@ -110,7 +114,7 @@ def pair_kind(latents_dir: str, against_dir: str) -> Literal["comparison", "ood"
     otherwise 'comparison' (the same datapoints, l_i subtracted datapoint by datapoint, usually of two
     models), whose own checks refuse tables that are not of the same data, naming what differs."""
     a, b = read_lineage(latents_dir), read_lineage(against_dir)
-    different_data = bool(a.get("manifest_hash")) and bool(b.get("manifest_hash")) and not same_data(a, b)
+    different_data = bool(a.manifest_hash) and bool(b.manifest_hash) and not same_data(a, b)
     return "ood" if different_data and same_checkpoint(a, b) else "comparison"
 
 
@@ -122,15 +126,15 @@ def check_ood_pair(latents_dir: str, against_dir: str) -> None:
     if not same_checkpoint(a, b):
         raise QueryError(f"an out-of-distribution readout needs two tables encoded by the same checkpoint; "
                          f"these were not: {both}")
-    estimators = [f"{field} {a.get(field)!r} vs {b.get(field)!r}" for field in SAME_ESTIMATOR_FIELDS
-                  if a.get(field) != b.get(field)]
+    estimators = [f"{field} {getattr(a, field)!r} vs {getattr(b, field)!r}" for field in SAME_ESTIMATOR_FIELDS
+                  if getattr(a, field) != getattr(b, field)]
     if estimators:
         raise QueryError(f"latent tables {latents_dir} and {against_dir} estimate their scores with different "
                          f"numbers of samples ({'; '.join(estimators)}), so the scores are not the same function of "
                          "x; encode both with the same encode.num_samples_mc and encode.num_samples_iw")
     if same_data(a, b):
         raise QueryError(f"latent tables {latents_dir} and {against_dir} encode the same data (manifest "
-                         f"{a['manifest_hash'][:12]}): an out-of-distribution readout needs data of two kinds "
+                         f"{a.manifest_hash[:12]}): an out-of-distribution readout needs data of two kinds "
                          "(IN: --latents, OUT: --against)")
 
 

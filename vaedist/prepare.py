@@ -29,17 +29,10 @@ from vaedist.data.common import DataError
 from vaedist.data.external import ImageTransform, concat_batches, open_source
 from vaedist.data.external.transform import bomb_guard
 from vaedist.data.external.writer import ShardAssembler
-
-_RUNNERS = {"images": ("vaedist.data.external.folder", "ImageFolderSource"),
-            "webdataset": ("vaedist.data.external.webdataset", "WebDatasetSource"),
-            "arrays": ("vaedist.data.external.arrays", "ArraySource")}
-
+from vaedist.registry import source_class
 
 def _run_task(kind: str):
-    import importlib
-
-    module, name = _RUNNERS[kind]
-    return getattr(importlib.import_module(module), name).run_task
+    return source_class(kind).run_task
 
 
 # A Ray Data task and each block it outputs cost the driver and the cluster ~10-30 ms however small

@@ -28,6 +28,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vaedist import schema, storage
+from vaedist.lineage import Lineage, LineageError
+from vaedist.lineage import read_lineage as _read_lineage_file
 
 SPLITS = ("train", "test")
 SPACES = ("mu", "z")
@@ -129,11 +131,11 @@ def _unfinished(fs: pafs.FileSystem, root: str) -> str:
         why += f" (the staging directory of an encode job publishing to {name.split('.staging-')[0].lstrip('.')})"
     try:
         with fs.open_input_stream(f"{root}/{schema.LINEAGE_FILE}") as f:
-            lineage = json.loads(f.read())
-        job = lineage.get("job") or {}
+            record = Lineage.from_dict(json.loads(f.read()), f"{root}/{schema.LINEAGE_FILE}")
+        job = record.job or {}
         written = f"; written by `{job['command']}` on {job.get('host', '?')} at {job.get('started', '?')}" \
             if job.get("command") else ""
-        why += f"{written}, encoding checkpoint {lineage.get('checkpoint', '?')}"
+        why += f"{written}, encoding checkpoint {record.checkpoint or '?'}"
     except (OSError, ValueError, AttributeError):
         why += "; written by an encode job that had not yet written its lineage"
     return why + ". Wait for that job, or run `vaedist encode` again (it republishes the table whole)"
@@ -212,12 +214,12 @@ def connect(latents_dir: str, *, view: str = schema.VIEW_NAME,
     return con
 
 
-def read_lineage(latents_dir: str) -> dict[str, Any]:
+def read_lineage(latents_dir: str) -> Lineage:
     """The table's `_lineage.json` (checkpoint, shards_dir, latent_dim, seeds, config, ...)."""
-    path = storage.join(str(latents_dir), schema.LINEAGE_FILE)
-    if not storage.exists(path):
-        raise QueryError(f"{path} not found: {latents_dir} is not a published vaedist latent table")
-    return storage.read_json_object(path, QueryError)
+    try:
+        return _read_lineage_file(latents_dir)
+    except LineageError as e:
+        raise QueryError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

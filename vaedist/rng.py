@@ -95,14 +95,6 @@ def splitmix64_int(z: int) -> int:
     return z
 
 
-def hash32_int(x: int) -> int:
-    """hash32 on one Python int (mod 2**32): the scalar reference for the tensor version."""
-    x &= 0xFFFFFFFF
-    for shift, constant in _HASH32:
-        x = ((x ^ (x >> shift)) * constant) & 0xFFFFFFFF
-    return x
-
-
 def splitmix64(z: torch.Tensor) -> torch.Tensor:
     """splitmix64 on int64 tensors holding uint64 bits (a new tensor)."""
     z, scratch, c = z.clone(), torch.empty_like(z), _constants(z.device)

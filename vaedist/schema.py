@@ -13,11 +13,12 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
+from vaedist.lineage import LINEAGE_FILE, Lineage, lineage_from_metadata
+
 # 2: the optional epoch column; the lineage names the dataset and the noise scheme. 3: the source column;
 # the lineage names the training manifest beside the encoded one (train_manifest_hash, same_data_as_training).
 # 4: the bpd and bpd_iw columns; the lineage names the likelihood (and whether its data were binarised).
 SCHEMA_VERSION = 4
-LINEAGE_FILE = "_lineage.json"
 SUCCESS_FILE = "_SUCCESS"
 METADATA_KEY = b"vaedist.lineage"
 VIEW_NAME = "latents"
@@ -50,7 +51,7 @@ VECTOR_COLUMNS = ("mu", "logvar", "z")
 OPTIONAL_COLUMNS = ("source", "epoch", "bpd", "bpd_iw")
 
 
-def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None, with_epoch: bool = False,
+def arrow_schema(latent_dim: int, lineage: Lineage | Mapping[str, Any] | None = None, with_epoch: bool = False,
                  with_source: bool = True, with_bpd: bool = True) -> pa.Schema:
     vec = pa.list_(pa.float32(), latent_dim)
     fields = [
@@ -76,6 +77,8 @@ def arrow_schema(latent_dim: int, lineage: Mapping[str, Any] | None = None, with
     left_out = {name for name, keep in (("epoch", with_epoch), ("source", with_source), ("bpd", with_bpd),
                                         ("bpd_iw", with_bpd)) if not keep}
     fields = [f for f in fields if f.name not in left_out]
+    if isinstance(lineage, Lineage):
+        lineage = lineage.to_dict()
     metadata = {METADATA_KEY: json.dumps(dict(lineage), sort_keys=True).encode()} if lineage else None
     return pa.schema(fields, metadata=metadata)
 
@@ -87,7 +90,8 @@ def _vectors(values: np.ndarray, latent_dim: int) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), latent_dim)
 
 
-def to_table(columns: Mapping[str, Any], latent_dim: int, lineage: Mapping[str, Any] | None = None) -> pa.Table:
+def to_table(columns: Mapping[str, Any], latent_dim: int,
+             lineage: Lineage | Mapping[str, Any] | None = None) -> pa.Table:
     """Build a table in the canonical schema from numpy columns (vectors as [rows, latent_dim])."""
     missing = set(COLUMNS) - {"log_px", "gap", *OPTIONAL_COLUMNS} - set(columns)
     if missing:
@@ -111,6 +115,5 @@ def latent_dim_of(schema: pa.Schema) -> int:
     return schema.field("mu").type.list_size
 
 
-def lineage_of(schema: pa.Schema) -> dict[str, Any] | None:
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else None
+def lineage_of(schema: pa.Schema) -> Lineage | None:
+    return lineage_from_metadata((schema.metadata or {}).get(METADATA_KEY))

@@ -459,7 +459,7 @@ def _log_encode(uri: str, latents_dir: str, experiment: str, run_dir: str | None
     from vaedist.checkpoint import run_dir_of_checkpoint  # torch: imported only when encode logs
 
     lineage = query.read_lineage(latents_dir)
-    checkpoint = str(lineage.get("checkpoint", ""))
+    checkpoint = str(lineage.checkpoint or "")
     client = _client(uri)
     if run_id is None:
         run_dir = run_dir or run_dir_of_checkpoint(checkpoint)
@@ -473,8 +473,8 @@ def _log_encode(uri: str, latents_dir: str, experiment: str, run_dir: str | None
 
     tables, metrics = summarize_latents(latents_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, schema.LINEAGE_FILE), "w") as f:
-            json.dump(lineage, f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, schema.LINEAGE_FILE), "wb") as f:  # the file as the table has it
+            f.write(storage.read_bytes(storage.join(latents_dir, schema.LINEAGE_FILE)))
         for name, table in tables.items():
             for fmt, ext in (("csv", "csv"), ("json", "jsonl")):
                 with open(os.path.join(tmp, f"{name}.{ext}"), "w") as f:
@@ -485,7 +485,7 @@ def _log_encode(uri: str, latents_dir: str, experiment: str, run_dir: str | None
             _copy_tree(str(report_dir), tmp)
             client.log_artifacts(run_id, tmp, f"{artifact_path}/report")
 
-    step = int(lineage.get("checkpoint_epoch", 0))
+    step = int(lineage.checkpoint_epoch or 0)
     logged = _logged_steps(client, run, metrics)
     now = _now_ms()
     fresh = [Metric(k, v, now, step) for k, v in metrics.items() if step not in logged[k]]

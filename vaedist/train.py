@@ -21,22 +21,22 @@ import numpy as np
 import torch
 
 from vaedist import collective, storage
-from vaedist.checkpoint import (KEPT_DIR, CheckpointError, best_checkpoint_dir, check_data_compatible,
+from vaedist.checkpoint import (KEPT_DIR, CheckpointError, CheckpointState, best_checkpoint_dir, check_data_compatible,
                                 check_model_compatible, checkpoint_dir_name, latest_checkpoint_dir, load_checkpoint,
                                 newest_readable_checkpoint, read_metrics, run_dir_of, save_checkpoint, write_metrics)
 from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, ConfigError, config_from_dict
 from vaedist.console import EpochDisplay, score_for_ray
-from vaedist.custom_model import check_model
-from vaedist.data import (DataError, DatasetInfo, load_split_arrays, manifest_dataset, manifest_hash,
+from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, load_split_arrays, manifest_hash,
                           read_checked_shard, read_manifest)
 from vaedist.devices import CudaUnavailableError, require_cuda
 from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, load_optimizer_state, make_grad_scaler, make_optimizer,
                             train_epoch)
 from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_steps
 from vaedist.likelihoods import bits_per_dim
-from vaedist.model import VAE
+from vaedist.model import VAE, check_model
 from vaedist.tracking import TrainTracker, check_uri, resolve_uri
+from vaedist.registry import EXTERNAL_SOURCES
 from vaedist.user_code import model_runtime_env
 
 log = logging.getLogger("vaedist.train")
@@ -46,27 +46,28 @@ FAIL_ENV = "VAEDIST_FAIL_AT_EPOCH"
 # ---------------------------------------------------------------------------------------------
 # Shards: which worker reads which, and how many steps every rank takes.
 
-def split_shards(manifest: dict, split: str, max_shards: int) -> list[dict]:
-    shards = manifest["splits"][split]["shards"]
+def split_shards(manifest: Manifest, split: str, max_shards: int) -> list[ShardEntry]:
+    shards = list(manifest.split(split).shards)
     return shards[:max_shards] if max_shards else shards
 
 
-def shards_for_rank(shards: list[dict], rank: int, world_size: int) -> list[dict]:
+def shards_for_rank(shards: list[ShardEntry], rank: int, world_size: int) -> list[ShardEntry]:
     """Round-robin: shard i goes to rank i mod world_size."""
     return shards[rank::world_size]
 
 
-def steps_per_epoch(shards: list[dict], world_size: int, batch_size: int, max_steps: int = 0) -> int:
+def steps_per_epoch(shards: list[ShardEntry], world_size: int, batch_size: int, max_steps: int = 0) -> int:
     """`memory` ingest: the same for every rank, the smallest rank's full batches (unequal counts
     would hang DDP)."""
-    per_rank = [sum(s["num_samples"] for s in shards_for_rank(shards, r, world_size)) for r in range(world_size)]
+    per_rank = [sum(s.num_samples for s in shards_for_rank(shards, r, world_size)) for r in range(world_size)]
     steps = min(per_rank) // batch_size
     return min(steps, max_steps) if max_steps else steps
 
 
-def _load_rank_arrays(shards_dir: str, shards: list[dict], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    paths = [storage.join(shards_dir, s["path"]) for s in shards]
-    return load_split_arrays(paths, [s["num_samples"] for s in shards], info)
+def _load_rank_arrays(shards_dir: str, shards: list[ShardEntry],
+                      info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    paths = [storage.join(shards_dir, s.path) for s in shards]
+    return load_split_arrays(paths, [s.num_samples for s in shards], info)
 
 
 def _evaluate(model, test_data, shards_dir: str, info: DatasetInfo, seed: int, device: torch.device,
@@ -91,8 +92,8 @@ def _rank_node_ids() -> list[str]:
     return collective.gather_objects(ray.get_runtime_context().get_node_id())
 
 
-def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: int,
-                                   device: torch.device) -> dict | None:
+def _newer_unregistered_checkpoint(run_dir: str, registered: CheckpointState | None, rank: int,
+                                   device: torch.device) -> CheckpointState | None:
     """A complete checkpoint in the run directory that is newer than the one Ray restored, if any.
 
     Ray Train registers a reported checkpoint only when its controller next polls the workers
@@ -102,8 +103,8 @@ def _newer_unregistered_checkpoint(run_dir: str, registered: dict | None, rank: 
     did not register, so that one stays beside the kept ones."""
     state = None
     if rank == 0:
-        state = newest_readable_checkpoint(run_dir, registered["epoch"] if registered is not None else -1)
-    path = collective.broadcast_object(state["path"] if state is not None else None, device)
+        state = newest_readable_checkpoint(run_dir, registered.epoch if registered is not None else -1)
+    path = collective.broadcast_object(state.path if state is not None else None, device)
     if rank != 0 and path is not None:
         state = load_checkpoint(path)
     return state
@@ -148,7 +149,104 @@ def _keep_copy(local_dir: str, run_dir: str, epoch: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-worker loop.
+# The per-worker loop: setup, this rank's data, restoring, one epoch's metrics, the final estimate.
+
+def _setup_worker(cfg: Config, rank: int) -> torch.device:
+    """This worker's device and threads, and the same initial weights on every rank."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if cfg.scaling.use_gpu:
+        require_cuda(f"training worker {rank} (scaling.use_gpu)")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    return device
+
+
+@dataclass
+class _RankData:
+    """A rank's share. memory: its round-robin training shards, decoded once, on its device, and its
+    test shards decoded; stream: its share of the Ray Dataset (anew each epoch) and its test shards,
+    read one at a time by _evaluate."""
+    train: Any
+    test: Any
+    num_steps: int
+    """Steps this rank takes per epoch (train.max_steps_per_epoch caps the driver's count)."""
+
+
+def _rank_data(cfg: Config, shards_dir: str, info: DatasetInfo, ingest: str, steps_per_epoch: int, rank: int,
+               world_size: int, device: torch.device) -> _RankData:
+    import ray.train
+
+    manifest = read_manifest(shards_dir)
+    train_shards = split_shards(manifest, "train", cfg.data.max_train_shards)
+    my_test = shards_for_rank(split_shards(manifest, "test", cfg.data.max_test_shards), rank, world_size)
+    cap = cfg.train.max_steps_per_epoch
+    num_steps = min(steps_per_epoch, cap) if cap else steps_per_epoch
+    if ingest == "memory":
+        _, train_images, _ = _load_rank_arrays(shards_dir, shards_for_rank(train_shards, rank, world_size), info)
+        test_indices, test_images, _ = _load_rank_arrays(shards_dir, my_test, info)
+        return _RankData(torch.from_numpy(train_images).to(device), (test_indices, test_images), num_steps)
+    return _RankData(ray.train.get_dataset_shard("train"), my_test, num_steps)
+
+
+def _restore(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, run_dir: str,
+             shards_dir: str, info: DatasetInfo, expected_hash: str, rank: int,
+             device: torch.device) -> tuple[int, int, list[dict], int]:
+    """(start epoch, global step, history, restored-from epoch or -1) after loading the newest
+    checkpoint, if any: Ray's (after a worker failure, or on a rerun) or a newer one it missed."""
+    import ray.train
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()  # the latest: after a worker failure, or on a rerun
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(ckpt_dir)  # on the CPU: see engine.load_optimizer_state
+    state = _newer_unregistered_checkpoint(run_dir, state, rank, device) or state
+    if state is None:
+        return 0, 0, [], -1
+    check_model_compatible(state, cfg)
+    check_data_compatible(state, info.name, info.image_shape, shards_dir)
+    if state.manifest_hash != expected_hash:
+        raise CheckpointError(f"checkpoint {state.path} was trained on shards with manifest hash "
+                              f"{state.manifest_hash[:12]}, but {shards_dir} has {expected_hash[:12]}")
+    _unwrap(model).load_state_dict(state.model)
+    if state.optimizer:
+        load_optimizer_state(optimizer, state.optimizer)
+    if scaler is not None and state.scaler:
+        scaler.load_state_dict(state.scaler)
+    return state.epoch + 1, state.global_step, list(state.history), state.epoch
+
+
+def _test_metrics(model: torch.nn.Module, data: _RankData, cfg: Config, shards_dir: str, info: DatasetInfo,
+                  epoch: int, device: torch.device) -> dict[str, Any]:
+    """The test split's means on epochs that evaluate (train.eval_every_epochs, and the last), summed
+    over the ranks. Every rank decides alike (from the epoch alone), so the collectives stay matched."""
+    if (epoch + 1) % cfg.train.eval_every_epochs != 0 and epoch != cfg.train.epochs - 1:
+        return {"test_loss": None, "test_recon_nll": None, "test_kl": None, "test_count": 0, "test_bpd": None}
+    test = collective.all_reduce_sums(_evaluate(_unwrap(model), data.test, shards_dir, info, cfg.train.seed, device),
+                                      device)
+    count = max(test["count"], 1)
+    metrics = {"test_loss": test["loss"] / count, "test_recon_nll": test["recon_nll"] / count,
+               "test_kl": test["kl"] / count, "test_count": int(test["count"])}
+    metrics["test_bpd"] = bits_per_dim(metrics["test_loss"], math.prod(info.image_shape))
+    return metrics
+
+
+def _final_estimate(model: torch.nn.Module, data: _RankData, cfg: Config, shards_dir: str, info: DatasetInfo,
+                    device: torch.device) -> dict[str, Any]:
+    """train.num_samples_iw_final: the test split's importance-sampled -log p(x), summed over the ranks."""
+    final = collective.all_reduce_sums(_evaluate(_unwrap(model), data.test, shards_dir, info, cfg.train.seed,
+                                                 device, batch_size=100,
+                                                 num_samples_iw=cfg.train.num_samples_iw_final), device)
+    row = {"kind": "final", "epoch": cfg.train.epochs - 1, "num_samples_iw": cfg.train.num_samples_iw_final,
+           "test_nll_iw": -final["log_px"] / final["count"], "test_loss": final["loss"] / final["count"],
+           "test_count": int(final["count"])}
+    row["test_bpd_iw"] = bits_per_dim(row["test_nll_iw"], math.prod(info.image_shape))
+    row["test_bpd"] = bits_per_dim(row["test_loss"], math.prod(info.image_shape))
+    return row
+
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
@@ -159,28 +257,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     info, ingest = DatasetInfo.from_manifest(loop_config["dataset"]), loop_config["ingest"]
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if cfg.scaling.use_gpu:
-        require_cuda(f"training worker {rank} (scaling.use_gpu)")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    device = _setup_worker(cfg, rank)
 
     # RAY (1): this worker's share of the data. memory: its round-robin shards, decoded once;
     # stream: its equal share of the Ray Dataset the driver built, anew each epoch.
-    manifest = read_manifest(shards_dir)
-    train_shards = split_shards(manifest, "train", cfg.data.max_train_shards)
-    my_test = shards_for_rank(split_shards(manifest, "test", cfg.data.max_test_shards), rank, world_size)
-    full_steps = loop_config["steps_per_epoch"]
-    num_steps = min(full_steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else full_steps
-    if ingest == "memory":
-        _, train_images, _ = _load_rank_arrays(shards_dir, shards_for_rank(train_shards, rank, world_size), info)
-        train_images = torch.from_numpy(train_images).to(device)
-        test_indices, test_images, _ = _load_rank_arrays(shards_dir, my_test, info)
-        test_data: Any = (test_indices, test_images)
-    else:
-        train_stream = ray.train.get_dataset_shard("train")
-        test_data = my_test
+    data = _rank_data(cfg, shards_dir, info, ingest, loop_config["steps_per_epoch"], rank, world_size, device)
 
     # RAY (2): DDP (a no-op wrapper with one worker) and device placement.
     model = ray.train.torch.prepare_model(VAE(cfg.model, info.image_shape))
@@ -189,27 +270,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     node_ids = _rank_node_ids()
     optimizer = make_optimizer(model, cfg.train, device)
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)
-
-    start_epoch, global_step, history, restored_from = 0, 0, [], -1
-    state = None
-    checkpoint = ray.train.get_checkpoint()  # the latest: after a worker failure, or on a rerun
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir)  # on the CPU: see engine.load_optimizer_state
-    state = _newer_unregistered_checkpoint(run_dir, state, rank, device) or state
-    if state is not None:
-        check_model_compatible(state, cfg)
-        check_data_compatible(state, info.name, info.image_shape, shards_dir)
-        if state["manifest_hash"] != expected_hash:
-            raise CheckpointError(f"checkpoint {state['path']} was trained on shards with manifest hash "
-                                  f"{state['manifest_hash'][:12]}, but {shards_dir} has {expected_hash[:12]}")
-        _unwrap(model).load_state_dict(state["model"])
-        if state.get("optimizer"):
-            load_optimizer_state(optimizer, state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        history, restored_from = list(state.get("history", [])), state["epoch"]
+    start_epoch, global_step, history, restored_from = _restore(cfg, model, optimizer, scaler, run_dir, shards_dir,
+                                                                info, expected_hash, rank, device)
 
     # Rank 0 records the run in MLflow (when tracking is on): the same MLflow run after a restart.
     tracker = None
@@ -223,34 +285,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _maybe_inject_fault(cfg, epoch, rank, run_dir)
         wall = time.perf_counter()
         if ingest == "memory":
-            batches: Any = train_images
+            batches: Any = data.train
         else:
-            batches = (b["image"] for b in stream_epoch(train_stream, cfg.train.batch_size_per_worker,
+            batches = (b["image"] for b in stream_epoch(data.train, cfg.train.batch_size_per_worker,
                                                          cfg.data.shuffle_buffer_rows, cfg.train.seed, epoch, rank,
                                                          device))
-        sums = train_epoch(model, optimizer, batches, cfg.train, epoch=epoch, rank=rank, num_steps=num_steps,
-                           steps_per_epoch=full_steps, start_step=global_step, device=device,
+        sums = train_epoch(model, optimizer, batches, cfg.train, epoch=epoch, rank=rank, num_steps=data.num_steps,
+                           steps_per_epoch=loop_config["steps_per_epoch"], start_step=global_step, device=device,
                            mixed_precision=cfg.train.mixed_precision, scaler=scaler,
-                           on_progress=_progress_logger(rank, epoch, num_steps))
-        global_step += num_steps
+                           on_progress=_progress_logger(rank, epoch, data.num_steps))
+        global_step += data.num_steps
         train = collective.all_reduce_sums({k: sums[k] for k in (*TRAIN_SUM_KEYS, "count")}, device)
         epoch_seconds = time.perf_counter() - wall
-        # Every rank decides alike (from the epoch alone), so the collectives inside stay matched.
-        if (epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch == last:
-            test = collective.all_reduce_sums(_evaluate(_unwrap(model), test_data, shards_dir, info, cfg.train.seed,
-                                                        device), device)
-            test_metrics = {"test_loss": test["loss"] / max(test["count"], 1),
-                            "test_recon_nll": test["recon_nll"] / max(test["count"], 1),
-                            "test_kl": test["kl"] / max(test["count"], 1), "test_count": int(test["count"])}
-            test_metrics["test_bpd"] = bits_per_dim(test_metrics["test_loss"], math.prod(info.image_shape))
-        else:
-            test_metrics = {"test_loss": None, "test_recon_nll": None, "test_kl": None, "test_count": 0,
-                            "test_bpd": None}
         metrics = {
             "kind": "epoch", "epoch": epoch, "step": global_step,
             "train_loss": train["loss"] / train["count"], "train_recon_nll": train["recon_nll"] / train["count"],
             "train_kl": train["kl"] / train["count"], "train_objective": train["objective"] / train["count"],
-            **test_metrics,
+            **_test_metrics(model, data, cfg, shards_dir, info, epoch, device),
             "samples_per_s": train["count"] / epoch_seconds, "epoch_seconds": epoch_seconds,
             "world_size": world_size, "restored_from_epoch": restored_from, "ingest": ingest,
             "rank_sample_counts": [int(c) for c in collective.gather_floats(
@@ -283,14 +334,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # reading metrics.jsonl itself, right after rank 0 rewrote it, could read it torn.
     todo = cfg.train.num_samples_iw_final > 0 and (rank != 0 or not _has_final(run_dir, cfg.train.epochs))
     if collective.broadcast_object(todo, device):
-        final = collective.all_reduce_sums(_evaluate(_unwrap(model), test_data, shards_dir, info, cfg.train.seed,
-                                                     device, batch_size=100,
-                                                     num_samples_iw=cfg.train.num_samples_iw_final), device)
-        row = {"kind": "final", "epoch": last, "num_samples_iw": cfg.train.num_samples_iw_final,
-               "test_nll_iw": -final["log_px"] / final["count"], "test_loss": final["loss"] / final["count"],
-               "test_count": int(final["count"])}
-        row["test_bpd_iw"] = bits_per_dim(row["test_nll_iw"], math.prod(info.image_shape))
-        row["test_bpd"] = bits_per_dim(row["test_loss"], math.prod(info.image_shape))
+        row = _final_estimate(model, data, cfg, shards_dir, info, device)
         ray.train.report(row)
         on_rank_zero(rank, write_metrics, run_dir, history + [row])
         if tracker:
@@ -335,7 +379,7 @@ class Plan:
     """What preflight found: the data, how it reaches the workers, and how many steps they take."""
     manifest_hash: str
     info: DatasetInfo
-    train_shards: list[dict]
+    train_shards: list[ShardEntry]
     ingest: str
     ingest_reason: str
     steps_per_epoch: int
@@ -347,9 +391,9 @@ def preflight(cfg: Config) -> Plan:
     if not storage.exists(shards_dir):
         raise DataError(f"shards directory {shards_dir} does not exist; run `vaedist data prepare` first")
     manifest = read_manifest(shards_dir)
-    info = manifest_dataset(manifest)
+    info = manifest.dataset
     # data.dataset names only the built-ins; shards of your own images are named after their source.
-    external = (manifest.get("source") or {}).get("kind") in ("images", "webdataset", "arrays")
+    external = manifest.source_kind in EXTERNAL_SOURCES
     if not external and info.name != cfg.data.dataset:
         raise DataError(f"{shards_dir} holds {info.name} (its manifest.json says so), but data.dataset is "
                         f"{cfg.data.dataset!r}; point data.shards_dir at {cfg.data.dataset} shards or set "
@@ -361,7 +405,7 @@ def preflight(cfg: Config) -> Plan:
     # The model fits these images (the conv geometry), and a custom factory passes its checks on a batch.
     batch = _load_rank_arrays(shards_dir, train_shards[:1], info)[:2] if cfg.model.kind == "custom" else None
     check_model(cfg.model, info.image_shape, batch, cfg.train.seed)
-    num_train = sum(s["num_samples"] for s in train_shards)
+    num_train = sum(s.num_samples for s in train_shards)
     ingest, why = choose_ingest(cfg.data, info, num_train, cfg.scaling.num_workers)
     if ingest == "memory":
         for shard in train_shards + test_shards:
@@ -375,12 +419,12 @@ def preflight(cfg: Config) -> Plan:
         # Sizes only: reading every byte of a large dataset here would double its first epoch. The
         # decode tasks check each shard's sha256 as they read it, and name any that fails.
         for shard in train_shards + test_shards:
-            path = storage.join(shards_dir, shard["path"])
+            path = storage.join(shards_dir, shard.path)
             if not storage.exists(path):
                 raise DataError(f"shard {path} is missing")
-            if storage.size(path) != shard["bytes"]:
+            if storage.size(path) != shard.bytes:
                 raise DataError(f"shard {path}: size mismatch, {storage.size(path)} bytes but the manifest says "
-                                f"{shard['bytes']} (truncated or overwritten)")
+                                f"{shard.bytes} (truncated or overwritten)")
         steps = stream_steps(num_train, cfg.scaling.num_workers, cfg.train.batch_size_per_worker)
     if steps == 0:
         raise ConfigError(f"train.batch_size_per_worker: {cfg.train.batch_size_per_worker} is larger than a "
@@ -390,9 +434,9 @@ def preflight(cfg: Config) -> Plan:
     if state is not None:  # a rerun resumes: refuse a checkpoint that cannot fit before starting
         check_model_compatible(state, cfg)
         check_data_compatible(state, info.name, info.image_shape, shards_dir)
-        if state["manifest_hash"] != digest:
+        if state.manifest_hash != digest:
             raise CheckpointError(f"run {run_dir_of(cfg)} was trained on different shards (manifest "
-                                  f"{state['manifest_hash'][:12]} vs {digest[:12]} in {shards_dir}); "
+                                  f"{state.manifest_hash[:12]} vs {digest[:12]} in {shards_dir}); "
                                   "use a new output.run_name")
     return Plan(digest, info, train_shards, ingest, why, steps)
 

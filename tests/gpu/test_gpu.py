@@ -74,7 +74,7 @@ def test_adam_step_counters_stay_on_the_cpu_after_a_resume_on_cuda(tmp_path):
                     global_step=2, config=Config(), manifest_hash="x", history=[])
     state = load_checkpoint(str(tmp_path), map_location=device)  # the old, costly way of loading
     fresh = make_optimizer(model, TrainConfig(optimizer_kernel="foreach"), device)
-    load_optimizer_state(fresh, copy.deepcopy(state["optimizer"]))
+    load_optimizer_state(fresh, copy.deepcopy(state.optimizer))
     assert all(s["step"].device.type == "cpu" for s in fresh.state.values())
     assert all(s["exp_avg"].device.type == "cuda" for s in fresh.state.values())
 

@@ -56,7 +56,7 @@ def test_a_colour_folder_trains_a_custom_model_on_two_workers_then_encodes_queri
     shards = str(tmp_path / "shards")
     overrides = ["data.source=images", f"data.source_path={root}", "data.image_size=[8,8]", "data.samples_per_shard=60"]
     manifest = prepare_external(load_config(None, overrides), shards, progress=False)
-    assert manifest["dataset"]["num_classes"] == 0 and manifest["dataset"]["image_shape"] == [8, 8, 3]
+    assert manifest.dataset.num_classes == 0 and manifest.dataset.image_shape == (8, 8, 3)
 
     work = tmp_path / "work"
     shutil.copytree(REPO / "examples" / "custom_model", work, ignore=shutil.ignore_patterns("outputs", "__pycache__"))
@@ -72,7 +72,7 @@ def test_a_colour_folder_trains_a_custom_model_on_two_workers_then_encodes_queri
                        "encode.concurrency=1", f"output.latents_dir={tmp_path / 'latents'}")
     result = train(cfg)
     # Shards go round-robin to the ranks; each takes the smaller share's full batches (DDP in step).
-    shares = [sum(s["num_samples"] for s in manifest["splits"]["train"]["shards"][r::2]) for r in range(2)]
+    shares = [sum(s.num_samples for s in manifest.split("train").shards[r::2]) for r in range(2)]
     assert [e["world_size"] for e in result.epochs] == [2, 2]
     assert all(e["rank_sample_counts"] == [min(shares) // 20 * 20] * 2 for e in result.epochs), result.epochs
     assert all(len(set(e["rank_param_sums"])) == 1 for e in result.epochs)  # DDP kept the ranks' weights equal
@@ -80,18 +80,18 @@ def test_a_colour_folder_trains_a_custom_model_on_two_workers_then_encodes_queri
     assert all(np.isfinite(losses)) and losses[1] < losses[0]
 
     state = load_checkpoint(str(Path(result.best_checkpoint) / CHECKPOINT_FILE))
-    assert state["config"]["model"]["factory"] == "toyvae.model:build"
-    assert state["config"]["model"]["kwargs"] == {"channels": 4, "hidden": 16}
-    assert all(k.startswith("net.") for k in state["model"]) and state["model"]["net.encoder.0.weight"].shape[0] == 4
+    assert state.config["model"]["factory"] == "toyvae.model:build"
+    assert state.config["model"]["kwargs"] == {"channels": 4, "hidden": 16}
+    assert all(k.startswith("net.") for k in state.model) and state.model["net.encoder.0.weight"].shape[0] == 4
 
     encoded = encode(cfg, checkpoint=result.best_checkpoint)  # the actors rebuild the model from its config
-    assert encoded.rows == {s: e["num_samples"] for s, e in manifest["splits"].items()}
+    assert encoded.rows == {s: e.num_samples for s, e in manifest.splits.items()}
     rows = pq.read_table(encoded.path, columns=["mu", "loss"])
     assert len(rows["mu"][0]) == 4 and np.all(np.isfinite(rows["loss"].to_numpy()))
     by_label = loss_by_digit(encoded.path, split="test").to_pylist()
     assert [row["label"] for row in by_label] == [-1]
     rows = run_sql(encoded.path, "SELECT index, label, source FROM latents WHERE split = 'test' ORDER BY index").to_pylist()
-    assert all(row["label"] == -1 for row in rows) and len(rows) == manifest["splits"]["test"]["num_samples"]
+    assert all(row["label"] == -1 for row in rows) and len(rows) == manifest.split("test").num_samples
     assert [r["source"] for r in rows] == list(read_sources(shards, manifest, "test"))  # each row's own file
     assert all((root / r["source"]).is_file() for r in rows)
 

@@ -96,10 +96,10 @@ def test_the_weights_of_the_still_run_do_not_change(still):
     assert [epoch for epoch, _ in kept] == EPOCHS
     states = [load_checkpoint(path) for _, path in kept]
     assert [s["epoch"] for s in states] == EPOCHS
-    assert states[-1]["global_step"] > 0  # the optimiser did step
+    assert states[-1].global_step > 0  # the optimiser did step
     for state in states[1:]:
-        for name, weights in states[0]["model"].items():
-            assert torch.equal(state["model"][name], weights), name
+        for name, weights in states[0].model.items():
+            assert torch.equal(state.model[name], weights), name
 
 
 def test_one_job_encodes_every_kept_epoch_with_the_same_noise(still):
@@ -131,7 +131,7 @@ def test_one_job_encodes_every_kept_epoch_with_the_same_noise(still):
 def test_all_kept_gives_the_same_table_and_digit_curves_read_it(still, tmp_path):
     cfg, _, path = still
     all_kept = encode(cfg, all_kept=True, out=str(tmp_path / "all-kept"))
-    assert all_kept.rows == {"test": TEST_ROWS} and all_kept.lineage["epochs"] == EPOCHS
+    assert all_kept.rows == {"test": TEST_ROWS} and all_kept.lineage.epochs == EPOCHS
     expected = read_table(path)
     pd.testing.assert_frame_equal(read_table(all_kept.path), expected)
 
@@ -150,7 +150,7 @@ def test_each_epoch_is_encoded_with_its_own_checkpoint(trained_run, tmp_path):
     cfg, result = trained_run
     cfg = debug_config(cfg.data.shards_dir, cfg.output.storage_path, cfg.output.run_name, *ENCODE)
     enc = encode(cfg, epochs=[1, 0], out=str(tmp_path / "learning"))
-    assert enc.lineage["epochs"] == [0, 1]
+    assert enc.lineage.epochs == [0, 1]
     means = run_sql(enc.path, "SELECT epoch, avg(loss) AS loss FROM latents GROUP BY epoch ORDER BY epoch").to_pylist()
     assert [m["epoch"] for m in means] == [0, 1]
     for m in means:  # exactly the test loss training reported at that epoch (S = 1, training seed)

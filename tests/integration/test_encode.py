@@ -53,7 +53,7 @@ def test_one_row_per_datapoint_and_loss_matches_training(published):
     assert len(set(table["key"].to_pylist())) == 8000
     assert table.schema.remove_metadata() == schema.arrow_schema(cfg.model.latent_dim)
     lineage = schema.lineage_of(table.schema)
-    assert lineage["checkpoint"].startswith(result.latest_checkpoint) and lineage["num_samples_iw"] == 8
+    assert lineage.checkpoint.startswith(result.latest_checkpoint) and lineage.num_samples_iw == 8
     assert json.loads(storage.read_bytes(f"{enc.path}/_lineage.json"))["rows"] == {"train": 4000, "test": 4000}
     test = table.filter(pc.equal(table["split"], "test"))
     loss = test["loss"].to_numpy()

@@ -73,7 +73,8 @@ def test_a_checkpoint_of_another_image_shape_is_refused_by_train_and_encode(tiny
     save_checkpoint(str(run_dir), model_state=VAE(cfg.model, (32, 32, 3)).state_dict(), optimizer_state=None,
                     epoch=0, global_step=0, config=cfg, manifest_hash=manifest_hash(tiny_fashion_shards), history=[],
                     dataset="svhn", image_shape=(32, 32, 3))
-    assert load_checkpoint(str(run_dir))["data"] == {"dataset": "svhn", "image_shape": [32, 32, 3]}
+    state = load_checkpoint(str(run_dir))
+    assert (state.dataset, state.image_shape) == ("svhn", (32, 32, 3))
     message = (rf"checkpoint {run_dir}/checkpoint.pt was trained on svhn images of shape \[32, 32, 3\], but the "
                rf"shards in {tiny_fashion_shards} hold fashion-mnist images of shape \[28, 28, 1\]")
     with pytest.raises(CheckpointError, match=message):
@@ -134,7 +135,8 @@ def test_fashion_mnist_end_to_end_as_a_user_sees_it(fashion_dir, tmp_path):
     lineage = json.loads((out / "latents" / "_lineage.json").read_text())
     assert lineage["dataset"] == "fashion-mnist" and lineage["class_names"] == CLASS_NAMES
     assert lineage["rows"] == {"test": 10000}
-    assert load_checkpoint(lineage["checkpoint"])["data"] == {"dataset": "fashion-mnist", "image_shape": [28, 28, 1]}
+    state = load_checkpoint(lineage["checkpoint"])
+    assert (state.dataset, state.image_shape) == ("fashion-mnist", (28, 28, 1))
 
     query = CliRunner().invoke(cli, ["query", "loss-by-digit", "--latents", str(out / "latents"), "--format", "json"])
     assert query.exit_code == 0, query.output

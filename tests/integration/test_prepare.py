@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vaedist.config import load_config
-from vaedist.data import (DataError, load_mnist, load_split_arrays, manifest_dataset, read_manifest, read_sources,
+from vaedist.data import (DataError, load_mnist, load_split_arrays, read_manifest, read_sources,
                           shard_paths, verify_shards)
 from vaedist.prepare import prepare_external
 
@@ -28,7 +28,7 @@ TRAIN, TEST = 2000, 500
 
 def images_and_labels(shards: str, split: str):
     manifest = read_manifest(shards)
-    _, images, labels = load_split_arrays(shard_paths(shards, split), info=manifest_dataset(manifest))
+    _, images, labels = load_split_arrays(shard_paths(shards, split), info=manifest.dataset)
     return images, labels
 
 
@@ -63,7 +63,7 @@ def test_png_tree_is_exactly_mnist_on_any_number_of_cpus(ray_cluster, mnist_dir,
     before = settings()
     two = prepare_external(cfg, str(tmp_path / "two"), progress=False)
     assert settings() == before  # the job's Ray Data settings are its own, not the process's
-    assert two["dataset"]["image_shape"] == [28, 28, 1] and two["dataset"]["class_names"] == [str(d) for d in range(10)]
+    assert two.dataset.image_shape == (28, 28, 1) and two.dataset.class_names == tuple(str(d) for d in range(10))
     verify_shards(str(tmp_path / "two"))
     for split, count in (("train", TRAIN), ("test", TEST)):
         expected_images, expected_labels, _ = load_mnist(split, mnist_dir)

@@ -79,7 +79,7 @@ def report(ray_cluster, trained_run, tmp_path_factory):
     # The run's checkpoints (epochs 0 and 1) in one table, written in this process as encode would.
     checkpoints = [(epoch, f"{directory}/checkpoint.pt") for epoch, directory in checkpoint_dirs(finished.run_dir)]
     assert [epoch for epoch, _ in checkpoints] == [0, 1]
-    lineage = {**read_lineage(table), "checkpoint": checkpoints[-1][1],
+    lineage = {**read_lineage(table).to_dict(), "checkpoint": checkpoints[-1][1],
                "checkpoints": [{"epoch": epoch, "path": path} for epoch, path in checkpoints]}
     epochs_table = write_latent_table(tmp_path_factory.mktemp("latents") / "epochs", finished_cfg.data.shards_dir,
                                       {epoch: load_model(path)[0] for epoch, path in checkpoints}, lineage,

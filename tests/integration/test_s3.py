@@ -86,7 +86,7 @@ def test_prepare_train_encode_query_on_s3(s3, s3_ray, mnist_dir, tmp_path, monke
     assert f"latents/{schema.SUCCESS_FILE}" in table_keys and f"latents/{schema.LINEAGE_FILE}" in table_keys
     assert any(k.endswith(".parquet") for k in table_keys)
     assert not [k for k in keys_under(s3, "") if k.startswith(".latents.")], "staging left behind"
-    assert read_lineage(out)["checkpoint"] == f"{again.latest_checkpoint}/checkpoint.pt"
+    assert read_lineage(out).checkpoint == f"{again.latest_checkpoint}/checkpoint.pt"
     by_digit = loss_by_digit(out, split="test").to_pylist()
     assert sorted(r["label"] for r in by_digit) == list(range(10))
     assert sum(r["count"] for r in by_digit) == 1000

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from vaedist.data import DataError, manifest_dataset, read_manifest
+from vaedist.data import DataError, read_manifest
 
 from conftest import debug_config
 
@@ -22,8 +22,8 @@ def test_every_datapoint_once_per_epoch_in_equal_shares(ray_cluster, small_shard
     from vaedist.ingest import stream_dataset, stream_epoch
 
     manifest = read_manifest(small_shards)
-    shards = manifest["splits"]["train"]["shards"]  # 4 x 1,000
-    ds = stream_dataset(small_shards, shards, manifest_dataset(manifest), seed=0)
+    shards = manifest.split("train").shards  # 4 x 1,000
+    ds = stream_dataset(small_shards, shards, manifest.dataset, seed=0)
     splits = ds.streaming_split(2, equal=True)
     orders = []
     for epoch in range(2):
@@ -59,7 +59,7 @@ def test_auto_chooses_by_the_memory_budget(small_shards):
     base = ("data.ingest=auto",)
     plan = preflight(debug_config(small_shards, "/tmp/unused", "x", *base))
     assert plan.ingest == "memory" and "fits data.memory_budget_mb" in plan.ingest_reason
-    info = manifest_dataset(read_manifest(small_shards))
+    info = read_manifest(small_shards).dataset
     mode, why = choose_ingest(debug_config(small_shards, "/tmp/unused", "x", "data.memory_budget_mb=1").data,
                               info, 1_200_000, 1)
     assert mode == "stream" and "897 MB, exceeds data.memory_budget_mb = 1" in why  # 1.2M x 784 bytes

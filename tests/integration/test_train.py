@@ -24,9 +24,9 @@ pytestmark = pytest.mark.integration
 def recompute_test_loss(checkpoint_dir: str, shards: str, max_test_shards: int = 0) -> float:
     """A single-process evaluation of a checkpoint over the whole test split, no Ray."""
     model, cfg, _ = load_model(checkpoint_dir)
-    shards_meta = read_manifest(shards)["splits"]["test"]["shards"]
+    shards_meta = read_manifest(shards).split("test").shards
     shards_meta = shards_meta[:max_test_shards] if max_test_shards else shards_meta
-    idx, images, _ = load_split_arrays([storage.join(shards, s["path"]) for s in shards_meta])
+    idx, images, _ = load_split_arrays([storage.join(shards, s.path) for s in shards_meta])
     sums = evaluate_sums(model, images, idx, "test", cfg.train.seed, torch.device("cpu"))
     return sums["loss"] / sums["count"]
 
@@ -53,7 +53,7 @@ def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_sh
     latest = dict(checkpoint_dirs(result.run_dir))[1]
     assert recompute_test_loss(latest, small_shards) == pytest.approx(epochs[-1]["test_loss"], rel=1e-6)
     model, saved_cfg, state = load_model(latest)
-    assert saved_cfg == cfg and state["epoch"] == 1
+    assert saved_cfg == cfg and state.epoch == 1
     assert sum(float(p.detach().double().sum()) for p in model.parameters()) == pytest.approx(epochs[-1]["rank_param_sums"][0])
 
 
@@ -97,7 +97,7 @@ def test_crash_mid_run_resumes_and_eval_every_epochs_skips_evaluation_in_between
                                                   "encode.splits=[test]", "encode.concurrency=1"]),
                  checkpoint=result.latest_checkpoint, out=str(tmp_path / "latents"))
     lineage = read_lineage(enc.path)
-    assert lineage["likelihood"] == "discretized-logistic" and lineage["binarised"] is False
+    assert lineage.likelihood == "discretized-logistic" and lineage.binarised is False
     got = run_sql(enc.path, "SELECT avg(loss) AS loss, avg(bpd) AS bpd, max(abs(bpd_iw + log_px / (784 * ln(2)))) "
                             "AS off FROM latents").to_pylist()[0]
     assert got["loss"] == pytest.approx(rows[2]["test_loss"], rel=1e-9)
@@ -134,7 +134,7 @@ def test_rerun_resumes_from_what_storage_holds_and_refuses_another_model_shape(r
     assert [(r["epoch"], r["restored_from_epoch"]) for r in third.epochs] == [(0, -1), (1, -1), (2, 1), (3, 1)]
     assert third.epochs[:2] == first.epochs
     assert all(len(set(r["rank_param_sums"])) == 1 for r in third.epochs[2:])
-    assert load_model(str(run_dir / "epoch-0002"))[2]["epoch"] == 2  # rewritten whole
+    assert load_model(str(run_dir / "epoch-0002"))[2].epoch == 2  # rewritten whole
     # 3. Another model shape under the same run name is refused before training.
     with pytest.raises(CheckpointError, match=r"different model shape: model.latent_dim: checkpoint 8 vs config 5"):
         train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=5", "model.latent_dim=5", *two))

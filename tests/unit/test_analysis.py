@@ -68,7 +68,7 @@ def with_lineage(source: str, dest: Path, **changes) -> str:
 def tables(latent_tables, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("analysis")
     shards = latent_tables["shards"]
-    lineage = read_lineage(latent_tables["latents"])
+    lineage = read_lineage(latent_tables["latents"]).to_dict()
     return {
         **latent_tables,
         "other": write_latent_table(root / "other", shards, {None: untrained(1)},
@@ -241,7 +241,7 @@ def test_compare_refuses_other_data_naming_both_tables_and_fields(tables, tmp_pa
         compare_by_digit(tables["other"], other)
     message = str(e.value)
     assert f"{tables['other']} and {other}" in message
-    assert f"manifest_hash {read_lineage(tables['other'])['manifest_hash']!r} vs '{'0' * 64}'" in message
+    assert f"manifest_hash {read_lineage(tables['other']).manifest_hash!r} vs '{'0' * 64}'" in message
     assert "binarize_seed 0 vs 7" in message and "dataset 'mnist' vs 'fashion-mnist'" in message
 
     with pytest.raises(QueryError, match=r"splits \['train', 'test'\] vs \['test'\]"):
@@ -275,7 +275,7 @@ def test_one_checkpoint_of_a_multi_epoch_table(tables, tmp_path):
     epochs = tables["epochs"]
     assert table_epochs(epochs) == list(EPOCHS) and table_epochs(tables["latents"]) == []
     unlisted = with_lineage(epochs, tmp_path / "unlisted", epochs=None)  # found by a scan instead
-    assert read_lineage(epochs)["epochs"] == list(EPOCHS) and table_epochs(unlisted) == list(EPOCHS)
+    assert read_lineage(epochs).epochs == list(EPOCHS) and table_epochs(unlisted) == list(EPOCHS)
     # Epoch 1's model is latent_tables' and epoch 2's the other table's: the same rows, the same results
     # (up to the order of DuckDB's parallel sums).
     pd.testing.assert_frame_equal(active_units(epochs, epoch=1).to_pandas(),

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vaedist.config import ConfigError, ModelConfig, config_from_dict
-from vaedist.custom_model import FactoryError, check_model, code_location
+from vaedist.custom_model import FactoryError, code_location
+from vaedist.model import check_model
 from vaedist.losses import batch_loss, negative_elbo
 from vaedist.model import VAE
 

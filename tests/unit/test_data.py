@@ -202,21 +202,21 @@ def test_parse_key_rejects_malformed(key):
 def test_prepare_writes_the_manifest_and_layout(small_shards, mnist):
     out, manifest = small_shards
     assert manifest == read_manifest(str(out))
-    assert manifest["format_version"] == 2
-    assert manifest["dataset"] == {"name": "mnist", "image_shape": [28, 28, 1], "dtype": "uint8",
+    assert manifest.format_version == 2
+    assert manifest.to_dict()["dataset"] == {"name": "mnist", "image_shape": [28, 28, 1], "dtype": "uint8",
                                    "num_classes": 10, "class_names": None}
-    assert manifest["members"] == {"image": "npy", "label": "cls"}
-    assert manifest["source"] == {"kind": "idx", "files": MNIST_MD5}
+    assert manifest.members == {"image": "npy", "label": "cls"}
+    assert manifest.source == {"kind": "idx", "files": MNIST_MD5}
     for split in ("train", "test"):
-        entry = manifest["splits"][split]
-        assert entry["num_samples"] == LIMIT
-        assert [s["num_samples"] for s in entry["shards"]] == [64, 64, 64, 8]
-        assert [s["first_index"] for s in entry["shards"]] == [0, 64, 128, 192]
-        assert [s["path"] for s in entry["shards"]] == [f"{split}/{split}-{i:06d}.tar" for i in range(4)]
-        for shard in entry["shards"]:
-            path = out / shard["path"]
-            assert shard["bytes"] == path.stat().st_size
-            assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        entry = manifest.split(split)
+        assert entry.num_samples == LIMIT
+        assert [s.num_samples for s in entry.shards] == [64, 64, 64, 8]
+        assert [s.first_index for s in entry.shards] == [0, 64, 128, 192]
+        assert [s.path for s in entry.shards] == [f"{split}/{split}-{i:06d}.tar" for i in range(4)]
+        for shard in entry.shards:
+            path = out / shard.path
+            assert shard.bytes == path.stat().st_size
+            assert shard.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (out / "manifest.json").read_bytes().endswith(b"}\n")
 
 
@@ -234,9 +234,9 @@ def test_prepare_is_byte_reproducible(small_shards, mnist_idx_dir, tmp_path):
     again = prepare_shards(str(tmp_path / "again"), source_dir=str(mnist_idx_dir), samples_per_shard=PER_SHARD,
                            limit_per_split=LIMIT, progress=False)
     for split in ("train", "test"):
-        for first, second in zip(manifest["splits"][split]["shards"], again["splits"][split]["shards"]):
-            assert (hashlib.sha256((out / first["path"]).read_bytes()).digest()
-                    == hashlib.sha256((tmp_path / "again" / second["path"]).read_bytes()).digest())
+        for first, second in zip(manifest.split(split).shards, again.split(split).shards):
+            assert (hashlib.sha256((out / first.path).read_bytes()).digest()
+                    == hashlib.sha256((tmp_path / "again" / second.path).read_bytes()).digest())
     assert manifest_hash(str(out)) == manifest_hash(str(tmp_path / "again"))
     assert manifest_hash(str(out)) == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
 
@@ -384,7 +384,7 @@ def test_iter_shard_rejects_a_truncated_or_damaged_tar(shards_copy, where):
 def test_load_split_arrays_matches_the_source(small_shards, mnist, split):
     out, manifest = small_shards
     paths = shard_paths(str(out), split)
-    counts = [s["num_samples"] for s in manifest["splits"][split]["shards"]]
+    counts = [s.num_samples for s in manifest.split(split).shards]
     # Our own shards take the sliced fast path; a silent fall back to tarfile would be ~50x slower.
     assert all(shard_format._decode_canonical(Path(p).read_bytes(), MNIST) is not None for p in paths)
     indices, images, labels = load_split_arrays(paths, counts)

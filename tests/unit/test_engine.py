@@ -115,7 +115,7 @@ def test_adam_step_counters_stay_on_the_cpu_when_restored(tmp_path):
     save_checkpoint(str(tmp_path), model_state=model.state_dict(), optimizer_state=optimizer.state_dict(), epoch=0,
                     global_step=4, config=Config(), manifest_hash="x", history=[])
     fresh = make_optimizer(model, cfg)
-    load_optimizer_state(fresh, load_checkpoint(str(tmp_path))["optimizer"])
+    load_optimizer_state(fresh, load_checkpoint(str(tmp_path)).optimizer)
     steps = [s["step"] for s in fresh.state.values()]
     assert steps and all(t.device.type == "cpu" and float(t) == 4 for t in steps)
     assert all(s["exp_avg"].device == p.device for p, s in zip(model.parameters(), fresh.state.values()))

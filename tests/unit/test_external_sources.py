@@ -5,6 +5,7 @@ job runs per task (tests/integration/test_prepare.py runs it through Ray)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -19,13 +20,16 @@ import pytest
 from PIL import Image
 
 from vaedist.config import ConfigError, load_config
-from vaedist.data import DataError, load_split_arrays, manifest_dataset, read_manifest, read_sources, shard_paths
+from vaedist.data import (DataError, Manifest, SplitEntry, load_split_arrays, read_manifest, read_sources,
+                          shard_paths)
 from vaedist.data import verify_shards
 from vaedist.data.common import DatasetInfo
 from vaedist.data.external import batch_from_rows, concat_batches
 from vaedist.data.external.transform import BadImage, ImageTransform, convert_array, decode_image, is_test
 from vaedist.data.external.webdataset import expand_braces
-from vaedist.data.shards import _decode_canonical, _iter_samples, _shard_bytes, _shard_bytes_tarfile
+from vaedist.data.common import key_for
+from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, _decode_canonical, _iter_samples, _layout, _shard_bytes,
+                                 _tarinfo)
 from vaedist.prepare import prepare_external, task_groups
 
 RNG = np.random.default_rng(0)
@@ -49,7 +53,7 @@ def write_image(path: Path, mode: str, size: tuple[int, int], seed: int = 0, fmt
     image.save(path, format=fmt)
 
 
-def prepare(tmp_path: Path, *overrides: str, out: str = "shards") -> tuple[dict, str]:
+def prepare(tmp_path: Path, *overrides: str, out: str = "shards") -> tuple[Manifest, str]:
     cfg = load_config(None, ["data.samples_per_shard=8", *overrides])
     shards = str(tmp_path / out)
     return prepare_external(cfg, shards, progress=False, use_ray=False), shards
@@ -57,7 +61,7 @@ def prepare(tmp_path: Path, *overrides: str, out: str = "shards") -> tuple[dict,
 
 def split_arrays(shards: str, split: str):
     manifest = read_manifest(shards)
-    return load_split_arrays(shard_paths(shards, split), info=manifest_dataset(manifest))
+    return load_split_arrays(shard_paths(shards, split), info=manifest.dataset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +108,18 @@ def test_hash_split_is_stable_and_near_the_fraction():
     assert np.array_equal(is_test(names[:1000] + ["new.png"], 0.1)[:1000], test[:1000])  # adding moves nothing
 
 
+def shard_bytes_by_tarfile(split: str, first_index: int, images: np.ndarray, labels: np.ndarray) -> bytes:
+    """A shard by tarfile, sample by sample: the reference the NumPy layout (_shard_bytes) must equal."""
+    header = _layout(images.shape[1:]).npy_header
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for offset, (image, label) in enumerate(zip(images, labels)):
+            key = key_for(split, first_index + offset)
+            for ext, data in ((LABEL_EXT, b"%d" % int(label)), (IMAGE_EXT, header + image.tobytes())):
+                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("classes", [10, 20, 1234567, 0])
 def test_sliced_shard_layout_is_tarfiles_for_any_label(classes):
     # The NumPy layout (writer and reader) against tarfile, for MNIST's digits, two-digit classes (the
@@ -114,7 +130,7 @@ def test_sliced_shard_layout_is_tarfiles_for_any_label(classes):
         labels = RNG.integers(0, classes, 13) if classes else np.full(13, -1)
         labels[0] = classes - 1 if classes else -1
         data = _shard_bytes("train", first, images, labels)
-        assert data == _shard_bytes_tarfile("train", first, images, labels)
+        assert data == shard_bytes_by_tarfile("train", first, images, labels)
         info = DatasetInfo("x", (*shape[:2], shape[2] if len(shape) == 3 else 1), None, classes)
         fast = _decode_canonical(data, info)
         assert fast is not None, "our own shards must take the sliced path"
@@ -192,11 +208,11 @@ def test_class_folders_mixed_modes_and_sizes(tmp_path):
     (root / "README.txt").write_text("not an image")
     manifest, shards = prepare(tmp_path, "data.source=images", f"data.source_path={root}", "data.image_size=[12,10]",
                                "data.channels=3", "data.test_fraction=0.3")
-    info = manifest_dataset(manifest)
+    info = manifest.dataset
     assert info.image_shape == (12, 10, 3) and info.class_names == ("bird", "cat", "dog")
-    source = manifest["source"]
+    source = manifest.source
     assert source["num_files"] == 30 and source["other_files_ignored"] == 1 and source["num_skipped"] == 0
-    assert manifest["splits"]["train"]["num_samples"] + manifest["splits"]["test"]["num_samples"] == 30
+    assert manifest.split("train").num_samples + manifest.split("test").num_samples == 30
     verify_shards(shards)
     for split in ("train", "test"):
         indices, images, labels = split_arrays(shards, split)
@@ -220,10 +236,10 @@ def test_train_test_layout_and_own_size(tmp_path):
         for i in range(count):
             write_image(root / split / str(i % 3) / f"{i}.png", "L", (9, 7), seed=i)
     manifest, shards = prepare(tmp_path, "data.source=images", f"data.source_path={root}")
-    assert manifest["dataset"]["image_shape"] == [7, 9, 1]  # unset: the images' own, as they agree
-    assert manifest["source"]["transform"]["image_size_from"] == "images"
-    assert {s: e["num_samples"] for s, e in manifest["splits"].items()} == {"train": 12, "test": 5}
-    assert manifest["dataset"]["class_names"] == ["0", "1", "2"]
+    assert manifest.dataset.image_shape == (7, 9, 1)  # unset: the images' own, as they agree
+    assert manifest.source["transform"]["image_size_from"] == "images"
+    assert {s: e.num_samples for s, e in manifest.splits.items()} == {"train": 12, "test": 5}
+    assert manifest.dataset.class_names == ("0", "1", "2")
     assert read_sources(shards, manifest, "test")[0] == "test/0/0.png"
     _, images, labels = split_arrays(shards, "test")
     assert labels.tolist() == [0, 0, 1, 1, 2]
@@ -235,7 +251,7 @@ def test_flat_folder_is_unlabelled(tmp_path):
     for i in range(20):
         write_image(root / f"{i:03d}.png", "RGB", (8, 8), seed=i)
     manifest, shards = prepare(tmp_path, "data.source=images", f"data.source_path={root}", "data.test_fraction=0.25")
-    assert manifest["dataset"]["num_classes"] == 0 and manifest["dataset"]["class_names"] is None
+    assert manifest.dataset.num_classes == 0 and manifest.dataset.class_names is None
     _, _, labels = split_arrays(shards, "train")
     assert (labels == -1).all()
     verify_shards(shards)
@@ -252,9 +268,9 @@ def test_bad_images_are_named_and_skipped_only_when_asked(tmp_path):
     with pytest.raises(DataError, match=r"05-truncated\.png"):
         prepare(tmp_path, *args)
     manifest, shards = prepare(tmp_path, *args, "data.skip_bad_images=true")
-    skipped = sorted(s["source"] for s in manifest["source"]["skipped"])
-    assert skipped == ["05-truncated.png", "07-text.jpg"] and manifest["source"]["num_skipped"] == 2
-    assert sum(e["num_samples"] for e in manifest["splits"].values()) == 12
+    skipped = sorted(s["source"] for s in manifest.source["skipped"])
+    assert skipped == ["05-truncated.png", "07-text.jpg"] and manifest.source["num_skipped"] == 2
+    assert sum(e.num_samples for e in manifest.splits.values()) == 12
     (root / "05-truncated.png").unlink()
     with pytest.raises(DataError, match=r"07-text\.jpg: not an image"):
         prepare(tmp_path, *args)
@@ -342,7 +358,7 @@ def test_webdataset_jpg_cls_and_png_json(tmp_path):
     manifest, shards = prepare(tmp_path, "data.source=webdataset",
                                f"data.source_path={tmp_path}/jpg/part-{{0000..0002}}.tar", "data.test_fraction=0.3",
                                out="from-jpg")
-    assert manifest["dataset"]["image_shape"] == [10, 12, 3] and manifest["dataset"]["num_classes"] == 4
+    assert manifest.dataset.image_shape == (10, 12, 3) and manifest.dataset.num_classes == 4
     sources = list(read_sources(shards, manifest, "train")) + list(read_sources(shards, manifest, "test"))
     assert sorted(sources) == sorted(f"{tmp_path}/jpg/part-{i // 12:04d}.tar#s{i:04d}" for i in range(30))
     _, _, labels = split_arrays(shards, "train")
@@ -358,7 +374,7 @@ def test_webdataset_jpg_cls_and_png_json(tmp_path):
     manifest, shards = prepare(tmp_path, "data.source=webdataset", "data.label_key=json:label",
                                f"data.train_pattern={tmp_path}/png-train/train-{{00..02}}.tar",
                                f"data.test_pattern={tmp_path}/png-test", out="from-png")
-    assert {s: e["num_samples"] for s, e in manifest["splits"].items()} == {"train": 20, "test": 10}
+    assert {s: e.num_samples for s, e in manifest.splits.items()} == {"train": 20, "test": 10}
     _, images_test, labels_test = split_arrays(shards, "test")
     assert labels_test.tolist() == [i % 3 for i in range(20, 30)]
     assert np.array_equal(images_test[0].reshape(10, 12), np.asarray(Image.fromarray(images[20]).convert("L")))
@@ -394,7 +410,7 @@ def test_s3_patterns_empty_or_unreachable(tmp_path, monkeypatch):
         s3.put_object(Bucket="wds-bucket", Key="shards/a-0.tar", Body=buf.getvalue())
         manifest, shards = prepare(tmp_path, "data.source=webdataset", "data.source_path=s3://wds-bucket/shards/a-0.tar",
                                    "data.test_fraction=0.5")
-        assert sum(e["num_samples"] for e in manifest["splits"].values()) == 6
+        assert sum(e.num_samples for e in manifest.splits.values()) == 6
         assert read_sources(shards, manifest, "train")[0].startswith("s3://wds-bucket/shards/a-0.tar#k")
     port, = free_ports(1)  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
@@ -415,7 +431,7 @@ def test_npz_with_labels_and_keras_layout(tmp_path):
     np.savez(tmp_path / "digits.npz", images=images, labels=labels)
     manifest, shards = prepare(tmp_path, "data.source=arrays", f"data.source_path={tmp_path}/digits.npz",
                                "data.test_fraction=0.25")
-    assert manifest["dataset"]["image_shape"] == [6, 5, 1] and manifest["dataset"]["num_classes"] == 7
+    assert manifest.dataset.image_shape == (6, 5, 1) and manifest.dataset.num_classes == 7
     for split in ("train", "test"):
         indices, got, got_labels = split_arrays(shards, split)
         rows = [int(s.split("[")[1][:-1]) for s in read_sources(shards, manifest, split)]
@@ -426,25 +442,25 @@ def test_npz_with_labels_and_keras_layout(tmp_path):
                         y_test=labels[30:])
     manifest, shards = prepare(tmp_path, "data.source=arrays", f"data.source_path={tmp_path}/keras.npz",
                                "data.image_size=[3,3]", "data.channels=3", out="keras")
-    assert {s: e["num_samples"] for s, e in manifest["splits"].items()} == {"train": 30, "test": 10}
-    assert manifest["dataset"]["image_shape"] == [3, 3, 3]
+    assert {s: e.num_samples for s, e in manifest.splits.items()} == {"train": 30, "test": 10}
+    assert manifest.dataset.image_shape == (3, 3, 3)
     assert read_sources(shards, manifest, "test")[2] == f"{tmp_path}/keras.npz#x_test[2]"
 
     np.save(tmp_path / "plain.npy", RNG.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8))
     manifest, _ = prepare(tmp_path, "data.source=arrays", f"data.source_path={tmp_path}/plain.npy",
                           "data.test_fraction=0.5", out="plain")
-    assert manifest["dataset"]["num_classes"] == 0 and manifest["dataset"]["image_shape"] == [4, 4, 3]
+    assert manifest.dataset.num_classes == 0 and manifest.dataset.image_shape == (4, 4, 3)
     np.save(tmp_path / "floats.npy", np.zeros((3, 4, 4), np.float32))
     with pytest.raises(DataError, match=r"floats\.npy: float32 \[3, 4, 4\], expected uint8 images"):
         prepare(tmp_path, "data.source=arrays", f"data.source_path={tmp_path}/floats.npy")
 
 
 def test_builtin_sources_are_synthesised():
-    manifest = {"dataset": {"name": "mnist8m"}, "source": {"kind": "idx"},
-                "splits": {"train": {"num_samples": 180000}, "test": {"num_samples": 10000}}}
+    splits = {"train": SplitEntry(180000, ()), "test": SplitEntry(10000, ())}
+    manifest = Manifest(DatasetInfo("mnist8m", (28, 28, 1)), splits, samples_per_shard=10000, source={"kind": "idx"})
     assert list(read_sources("x", manifest, "train", np.array([3, 60003, 179999]))) == [
         "mnist/train-images-idx3-ubyte#3", "mnist/train-images-idx3-ubyte#3:v1", "mnist/train-images-idx3-ubyte#59999:v2"]
-    manifest["dataset"]["name"] = "fashion-mnist"
+    manifest = dataclasses.replace(manifest, dataset=DatasetInfo("fashion-mnist", (28, 28, 1)))
     assert read_sources("x", manifest, "test", np.array([42]))[0] == "fashion-mnist/t10k-images-idx3-ubyte#42"
     with pytest.raises(DataError, match="index 10000 is outside"):
         read_sources("x", manifest, "test", np.array([10000]))
@@ -455,7 +471,7 @@ def test_sources_file_is_checked(tmp_path):
     for i in range(10):
         write_image(root / f"{i}.png", "L", (3, 3), seed=i)
     manifest, shards = prepare(tmp_path, "data.source=images", f"data.source_path={root}", "data.test_fraction=0.5")
-    path = Path(shards, manifest["splits"]["test"]["sources"]["path"])
+    path = Path(shards, manifest.split("test").sources.path)
     path.write_bytes(path.read_bytes() + b"x")
     with pytest.raises(DataError, match=r"sources file .*test/sources\.parquet: .* \(corrupt or overwritten\)"):
         read_sources(shards, read_manifest(shards), "test")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vaedist.config import ModelConfig
-from vaedist.losses import (batch_loss, bernoulli_log_prob, gaussian_kl, gaussian_log_prob,
-                            importance_log_px, negative_elbo, standard_normal_log_prob)
+from vaedist.likelihoods import Bernoulli
+from vaedist.losses import (batch_loss, gaussian_kl, gaussian_log_prob, importance_log_px, negative_elbo,
+                            standard_normal_log_prob)
 from vaedist.model import VAE
 
 
@@ -34,7 +35,7 @@ def exact_log_px(model: VAE, x: torch.Tensor, latent_dim: int) -> torch.Tensor:
         weights = torch.outer(w1, w1).reshape(-1)
     with torch.no_grad():
         logits = model.decode(grid)                                       # [G, P]
-        log_joint = bernoulli_log_prob(logits[None], x[:, None]) + standard_normal_log_prob(grid)[None]
+        log_joint = Bernoulli().log_prob(logits[None], x[:, None]) + standard_normal_log_prob(grid)[None]
         return torch.logsumexp(log_joint + weights.log()[None], dim=1)   # [B]
 
 
@@ -53,7 +54,7 @@ def test_gaussian_log_prob_matches_torch_distributions():
     ref = torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
     torch.testing.assert_close(gaussian_log_prob(z, mu, logvar), ref)
     ref_b = torch.distributions.Bernoulli(logits=mu).log_prob((z > 0).float()).sum(-1)
-    torch.testing.assert_close(bernoulli_log_prob(mu, (z > 0).float()), ref_b)
+    torch.testing.assert_close(Bernoulli().log_prob(mu, (z > 0).float()), ref_b)
 
 
 def test_loss_parts_add_up_and_batch_loss_is_mean():

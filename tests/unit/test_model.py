@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from vaedist.config import ConfigError, ModelConfig
-from vaedist.custom_model import check_model
 from vaedist.losses import batch_loss, negative_elbo
-from vaedist.model import VAE
+from vaedist.model import VAE, check_model
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig(kind="mlp", latent_dim=6, hidden_dims=[32, 16]),

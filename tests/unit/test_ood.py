@@ -89,10 +89,10 @@ def pair(mnist_dir, fashion_dir, tmp_path_factory) -> dict[str, str]:
                     config=cfg, manifest_hash=manifest_hash(shards["fashion"]), history=[], dataset="fashion-mnist")
 
     def lineage(data: str, ckpt: str = checkpoint) -> dict:
-        info = read_manifest(shards[data])["dataset"]
+        info = read_manifest(shards[data]).dataset
         return {"checkpoint": f"{ckpt}/checkpoint.pt", "checkpoint_epoch": 3, "config": cfg.to_dict(),
-                "shards_dir": shards[data], "manifest_hash": manifest_hash(shards[data]), "dataset": info["name"],
-                "class_names": info["class_names"], "latent_dim": 4, "num_samples_mc": 2, "seed": 0,
+                "shards_dir": shards[data], "manifest_hash": manifest_hash(shards[data]), "dataset": info.name,
+                "class_names": list(info.class_names) if info.class_names else None, "latent_dim": 4, "num_samples_mc": 2, "seed": 0,
                 "binarize_seed": cfg.train.seed, "noise_scheme": NOISE_SCHEME,
                 "train_manifest_hash": manifest_hash(shards["fashion"]), "train_dataset": "fashion-mnist",
                 "same_data_as_training": data == "fashion"}

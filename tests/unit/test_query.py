@@ -206,7 +206,7 @@ def test_table_opens_without_vaedist(latent_tables):
 
 def test_lineage_reads_back(latent_tables):
     lineage = read_lineage(latent_tables["latents"])
-    assert lineage["checkpoint"] == latent_tables["checkpoint"] and lineage["an_unknown_key"] == [1, 2]
+    assert lineage.checkpoint == latent_tables["checkpoint"] and lineage.extra["an_unknown_key"] == [1, 2]
 
 
 @pytest.mark.parametrize("as_uri", [False, True])
@@ -246,7 +246,7 @@ def untrained(seed: int) -> VAE:
 @pytest.fixture(scope="module")
 def epoch_tables(latent_tables, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("query-epochs")
-    shards, lineage = latent_tables["shards"], read_lineage(latent_tables["latents"])
+    shards, lineage = latent_tables["shards"], read_lineage(latent_tables["latents"]).to_dict()
     named = root / "named"
     shutil.copytree(latent_tables["latents"], named)
     (named / schema.LINEAGE_FILE).write_text(json.dumps({**lineage, "class_names": list(FASHION_MNIST.class_names)}))

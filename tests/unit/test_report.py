@@ -23,7 +23,7 @@ from vaedist import analysis, query, report, schema
 from vaedist.checkpoint import CheckpointError, save_checkpoint, write_metrics
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
-from vaedist.data import DataError, manifest_dataset, manifest_hash, prepare_shards, read_manifest
+from vaedist.data import DataError, manifest_hash, prepare_shards, read_manifest
 from vaedist.model import VAE
 from vaedist.query import QueryError, read_lineage
 from vaedist.report import (COMPARISON_FIGURES, COMPARISON_PAGE, DIAGNOSTIC_FIGURES, DYNAMICS_FIGURES, DYNAMICS_PAGE,
@@ -62,7 +62,7 @@ def epochs_table(latent_tables, tmp_path_factory) -> str:
         save_checkpoint(str(directory), model_state=model.state_dict(), optimizer_state=None, epoch=epoch,
                         global_step=0, config=CFG, manifest_hash=manifest_hash(latent_tables["shards"]), history=[])
         checkpoints.append({"epoch": epoch, "path": str(directory / "checkpoint.pt")})
-    lineage = {**read_lineage(latent_tables["latents"]), "checkpoint": checkpoints[-1]["path"],
+    lineage = {**read_lineage(latent_tables["latents"]).to_dict(), "checkpoint": checkpoints[-1]["path"],
                "checkpoints": checkpoints, "binarize_seed": 0}
     return write_latent_table(root / "table", latent_tables["shards"], models, lineage, num_samples_iw=0,
                               splits=("test",))
@@ -72,7 +72,7 @@ def epochs_table(latent_tables, tmp_path_factory) -> str:
 def other_table(latent_tables, tmp_path_factory) -> str:
     """Another checkpoint's table over the same datapoints as latent_tables["latents"]."""
     root = tmp_path_factory.mktemp("other")
-    lineage = {**read_lineage(latent_tables["latents"]), "checkpoint": "another checkpoint"}
+    lineage = {**read_lineage(latent_tables["latents"]).to_dict(), "checkpoint": "another checkpoint"}
     return write_latent_table(root / "table", latent_tables["shards"], {None: untrained(1)}, lineage, num_samples_iw=0)
 
 
@@ -85,7 +85,7 @@ def fashion_table(fashion_dir, tmp_path_factory) -> str:
     shards = str(root / "shards")
     prepare_shards(shards, "fashion-mnist", source_dir=source, samples_per_shard=250, limit_per_split=500,
                    progress=False)
-    info = manifest_dataset(read_manifest(shards))
+    info = read_manifest(shards).dataset
     model = untrained(0, info.image_shape)
     save_checkpoint(str(root / "checkpoint"), model_state=model.state_dict(), optimizer_state=None, epoch=1,
                     global_step=0, config=CFG, manifest_hash=manifest_hash(shards), history=[], dataset=info.name,
@@ -197,7 +197,7 @@ def test_a_table_of_several_checkpoints(epochs_table, tmp_path):
     assert ("This table encodes 3 checkpoints of one run (epochs 1, 2, 4). The figures and tables on this page are "
             f'of epoch 4 (the last); <a href="{DYNAMICS_PAGE}">training dynamics</a>') in page
     lineage = read_lineage(epochs_table)
-    assert f"<li>checkpoint: <code>{lineage['checkpoints'][-1]['path']}</code></li>" in page
+    assert f"<li>checkpoint: <code>{lineage.checkpoints[-1]['path']}</code></li>" in page
     # Epoch 4's rows only, as the query of one checkpoint gives them.
     expected = query.loss_by_digit(epochs_table, split="test", epoch=4)
     rows = table_rows(page, "loss-by-class")[1:]
@@ -222,7 +222,7 @@ def test_a_table_of_several_checkpoints(epochs_table, tmp_path):
 def test_a_chosen_epoch_uses_its_checkpoint(epochs_table, tmp_path):
     page = Path(write_report(epochs_table, str(tmp_path / "out"), num_examples=4, epoch=2)).read_text()
     assert "of epoch 2 (chosen with epoch=)" in page
-    assert f"<li>checkpoint: <code>{read_lineage(epochs_table)['checkpoints'][1]['path']}</code></li>" in page
+    assert f"<li>checkpoint: <code>{read_lineage(epochs_table).checkpoints[1]['path']}</code></li>" in page
     expected = query.loss_by_digit(epochs_table, split="test", epoch=2).column("loss_mean").to_pylist()
     assert [r[2] for r in table_rows(page, "loss-by-class")[1:]] == [f"{v:.2f}" for v in expected]
 

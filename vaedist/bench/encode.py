@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from vaedist import storage
 from vaedist.config import Config
-from vaedist.data import manifest_dataset, read_manifest
+from vaedist.data import read_manifest
 
 
 def plain_encode(cfg: Config, checkpoint: str, out_dir: str, num_threads: int | None = None) -> dict[str, int]:
@@ -31,7 +31,7 @@ def plain_encode(cfg: Config, checkpoint: str, out_dir: str, num_threads: int | 
     ec = cfg.encode
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
-    kwargs = encoder_kwargs(cfg, [checkpoint], shards_dir, manifest_dataset(manifest).to_manifest(), lineage={})
+    kwargs = encoder_kwargs(cfg, [checkpoint], shards_dir, manifest.dataset.to_manifest(), lineage=None)
     if num_threads is None:
         num_threads = int(ec.cpus_per_actor * ec.concurrency)
     kwargs.update(num_threads=num_threads, fail_after_batches=-1)
@@ -67,8 +67,7 @@ def fixed_cost(written: list[tuple[float, int]]) -> tuple[float, float | None]:
 
 def shard_rows_of(cfg: Config) -> int:
     """The rows of the shards' first shard: a table file per shard, for timing."""
-    splits = read_manifest(cfg.data.shards_dir)["splits"]
-    return max(1, splits[cfg.encode.splits[0]]["shards"][0]["num_samples"])
+    return max(1, read_manifest(cfg.data.shards_dir).split(cfg.encode.splits[0]).shards[0].num_samples)
 
 
 def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = print,

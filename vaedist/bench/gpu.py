@@ -162,7 +162,7 @@ def part_shards(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
     setup.shards = os.path.join(setup.work, "shards")
     manifest = prepare_shards(setup.shards, "mnist", source_dir=setup.mnist_dir, samples_per_shard=s.samples_per_shard,
                               limit_per_split=s.limit_per_split, progress=False)
-    counts = {split: entry["num_samples"] for split, entry in manifest["splits"].items()}
+    counts = {split: entry.num_samples for split, entry in manifest.splits.items()}
     res.row("shards", "MNIST shards", ", ".join(f"{k} {v:,}" for k, v in counts.items()) +
             f" ({s.samples_per_shard:,} per shard)")
     return {"rows": counts, "samples_per_shard": s.samples_per_shard}
@@ -341,7 +341,7 @@ def part_batch_sweep(setup: Setup, budget: Budget, res: Results) -> dict[str, An
     from the same initial weights at a constant learning rate; then the test split's mean l_i."""
     from vaedist.bench.train import train_images
     from vaedist.checkpoint import save_checkpoint
-    from vaedist.data import load_split_arrays, manifest_dataset, manifest_hash, read_manifest
+    from vaedist.data import load_split_arrays, manifest_hash, read_manifest
     from vaedist.engine import evaluate_sums, make_grad_scaler, make_optimizer, train_epoch
     from vaedist.model import VAE
 
@@ -350,11 +350,11 @@ def part_batch_sweep(setup: Setup, budget: Budget, res: Results) -> dict[str, An
     precision = "bf16" if setup.gpu else "no"
     base = _base(setup, f"train.mixed_precision='{precision}'", "scaling.cpus_per_worker=1")
     manifest = read_manifest(setup.shards)
-    info = manifest_dataset(manifest)
+    info = manifest.dataset
     images = train_images(base).to(device)
-    test = manifest["splits"]["test"]["shards"]
-    test_idx, test_images, _ = load_split_arrays([storage.join(setup.shards, t["path"]) for t in test],
-                                                 [t["num_samples"] for t in test], info)
+    test = manifest.split("test").shards
+    test_idx, test_images, _ = load_split_arrays([storage.join(setup.shards, t.path) for t in test],
+                                                 [t.num_samples for t in test], info)
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny sizes: a thread team only waits at its barriers on a busy machine
     label = "bf16" if precision == "bf16" else "fp32"
@@ -406,11 +406,11 @@ def _checkpoint(setup: Setup) -> str:
     if setup.checkpoint:
         return setup.checkpoint
     from vaedist.checkpoint import save_checkpoint
-    from vaedist.data import manifest_dataset, manifest_hash, read_manifest
+    from vaedist.data import manifest_hash, read_manifest
     from vaedist.model import VAE
 
     cfg = _base(setup)
-    info = manifest_dataset(read_manifest(setup.shards))
+    info = read_manifest(setup.shards).dataset
     torch.manual_seed(0)
     setup.checkpoint = os.path.join(setup.work, "checkpoint-untrained")
     save_checkpoint(setup.checkpoint, model_state=VAE(cfg.model, info.image_shape).state_dict(), optimizer_state=None,
@@ -501,7 +501,7 @@ def part_cpu_scaling(setup: Setup, budget: Budget, res: Results) -> dict[str, An
     from vaedist.train import train
 
     s, figures = setup.sizes, {"train": {}, "encode": {}}
-    train_shards = len(read_manifest(setup.shards)["splits"]["train"]["shards"])
+    train_shards = len(read_manifest(setup.shards).split("train").shards)
     workers = [n for n in s.scale_workers if n <= min(setup.cpus, train_shards)]
     actors = [n for n in s.scale_actors if n <= setup.cpus]
     for what, wanted, kept in (("train", s.scale_workers, workers), ("encode", s.scale_actors, actors)):
@@ -509,7 +509,7 @@ def part_cpu_scaling(setup: Setup, budget: Budget, res: Results) -> dict[str, An
         if over:
             res.skip("cpu_scaling", f"{what} with {', '.join(map(str, over))} workers",
                      f"{setup.cpus} CPUs here" + (f", {train_shards} training shards" if what == "train" else ""))
-    rows_per_rank = read_manifest(setup.shards)["splits"]["train"]["num_samples"] // max(workers)
+    rows_per_rank = read_manifest(setup.shards).split("train").num_samples // max(workers)
     max_steps = max(1, min(s.scale_max_steps, rows_per_rank // 128))
     steps = Steps("cpu_scaling", budget, res)
     steps.run("Ray start", lambda: init_ray(None))  # one cluster for every run below (encode's, if running)

@@ -26,7 +26,7 @@ import numpy as np
 
 from vaedist import storage
 from vaedist.config import Config, config_from_dict
-from vaedist.data import manifest_dataset, read_manifest
+from vaedist.data import read_manifest
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -117,9 +117,9 @@ def bench_readers(shards_dir: str, echo: Callable[[str], None] = print, repeats:
     from vaedist.ingest import stream_dataset
 
     manifest = read_manifest(shards_dir)
-    shards = manifest["splits"]["train"]["shards"]
-    paths = [storage.join(shards_dir, s["path"]) for s in shards]
-    info = manifest_dataset(manifest)
+    shards = manifest.split("train").shards
+    paths = [storage.join(shards_dir, s.path) for s in shards]
+    info = manifest.dataset
 
     def np_load(batch):
         import io
@@ -151,7 +151,7 @@ def bench_readers(shards_dir: str, echo: Callable[[str], None] = print, repeats:
 def _train_run(cfg: Config, ingest: str, shards_dir: str, epochs: int, max_steps: int = 0) -> tuple[list[dict], ProcSampler]:
     from vaedist.train import train
 
-    dataset = manifest_dataset(read_manifest(shards_dir)).name  # the large set is another dataset (mnist8m)
+    dataset = read_manifest(shards_dir).dataset.name  # the large set is another dataset (mnist8m)
     with tempfile.TemporaryDirectory() as tmp:
         run_cfg = config_from_dict(cfg.to_dict(), [
             f"data.ingest={ingest}", f"data.shards_dir={shards_dir}", f"data.dataset={dataset}", f"train.epochs={epochs}",
@@ -197,8 +197,8 @@ def bench_ingest(cfg: Config, epochs: int = 3, large_shards: str | None = None, 
                ratio=ratio, ray_data_cores=runs["stream"][1].cores("Ray Data"))
     if large_shards:
         large_shards = storage.absolute(large_shards)
-        n_large = read_manifest(large_shards)["splits"]["train"]["num_samples"]
-        n_small = read_manifest(shards_dir)["splits"]["train"]["num_samples"]
+        n_large = read_manifest(large_shards).split("train").num_samples
+        n_small = read_manifest(shards_dir).split("train").num_samples
         echo(f"(3) the training worker's peak RSS, {large_steps} steps of one epoch:")
         for ingest in ("memory", "stream"):
             peaks = []

@@ -21,7 +21,7 @@ import numpy as np
 
 from vaedist import storage
 from vaedist.config import Config, config_from_dict
-from vaedist.data import load_split_arrays, manifest_dataset, read_manifest
+from vaedist.data import load_split_arrays, read_manifest
 
 COLOUR_SUFFIX = "-colour32"
 
@@ -46,12 +46,12 @@ def colour_shards(mnist_shards: str, echo: Callable[[str], None] = print) -> str
     if storage.exists(storage.join(out, "manifest.json")):
         return out
     manifest = read_manifest(mnist_shards)
-    info = manifest_dataset(manifest)
+    info = manifest.dataset
     arrays = {}
     for split, key in (("train", "train"), ("test", "test")):
-        shards = manifest["splits"][split]["shards"]
-        indices, images, labels = load_split_arrays([storage.join(mnist_shards, s["path"]) for s in shards],
-                                                    [s["num_samples"] for s in shards], info)
+        shards = manifest.split(split).shards
+        indices, images, labels = load_split_arrays([storage.join(mnist_shards, s.path) for s in shards],
+                                                    [s.num_samples for s in shards], info)
         arrays[f"x_{key}"], arrays[f"y_{key}"] = colour_images(images, labels, indices), labels
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "colour32.npz")

@@ -30,7 +30,7 @@ import torch
 
 from vaedist import storage
 from vaedist.config import Config, config_from_dict
-from vaedist.data import load_split_arrays, manifest_dataset, read_manifest
+from vaedist.data import load_split_arrays, read_manifest
 from vaedist.engine import epoch_generator, make_optimizer, train_epoch, train_step
 from vaedist.likelihoods import likelihood_of
 from vaedist.losses import sample_terms
@@ -87,9 +87,9 @@ def _batch(cfg: Config, device: torch.device, generator: torch.Generator, model:
     """One training batch from the first training shard, through the likelihood's training transform."""
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
-    shard = manifest["splits"]["train"]["shards"][0]
-    _, images, _ = load_split_arrays([storage.join(shards_dir, shard["path"])], [shard["num_samples"]],
-                                     manifest_dataset(manifest))
+    shard = manifest.split("train").shards[0]
+    _, images, _ = load_split_arrays([storage.join(shards_dir, shard.path)], [shard.num_samples],
+                                     manifest.dataset)
     images = torch.from_numpy(images[:cfg.train.batch_size_per_worker]).to(device)
     return likelihood_of(model).train_input(images, generator)
 
@@ -100,7 +100,7 @@ def bench_objectives(cfg: Config, ks: tuple[int, ...] = (1, 5, 50), steps: int =
     dev = torch.device(device)
     if dev.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    info = manifest_dataset(read_manifest(storage.absolute(cfg.data.shards_dir)))
+    info = read_manifest(storage.absolute(cfg.data.shards_dir)).dataset
     torch.manual_seed(cfg.train.seed)
     initial = VAE(cfg.model, info.image_shape).to(dev)
     gen = epoch_generator(cfg.train.seed, 0, 0, dev)
@@ -185,9 +185,9 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Cov_x(E_q[z_d|x]) > 0.01, as `vaedist query acti
 def _split(cfg: Config, split: str, rows: int = 0):
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
-    shards = manifest["splits"][split]["shards"]
-    indices, images, _ = load_split_arrays([storage.join(shards_dir, s["path"]) for s in shards],
-                                           [s["num_samples"] for s in shards], manifest_dataset(manifest))
+    shards = manifest.split(split).shards
+    indices, images, _ = load_split_arrays([storage.join(shards_dir, s.path) for s in shards],
+                                           [s.num_samples for s in shards], manifest.dataset)
     return (indices[:rows], images[:rows]) if rows else (indices, images)
 
 
@@ -206,7 +206,7 @@ def bench_quality(cfg: Config, runs: list[str], epochs: int, nll_rows: int = 100
     _, train_u8 = _split(cfg, "train")
     test_idx, test_u8 = _split(cfg, "test")
     images = torch.from_numpy(train_u8)
-    info = manifest_dataset(read_manifest(storage.absolute(cfg.data.shards_dir)))
+    info = read_manifest(storage.absolute(cfg.data.shards_dir)).dataset
     echo(f"model {cfg.model.kind} {cfg.model.hidden_dims} {cfg.model.activation} z={cfg.model.latent_dim}, "
          f"batch {cfg.train.batch_size_per_worker}, {epochs} epochs, lr {cfg.train.lr:g} {cfg.train.lr_schedule}, "
          f"{torch.get_num_threads()} CPU threads; test NLL with K = {nll_samples} over the first {nll_rows} test "

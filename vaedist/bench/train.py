@@ -15,7 +15,7 @@ import torch
 
 from vaedist import storage
 from vaedist.config import Config, config_from_dict
-from vaedist.data import load_split_arrays, manifest_dataset, read_manifest
+from vaedist.data import load_split_arrays, read_manifest
 from vaedist.devices import require_cuda
 from vaedist.engine import make_grad_scaler, make_optimizer, train_epoch
 from vaedist.model import VAE
@@ -25,9 +25,9 @@ def train_images(cfg: Config) -> torch.Tensor:
     """The training split's uint8 images [N, pixels], decoded from the same shards (a) trains on."""
     shards_dir = storage.absolute(cfg.data.shards_dir)
     manifest = read_manifest(shards_dir)
-    shards = manifest["splits"]["train"]["shards"]
-    _, images, _ = load_split_arrays([storage.join(shards_dir, s["path"]) for s in shards],
-                                     [s["num_samples"] for s in shards], manifest_dataset(manifest))
+    shards = manifest.split("train").shards
+    _, images, _ = load_split_arrays([storage.join(shards_dir, s.path) for s in shards],
+                                     [s.num_samples for s in shards], manifest.dataset)
     return torch.from_numpy(images)
 
 
@@ -38,7 +38,7 @@ def plain_train_epochs(cfg: Config, images_u8: torch.Tensor, epochs: int, steps:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
-    model = VAE(cfg.model, manifest_dataset(read_manifest(storage.absolute(cfg.data.shards_dir))).image_shape)
+    model = VAE(cfg.model, read_manifest(storage.absolute(cfg.data.shards_dir)).dataset.image_shape)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.train, device)
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)
@@ -77,7 +77,7 @@ def bench_train(cfg: Config, epochs: int, repeats: int = 1, echo: Callable[[str]
     cfg = config_from_dict(cfg.to_dict(), [f"train.epochs={epochs}", "scaling.num_workers=1",
                                            "train.num_samples_iw_final=0", "train.kl_warmup_epochs=0"])
     manifest = read_manifest(storage.absolute(cfg.data.shards_dir))
-    n = manifest["splits"]["train"]["num_samples"]
+    n = manifest.split("train").num_samples
     steps = n // cfg.train.batch_size_per_worker
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
@@ -119,7 +119,7 @@ def bench_kernels(cfg: Config, epochs: int = 3, rounds: int = 2, echo: Callable[
     torch.compile: samples/s of the epochs after the first, the variants interleaved `rounds` times."""
     steps_cfg = config_from_dict(cfg.to_dict(), ["train.kl_warmup_epochs=0"])
     manifest = read_manifest(storage.absolute(cfg.data.shards_dir))
-    steps = manifest["splits"]["train"]["num_samples"] // cfg.train.batch_size_per_worker
+    steps = manifest.split("train").num_samples // cfg.train.batch_size_per_worker
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     images_u8 = train_images(cfg)

@@ -2,13 +2,14 @@
 
     manifest = prepare_shards("outputs/shards", "fashion-mnist", source_dir="/data/fashion-mnist")
     verify_shards("outputs/shards")
-    info = manifest_dataset(read_manifest("outputs/shards"))       # name, image shape, class names
+    info = read_manifest("outputs/shards").dataset                # name, image shape, class names
     indices, images, labels = load_split_arrays(shard_paths("outputs/shards", "train"), info=info)
 
 common.py    splits, the datapoint key, DatasetInfo, DataError
 sources.py   the built-in datasets: MNIST and Fashion-MNIST (local IDX files checked by md5, or
              torchvision's download) and mnist8m (deformed MNIST, deform.py)
-shards.py    the WebDataset shards: reproducible writing, manifest, verification, the fast reader
+manifest.py  the shard manifest as a typed record (Manifest): its one reader and writer
+shards.py    the WebDataset shards: reproducible writing, verification, the fast reader
 provenance.py  where each datapoint came from: read_sources(shards_dir, manifest, split)
 binarize.py  dynamic (training) and fixed per-datapoint (evaluation) Bernoulli binarisation
 
@@ -18,9 +19,10 @@ run, starts without importing torch.
 
 from vaedist.data.common import (FORMAT_VERSION, MNIST, MNIST_NUM_SAMPLES, MNIST_SHAPE, SPLITS, DataError,
                                  DatasetInfo, key_for, parse_key)
-from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, iter_shard, load_split_arrays, manifest_dataset,
-                                 manifest_hash, prepare_shards, read_checked_shard, read_manifest, shard_paths,
-                                 verify_shards)
+from vaedist.data.manifest import (MANIFEST_NAME, FileEntry, Manifest, ShardEntry, SplitEntry, manifest_hash,
+                                   read_manifest)
+from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, iter_shard, load_split_arrays, prepare_shards,
+                                 read_checked_shard, shard_paths, verify_shards)
 from vaedist.data.provenance import SOURCES_NAME, read_sources
 from vaedist.data.sources import (DATASETS, FASHION_MNIST, MNIST_FILES, MNIST_MD5, dataset_info, load_idx, load_mnist,
                                   open_split)
@@ -38,8 +40,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "DATASETS", "FASHION_MNIST", "FORMAT_VERSION", "IMAGE_EXT", "LABEL_EXT", "MANIFEST_NAME", "MNIST", "MNIST_FILES",
-    "MNIST_MD5", "MNIST_NUM_SAMPLES", "MNIST_SHAPE", "SPLITS", "DataError", "DatasetInfo", "dataset_info",
-    "dynamic_binarize", "fixed_binarize", "iter_shard", "key_for", "load_idx", "load_mnist", "load_split_arrays",
-    "manifest_dataset", "manifest_hash", "open_split", "parse_key", "prepare_shards", "read_checked_shard",
+    "MNIST_MD5", "MNIST_NUM_SAMPLES", "MNIST_SHAPE", "SPLITS", "DataError", "DatasetInfo", "FileEntry", "Manifest",
+    "ShardEntry", "SplitEntry", "dataset_info", "dynamic_binarize", "fixed_binarize", "iter_shard", "key_for",
+    "load_idx", "load_mnist", "load_split_arrays", "manifest_hash", "open_split", "parse_key", "prepare_shards", "read_checked_shard",
     "read_manifest", "read_sources", "SOURCES_NAME", "shard_paths", "verify_shards",
 ]

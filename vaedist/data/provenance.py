@@ -28,6 +28,7 @@ import numpy as np
 
 from vaedist import storage
 from vaedist.data.common import DataError, _check_split
+from vaedist.data.manifest import Manifest, SplitEntry
 
 SOURCES_NAME = "sources.parquet"
 BUILTIN_KINDS = ("idx", "torchvision")
@@ -35,8 +36,8 @@ _MNIST_TRAIN_ROWS = 60000
 _IDX_IMAGE_FILE = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 
 
-def _builtin_sources(manifest: dict, split: str, indices: np.ndarray) -> np.ndarray:
-    dataset = manifest["dataset"]["name"]
+def _builtin_sources(manifest: Manifest, split: str, indices: np.ndarray) -> np.ndarray:
+    dataset = manifest.dataset.name
     base = "mnist" if dataset == "mnist8m" else dataset
     prefix = f"{base}/{_IDX_IMAGE_FILE[split]}#"
     out = np.empty(len(indices), dtype=object)
@@ -48,29 +49,29 @@ def _builtin_sources(manifest: dict, split: str, indices: np.ndarray) -> np.ndar
     return out
 
 
-def _read_sources_file(shards_dir: str, entry: dict, split: str) -> np.ndarray:
+def _read_sources_file(shards_dir: str, entry: SplitEntry, split: str) -> np.ndarray:
     import pyarrow.parquet as pq
 
-    meta = entry.get("sources")
-    if not meta:
+    meta = entry.sources
+    if meta is None:
         raise DataError(f"{shards_dir}: the manifest's {split} split records no sources file (prepared by an "
                         "older vaedist?); prepare the shards again")
-    path = storage.join(shards_dir, *meta["path"].split("/"))
+    path = storage.join(shards_dir, *meta.path.split("/"))
     if not storage.exists(path):
         raise DataError(f"sources file {path} is missing")
     data = storage.read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
-    if len(data) != meta["bytes"] or digest != meta["sha256"]:
+    if len(data) != meta.bytes or digest != meta.sha256:
         raise DataError(f"sources file {path}: {len(data)} bytes, sha256 {digest}, but the manifest says "
-                        f"{meta['bytes']} bytes, {meta['sha256']} (corrupt or overwritten)")
+                        f"{meta.bytes} bytes, {meta.sha256} (corrupt or overwritten)")
     table = pq.read_table(io.BytesIO(data))
     index = table.column("index").to_numpy()
-    if len(index) != entry["num_samples"] or not np.array_equal(index, np.arange(len(index))):
-        raise DataError(f"sources file {path}: rows are not indices 0..{entry['num_samples'] - 1} in order")
+    if len(index) != entry.num_samples or not np.array_equal(index, np.arange(len(index))):
+        raise DataError(f"sources file {path}: rows are not indices 0..{entry.num_samples - 1} in order")
     return np.asarray(table.column("source").to_pylist(), dtype=object)
 
 
-def read_sources(shards_dir: str, manifest: dict, split: str, indices: np.ndarray | None = None) -> np.ndarray:
+def read_sources(shards_dir: str, manifest: Manifest, split: str, indices: np.ndarray | None = None) -> np.ndarray:
     """A numpy object array of str: element j is the source of datapoint `indices[j]` of `split`
     (indices None: of every datapoint, element i for index i). manifest: read_manifest(shards_dir).
 
@@ -79,15 +80,13 @@ def read_sources(shards_dir: str, manifest: dict, split: str, indices: np.ndarra
     DataError names the file on a missing, corrupt or short sources file and on an index out of range.
     """
     _check_split(split)
-    if split not in manifest["splits"]:
-        raise DataError(f"{shards_dir}: the manifest has no split {split!r} (it has {sorted(manifest['splits'])})")
-    entry = manifest["splits"][split]
-    n = int(entry["num_samples"])
+    entry = manifest.split(split)
+    n = entry.num_samples
     idx = np.arange(n, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(idx) and (idx.min() < 0 or idx.max() >= n):
         bad = int(idx[(idx < 0) | (idx >= n)][0])
         raise DataError(f"{shards_dir}: {split} index {bad} is outside 0..{n - 1}")
-    kind = (manifest.get("source") or {}).get("kind")
+    kind = manifest.source_kind
     if kind is None or kind in BUILTIN_KINDS:  # format 1 manifests (MNIST) have no source kind
         return _builtin_sources(manifest, split, idx)
     every = _read_sources_file(shards_dir, entry, split)

@@ -7,7 +7,7 @@ uint8 image, original grey or colour levels: [H, W] for one channel, else [H, W,
 key = key_for(split, index); shard i holds indices [i * samples_per_shard, ...) in order.
 <shards_dir>/manifest.json names the dataset (name, image shape, class names) and lists every
 shard with its size and sha256; it is written last, so its presence means the shards are complete.
-Version 1 manifests (MNIST only, before datasets had names) are read as MNIST.
+Its record, reader and writer are vaedist.data.manifest's.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import numpy as np
 
 from vaedist import storage
 from vaedist.console import LineProgress
-from vaedist.data.common import (MNIST, SPLITS, UNLABELLED, DataError, DatasetInfo, FORMAT_VERSION, _check_split,
-                                 key_for, parse_key)
+from vaedist.data.common import MNIST, SPLITS, UNLABELLED, DataError, DatasetInfo, key_for, parse_key
+from vaedist.data.manifest import (FileEntry, Manifest, ShardEntry, SplitEntry, manifest_path, read_manifest,
+                                   write_manifest)
 
-MANIFEST_NAME = "manifest.json"
 IMAGE_EXT = "npy"
 LABEL_EXT = "cls"
 
@@ -48,20 +48,8 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def _shard_bytes(split: str, first_index: int, images: np.ndarray, labels: np.ndarray) -> bytes:
     """One shard's bytes: datapoints first_index, first_index + 1, ... of `split`, laid out with NumPy:
-    ~10x faster than tarfile and the same bytes (a test checks against _shard_bytes_tarfile)."""
+    ~10x faster than tarfile and the same bytes (the tests check it against tarfile's)."""
     return _shard_bytes_canonical(split, first_index, images, [b"%d" % int(label) for label in labels])
-
-
-def _shard_bytes_tarfile(split: str, first_index: int, images: np.ndarray, labels: np.ndarray) -> bytes:
-    """The same shard by tarfile, sample by sample: the reference _shard_bytes is tested against."""
-    header = _layout(images.shape[1:]).npy_header
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for offset, (image, label) in enumerate(zip(images, labels)):
-            key = key_for(split, first_index + offset)
-            for ext, data in ((LABEL_EXT, b"%d" % int(label)), (IMAGE_EXT, header + image.tobytes())):
-                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-    return buf.getvalue()
 
 
 # Byte offsets of one datapoint in a shard written by _shard_bytes: 512-byte tar blocks, the
@@ -114,7 +102,8 @@ def _headers_for(template: np.ndarray, names: list[bytes]) -> np.ndarray:
 
 
 def _shard_bytes_canonical(split: str, first_index: int, images: np.ndarray, label_texts: list[bytes]) -> bytes:
-    """What _shard_bytes_tarfile writes, laid out with NumPy (see _Layout); label_texts b"%d" each."""
+    """What tarfile writes for these members (each member's TarInfo as _tarinfo fixes it), laid out with
+    NumPy (see _Layout); label_texts b"%d" each."""
     lay = _layout(images.shape[1:])
     n = len(images)
     keys = [key_for(split, first_index + i).encode() for i in range(n)]
@@ -331,7 +320,7 @@ def decode_shard_bytes(buf: bytes, path: str, expected_count: int | None,
 def load_split_arrays(paths: list[str], expected_counts: list[int] | None = None,
                       info: DatasetInfo = MNIST) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indices int64 [N], images uint8 [N, pixels], labels int64 [N]) decoded from shards of one split
-    of the dataset `info` (a manifest's: manifest_dataset(read_manifest(shards_dir))).
+    of the dataset `info` (a manifest's: read_manifest(shards_dir).dataset).
 
     The hot path of every training worker: shards in this module's own layout are decoded by
     slicing the tar bytes (see _decode_canonical); others go through tarfile, sample by sample.
@@ -356,10 +345,6 @@ def load_split_arrays(paths: list[str], expected_counts: list[int] | None = None
 # ---------------------------------------------------------------------------------------------
 # Preparing, reading and verifying a shards directory.
 
-def _manifest_path(shards_dir: str) -> str:
-    return storage.join(shards_dir, MANIFEST_NAME)
-
-
 def _write_atomic(path: str, data: bytes) -> None:
     # A reader never sees half a file under the final name (on S3 the move is copy-then-delete,
     # still safe because the manifest that names the shards is written last).
@@ -383,42 +368,37 @@ def _remove_stale_shards(split_dir: str, split: str, keep: set[str]) -> None:
 
 def begin_prepare(out_dir: str) -> None:
     """No manifest from here until the new one lands: a crash can't leave one naming partial shards."""
-    manifest_path = _manifest_path(out_dir)
-    if storage.exists(manifest_path):
-        storage.rmtree(manifest_path)
+    path = manifest_path(out_dir)
+    if storage.exists(path):
+        storage.rmtree(path)
 
 
 def write_shard(out_dir: str, split: str, shard_index: int, first_index: int, images: np.ndarray,
-                labels: np.ndarray) -> dict:
+                labels: np.ndarray) -> ShardEntry:
     """Write <out_dir>/<split>/<split>-<shard_index>.tar holding datapoints first_index, ... (images in
     the dataset's stored shape) and return its manifest entry."""
     name = _shard_name(split, shard_index)
     data = _shard_bytes(split, first_index, images, labels)
     _write_atomic(storage.join(out_dir, split, name), data)
-    return {"path": f"{split}/{name}", "first_index": first_index, "num_samples": len(labels),
-            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return ShardEntry(path=f"{split}/{name}", first_index=first_index, num_samples=len(labels), bytes=len(data),
+                      sha256=hashlib.sha256(data).hexdigest())
 
 
-def write_split_file(out_dir: str, split: str, name: str, data: bytes) -> dict:
-    """A file beside a split's shards (its sources.parquet): {"path", "bytes", "sha256"} for the manifest."""
+def write_split_file(out_dir: str, split: str, name: str, data: bytes) -> FileEntry:
+    """A file beside a split's shards (its sources.parquet), with its size and sha256 for the manifest."""
     _write_atomic(storage.join(out_dir, split, name), data)
-    return {"path": f"{split}/{name}", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return FileEntry(path=f"{split}/{name}", bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
-def finish_split(out_dir: str, split: str, entries: list[dict]) -> None:
+def finish_split(out_dir: str, split: str, entries: list[ShardEntry | FileEntry]) -> None:
     """Remove what an earlier prepare left in the split's directory that `entries` do not name."""
-    _remove_stale_shards(storage.join(out_dir, split), split, {e["path"].split("/")[-1] for e in entries})
-
-
-def write_manifest(out_dir: str, manifest: dict) -> None:
-    """Last: canonical bytes (sorted keys, no timestamps), so manifest_hash identifies the data."""
-    _write_atomic(_manifest_path(out_dir), (json.dumps(manifest, sort_keys=True, indent=2) + "\n").encode())
+    _remove_stale_shards(storage.join(out_dir, split), split, {e.path.split("/")[-1] for e in entries})
 
 
 def prepare_shards(out_dir: str, dataset: str = "mnist", source_dir: str | None = None,
                    download_dir: str | None = None, samples_per_shard: int = 2500,
                    limit_per_split: int | None = None, variants: int = 20, seed: int = 0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True) -> Manifest:
     """Write <out_dir>/<split>/<split>-000000.tar, ... for both splits of `dataset`, then
     <out_dir>/manifest.json. Returns the manifest.
 
@@ -456,97 +436,34 @@ def prepare_shards(out_dir: str, dataset: str = "mnist", source_dir: str | None 
                 shards.append(write_shard(out_dir, split, first // samples_per_shard, first, images, labels))
                 bar.update(1)
             finish_split(out_dir, split, shards)
-            splits[split] = {"num_samples": counts[split], "shards": shards}
+            splits[split] = SplitEntry(num_samples=counts[split], shards=tuple(shards))
 
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dataset": info.to_manifest(),
-        "members": {"image": IMAGE_EXT, "label": LABEL_EXT},
-        "samples_per_shard": samples_per_shard,
-        "source": sources,
-        "splits": splits,
-    }
+    manifest = Manifest(dataset=info, splits=splits, samples_per_shard=samples_per_shard, source=sources,
+                        members={"image": IMAGE_EXT, "label": LABEL_EXT})
     write_manifest(out_dir, manifest)
     return manifest
 
 
-def _read_manifest_bytes(shards_dir: str) -> tuple[bytes, str]:
-    path = _manifest_path(shards_dir)
-    if not storage.exists(path):
-        raise DataError(f"{path} not found: prepare the shards first (vaedist prepare)")
-    try:
-        return storage.read_bytes(path), path
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e})") from None
-
-
-_SHARD_FIELDS = ("path", "num_samples", "first_index", "bytes", "sha256")
-
-
-def read_manifest(shards_dir: str) -> dict:
-    """The manifest of a shards directory, checked for format version and shape."""
-    raw, path = _read_manifest_bytes(shards_dir)
-    try:
-        manifest = json.loads(raw)
-    except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version not in (1, FORMAT_VERSION):
-        raise DataError(f"{path}: format_version {version!r}, this vaedist reads 1 and {FORMAT_VERSION}; "
-                        "prepare the shards again")
-    if version == 1:  # before datasets had names: MNIST, 28 x 28 grey levels
-        manifest["dataset"] = MNIST.to_manifest()
-    try:
-        DatasetInfo.from_manifest(manifest["dataset"])
-        for split, entry in manifest["splits"].items():
-            _check_split(split)
-            int(entry["num_samples"])
-            for shard in entry["shards"]:
-                missing = [f for f in _SHARD_FIELDS if f not in shard]
-                if missing:
-                    raise KeyError(f"{split} shard without {missing}")
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise DataError(f"{path}: malformed manifest ({e})") from None
-    return manifest
-
-
-def manifest_dataset(manifest: dict) -> DatasetInfo:
-    """The dataset a manifest (from read_manifest) describes: name, image shape, class names."""
-    return DatasetInfo.from_manifest(manifest["dataset"])
-
-
-def manifest_hash(shards_dir: str) -> str:
-    """sha256 of manifest.json: names the exact data a run trained on (the file is canonical)."""
-    return hashlib.sha256(_read_manifest_bytes(shards_dir)[0]).hexdigest()
-
-
-def _split_entry(manifest: dict, split: str, shards_dir: str) -> dict:
-    if split not in manifest["splits"]:
-        raise DataError(f"{_manifest_path(shards_dir)} has no split {split!r} "
-                        f"(it has {sorted(manifest['splits'])})")
-    return manifest["splits"][split]
-
-
-def shard_paths(shards_dir: str, split: str, max_shards: int = 0, manifest: dict | None = None) -> list[str]:
+def shard_paths(shards_dir: str, split: str, max_shards: int = 0, manifest: Manifest | None = None) -> list[str]:
     """Full paths of a split's shards in manifest order; the first max_shards only (0: all)."""
     if max_shards < 0:
         raise ValueError(f"max_shards must be >= 0 (0 = all), got {max_shards}")
     manifest = manifest if manifest is not None else read_manifest(shards_dir)
-    shards = _split_entry(manifest, split, shards_dir)["shards"]
-    return [storage.join(shards_dir, *s["path"].split("/")) for s in shards[: max_shards or None]]
+    shards = manifest.split(split).shards
+    return [storage.join(shards_dir, *s.path.split("/")) for s in shards[: max_shards or None]]
 
 
-def read_checked_shard(shards_dir: str, shard: dict) -> bytes:
+def read_checked_shard(shards_dir: str, shard: ShardEntry) -> bytes:
     """A shard the manifest lists, checked present, complete and unmodified (size, then sha256)."""
-    path = storage.join(shards_dir, *shard["path"].split("/"))
+    path = storage.join(shards_dir, *shard.path.split("/"))
     buf = _read_shard(path)
-    if len(buf) != shard["bytes"]:
+    if len(buf) != shard.bytes:
         raise DataError(f"shard {path}: size mismatch, {len(buf)} bytes but the manifest "
-                        f"says {shard['bytes']} (truncated or overwritten)")
+                        f"says {shard.bytes} (truncated or overwritten)")
     digest = hashlib.sha256(buf).hexdigest()
-    if digest != shard["sha256"]:
+    if digest != shard.sha256:
         raise DataError(f"shard {path}: sha256 mismatch, {digest} but the manifest says "
-                        f"{shard['sha256']} (corrupt)")
+                        f"{shard.sha256} (corrupt)")
     return buf
 
 
@@ -554,40 +471,40 @@ def verify_shards(shards_dir: str, progress: bool = False) -> dict:
     """Check every shard in the manifest (present, size, sha256, then decoded count, keys, shapes),
     and that no unlisted .tar sits beside them. Returns {split: {"shards": n, "samples": n}}."""
     manifest = read_manifest(shards_dir)
-    info = manifest_dataset(manifest)
-    manifest_path = _manifest_path(shards_dir)
+    info = manifest.dataset
+    where = manifest_path(shards_dir)
     summary = {}
-    total = sum(len(entry["shards"]) for entry in manifest["splits"].values())
+    total = sum(len(entry.shards) for entry in manifest.splits.values())
     with LineProgress(total, "verify shards", "shard", progress) as bar:
-        for split, entry in manifest["splits"].items():
-            listed = {s["path"] for s in entry["shards"]}
+        for split, entry in manifest.splits.items():
+            listed = {s.path for s in entry.shards}
             split_dir = storage.join(shards_dir, split)
             for name in storage.listdir(split_dir):
                 if name.endswith(".tar") and f"{split}/{name}" not in listed:
-                    raise DataError(f"shard {storage.join(split_dir, name)} is not listed in {manifest_path} "
+                    raise DataError(f"shard {storage.join(split_dir, name)} is not listed in {where} "
                                     "(left from another prepare?)")
             next_index = 0
-            for shard in entry["shards"]:
-                path = storage.join(shards_dir, *shard["path"].split("/"))
+            for shard in entry.shards:
+                path = storage.join(shards_dir, *shard.path.split("/"))
                 buf = read_checked_shard(shards_dir, shard)
-                if shard["first_index"] != next_index:
-                    raise DataError(f"{manifest_path}: shard {path} starts at index {shard['first_index']}, "
+                if shard.first_index != next_index:
+                    raise DataError(f"{where}: shard {path} starts at index {shard.first_index}, "
                                     f"expected {next_index}")
-                shard_split, indices, _, _ = decode_shard_bytes(buf, path, shard["num_samples"], info)
-                expected = np.arange(next_index, next_index + shard["num_samples"])
+                shard_split, indices, _, _ = decode_shard_bytes(buf, path, shard.num_samples, info)
+                expected = np.arange(next_index, next_index + shard.num_samples)
                 if shard_split != split or not np.array_equal(indices, expected):
                     bad = int(np.argmax(indices != expected)) if shard_split == split else 0
                     raise DataError(f"shard {path}: datapoint {bad} has key "
                                     f"{key_for(shard_split, int(indices[bad]))!r}, expected "
                                     f"{key_for(split, int(expected[bad]))!r}")
-                next_index += shard["num_samples"]
+                next_index += shard.num_samples
                 bar.update(1)
-            if next_index != entry["num_samples"]:
-                raise DataError(f"{manifest_path}: split {split} shards hold {next_index} datapoints, "
-                                f"num_samples says {entry['num_samples']}")
-            if "sources" in entry:  # external sources: one provenance string per datapoint
+            if next_index != entry.num_samples:
+                raise DataError(f"{where}: split {split} shards hold {next_index} datapoints, "
+                                f"num_samples says {entry.num_samples}")
+            if entry.sources is not None:  # external sources: one provenance string per datapoint
                 from vaedist.data.provenance import read_sources
 
                 read_sources(shards_dir, manifest, split)
-            summary[split] = {"shards": len(entry["shards"]), "samples": next_index}
+            summary[split] = {"shards": len(entry.shards), "samples": next_index}
     return summary

@@ -101,10 +101,10 @@ def write_comparison(latents_dir: str, against_dir: str, out_dir: str, *, epoch:
     top = analysis.compare_top(latents_dir, against_dir, k=num_examples, split=split, con=con,
                                **epoch_args).to_pylist()
 
-    if shards_dir is None and not lineage_a.get("shards_dir"):
+    if shards_dir is None and not lineage_a.shards_dir:
         raise query.QueryError(f"{storage.join(latents_dir, schema.LINEAGE_FILE)} names no shards_dir; give one "
                                "explicitly")
-    shards_dir = str(shards_dir or lineage_a["shards_dir"])
+    shards_dir = str(shards_dir or lineage_a.shards_dir)
     from_lineage = f" (named in {storage.join(latents_dir, schema.LINEAGE_FILE)}; give another explicitly)"
     _, info = _open_shards(shards_dir, lineage_a, latents_dir, from_lineage)
 
@@ -164,8 +164,8 @@ def write_comparison(latents_dir: str, against_dir: str, out_dir: str, *, epoch:
     body += [_figure_html(name, COMPARISON_FIGURES[name], figures[name][1]),
              _rows_html(["change", "key", noun, "l_i(A)", "l_i(B)", "Δl_i"] + (["source"] if with_source else []),
                         top_rows, "compare-top"),
-             "<h2>Lineage of A</h2>", f"<pre>{html.escape(json.dumps(lineage_a, indent=2, sort_keys=True))}</pre>",
-             "<h2>Lineage of B</h2>", f"<pre>{html.escape(json.dumps(lineage_b, indent=2, sort_keys=True))}</pre>"]
+             "<h2>Lineage of A</h2>", f"<pre>{html.escape(json.dumps(lineage_a.to_dict(), indent=2, sort_keys=True))}</pre>",
+             "<h2>Lineage of B</h2>", f"<pre>{html.escape(json.dumps(lineage_b.to_dict(), indent=2, sort_keys=True))}</pre>"]
     page = storage.join(out_dir, COMPARISON_PAGE)
     storage.write_bytes(page, _page("vaedist comparison", body).encode())
     return page

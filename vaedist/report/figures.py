@@ -124,7 +124,7 @@ def _class_colour(info: DatasetInfo, label: int):
 # ---------------------------------------------------------------------------------------------
 # index.html's figures.
 
-def _reconstructions(model, train_seed: int, shards_dir: str, manifest: dict, info: DatasetInfo, n: int,
+def _reconstructions(model, train_seed: int, shards_dir: str, manifest: data.Manifest, info: DatasetInfo, n: int,
                      seed: int) -> tuple[Figure, str]:
     indices, images, labels = data.load_split_arrays(data.shard_paths(shards_dir, "test", manifest=manifest),
                                                      info=info)

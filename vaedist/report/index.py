@@ -12,6 +12,7 @@ import numpy as np
 
 from vaedist import analysis, query, schema, storage
 from vaedist.checkpoint import CheckpointError, check_data_compatible, load_model
+from vaedist.lineage import Lineage
 from vaedist.report.diagnostics import _diagnostics
 from vaedist.report.dynamics import DYNAMICS_PAGE, _write_dynamics
 from vaedist.report.figures import (_latent_space, _loss_distribution, _noun, _reconstructions, _samples, _save,
@@ -31,18 +32,18 @@ FIGURES = {
 }
 
 
-def _resolve_inputs(latents_dir: str, checkpoint: str | None, shards_dir: str | None) -> tuple[dict, str, str]:
+def _resolve_inputs(latents_dir: str, checkpoint: str | None, shards_dir: str | None) -> tuple[Lineage, str, str]:
     lineage_path = storage.join(latents_dir, schema.LINEAGE_FILE)
     try:
         lineage = query.read_lineage(latents_dir)
     except query.QueryError:
         if checkpoint is None or shards_dir is None:
             raise
-        lineage = {}
+        lineage = Lineage()
     for name, value in (("checkpoint", checkpoint), ("shards_dir", shards_dir)):
-        if value is None and not lineage.get(name):
+        if value is None and not getattr(lineage, name):
             raise query.QueryError(f"{lineage_path} names no {name}; give one explicitly")
-    return lineage, checkpoint or lineage["checkpoint"], shards_dir or lineage["shards_dir"]
+    return lineage, checkpoint or lineage.checkpoint, shards_dir or lineage.shards_dir
 
 
 def _pick_epoch(latents_dir: str, epochs: list[int], epoch: int | None) -> int | None:
@@ -61,14 +62,14 @@ def _pick_epoch(latents_dir: str, epochs: list[int], epoch: int | None) -> int |
     return epoch
 
 
-def _checkpoint_of_epoch(lineage: dict, lineage_path: str, epoch: int, last: int) -> str:
+def _checkpoint_of_epoch(lineage: Lineage, lineage_path: str, epoch: int, last: int) -> str:
     """The checkpoint a table of several checkpoints names for `epoch`: its `checkpoints` entry,
     or the lineage's `checkpoint` (the last epoch's)."""
-    for entry in lineage.get("checkpoints") or []:
-        if isinstance(entry, dict) and entry.get("epoch") == epoch and entry.get("path"):
-            return entry["path"]
-    if epoch == last and lineage.get("checkpoint"):
-        return lineage["checkpoint"]
+    listed = lineage.checkpoint_of_epoch(epoch)
+    if listed:
+        return listed
+    if epoch == last and lineage.checkpoint:
+        return lineage.checkpoint
     raise query.QueryError(f"{lineage_path} names no checkpoint of epoch {epoch}; give one explicitly "
                            "(vaedist report --checkpoint)")
 
@@ -131,7 +132,7 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
     loss = rows.column("loss").to_numpy()
     mu = rows.column("mu").combine_chunks().flatten().to_numpy().reshape(len(rows), latent_dim).astype(np.float64)
 
-    run_dir, training_epochs, final, no_metrics = _training_inputs(run_dir, state["path"])
+    run_dir, training_epochs, final, no_metrics = _training_inputs(run_dir, state.path)
 
     storage.makedirs(out_dir)
     with matplotlib.style.context("default"):
@@ -163,9 +164,9 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
     inputs = {"latent table": latents_dir, "checkpoint": checkpoint, "shards": shards_dir,
               "dataset": f"{info.name}, images {'x'.join(map(str, info.image_shape))}",
               "run": run_dir if run_dir is not None else "none"}
-    if lineage.get("same_data_as_training") is False:  # a model shown data it was not trained on
-        inputs["model trained on"] = (f"{lineage.get('train_dataset', '?')} (manifest "
-                                      f"{str(lineage.get('train_manifest_hash', '?'))[:12]}), not these shards")
+    if lineage.same_data_as_training is False:  # a model shown data it was not trained on
+        inputs["model trained on"] = (f"{lineage.train_dataset or '?'} (manifest "
+                                      f"{str(lineage.train_manifest_hash or '?')[:12]}), not these shards")
     body = [_inputs_html(inputs)]
     if epochs:
         which = "the last" if shown_epoch == epochs[-1] else "chosen with epoch="

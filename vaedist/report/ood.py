@@ -78,9 +78,9 @@ def write_ood(latents_dir: str, against_dir: str, out_dir: str, *, num_examples:
     shards: dict[str, str] = {}
     for side, lineage in lineages.items():
         lineage_path = storage.join(paths[side], schema.LINEAGE_FILE)
-        if not lineage.get("shards_dir"):
+        if not lineage.shards_dir:
             raise query.QueryError(f"{lineage_path} names no shards_dir, so its images cannot be shown")
-        shards[side] = str(lineage["shards_dir"])
+        shards[side] = str(lineage.shards_dir)
         _, infos[side] = _open_shards(shards[side], lineage, paths[side], f" (named in {lineage_path})")
 
     pair = f"{latents_dir} vs {against_dir}"
@@ -126,8 +126,8 @@ def write_ood(latents_dir: str, against_dir: str, out_dir: str, *, num_examples:
              f"{r['auroc']:.4f}", f"{r['aupr']:.4f}", f"{r['fpr_at_95_tpr']:.4f}", r["in_count"], r["out_count"]]
             for r in metrics.values()]
     lineage_in = lineages["IN"]
-    body = [_inputs_html({"IN": latents_dir, "OUT": against_dir, "checkpoint": str(lineage_in.get("checkpoint")),
-                          "trained on": str(lineage_in.get("train_dataset", "?")),
+    body = [_inputs_html({"IN": latents_dir, "OUT": against_dir, "checkpoint": str(lineage_in.checkpoint),
+                          "trained on": str(lineage_in.train_dataset or "?"),
                           "IN data": data_of("IN"), "OUT data": data_of("OUT")}),
             ("<p>One checkpoint's per-datapoint scores on the test split of data of the kind it was trained on (IN) "
              "and of data it was not (OUT), in nats, higher = more out of distribution. AUROC, AUPR (average "
@@ -141,7 +141,7 @@ def write_ood(latents_dir: str, against_dir: str, out_dir: str, *, num_examples:
         body.append(_figure_html(name, OOD_FIGURES[name], figures[name][1]))
     for side in ("IN", "OUT"):
         body += [f"<h2>Lineage of {side}</h2>",
-                 f"<pre>{html.escape(json.dumps(lineages[side], indent=2, sort_keys=True))}</pre>"]
+                 f"<pre>{html.escape(json.dumps(lineages[side].to_dict(), indent=2, sort_keys=True))}</pre>"]
     page = storage.join(out_dir, OOD_PAGE)
     storage.write_bytes(page, _page("vaedist out-of-distribution", body).encode())
     return page

@@ -10,6 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from vaedist.lineage import Lineage
+
 
 def _pm(mean: float | None, se: float | None) -> str:
     if mean is None:
@@ -53,8 +55,8 @@ def _inputs_html(inputs: dict[str, str]) -> str:
                                 for k, v in inputs.items()), "</ul>"])
 
 
-def _lineage_html(lineage: dict) -> list[str]:
-    return ["<h2>Lineage</h2>", f"<pre>{html.escape(json.dumps(lineage, indent=2, sort_keys=True))}</pre>"]
+def _lineage_html(lineage: Lineage) -> list[str]:
+    return ["<h2>Lineage</h2>", f"<pre>{html.escape(json.dumps(lineage.to_dict(), indent=2, sort_keys=True))}</pre>"]
 
 
 def _format_epochs(epochs: list[int]) -> str:

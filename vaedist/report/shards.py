@@ -7,6 +7,7 @@ import numpy as np
 
 from vaedist import data, query, schema, storage
 from vaedist.data import DatasetInfo
+from vaedist.lineage import Lineage
 
 
 def _sources_of(con, latents_dir: str, keys: list[str], view: str = schema.VIEW_NAME) -> dict[str, str | None]:
@@ -41,16 +42,16 @@ def _images_of(con, latents_dir: str, shards_dir: str, keys: list[str], info: Da
     return images
 
 
-def _open_shards(shards_dir: str, lineage: dict, latents_dir: str,
-                 from_lineage: str) -> tuple[dict, DatasetInfo]:
+def _open_shards(shards_dir: str, lineage: Lineage, latents_dir: str,
+                 from_lineage: str) -> tuple[data.Manifest, DatasetInfo]:
     """(manifest, dataset) of the shards, refused unless they are the ones the table was encoded from."""
     try:
         manifest = data.read_manifest(shards_dir)
         shards_hash = data.manifest_hash(shards_dir)
     except data.DataError as e:
-        raise data.DataError(f"{e}{from_lineage if shards_dir == lineage.get('shards_dir') else ''}") from None
-    if lineage.get("manifest_hash") and lineage["manifest_hash"] != shards_hash:
+        raise data.DataError(f"{e}{from_lineage if shards_dir == lineage.shards_dir else ''}") from None
+    if lineage.manifest_hash and lineage.manifest_hash != shards_hash:
         raise data.DataError(f"shards {shards_dir} have manifest hash {shards_hash[:12]}…, but latent table "
-                             f"{latents_dir} was encoded from {lineage['manifest_hash'][:12]}…; give the shards "
+                             f"{latents_dir} was encoded from {lineage.manifest_hash[:12]}…; give the shards "
                              "it was encoded from")
-    return manifest, data.manifest_dataset(manifest)
+    return manifest, manifest.dataset

@@ -352,13 +352,3 @@ def encode_best(cfg: Config, sweep_dir: str, k: int, out: str | None = None,
                         out=storage.join(out, row["name"]), echo=echo)
         done.append((row, result))
     return done
-
-
-def flat_overrides(row: dict[str, Any]) -> str:
-    """'train.lr=0.001 model.latent_dim=8' for a sweep.parquet row."""
-    import json
-
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in json.loads(row["overrides"]).items())
-
-
-

@@ -24,15 +24,14 @@ writer.py     ShardAssembler: batches in order -> shards, sources.parquet files,
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vaedist.data.common import DataError
 from vaedist.data.external.transform import BadImage, ImageTransform
+from vaedist.registry import source_class
 
-SOURCE_KINDS = ("images", "webdataset", "arrays")
 SPLIT_CODES = {"train": 0, "test": 1}
 
 
@@ -108,23 +107,14 @@ def decode_or_mark(decode, name: str, skip_bad: bool):
 
 
 def open_source(data_cfg):
-    """The source data.source names, with its options (data.source_path, ...)."""
-    if data_cfg.source == "images":
-        from vaedist.data.external.folder import ImageFolderSource
-
-        return ImageFolderSource(os.path.abspath(data_cfg.source_path), data_cfg.test_fraction)
-    if data_cfg.source == "webdataset":
-        from vaedist.data.external.webdataset import WebDatasetSource
-
-        return WebDatasetSource(data_cfg.source_path, data_cfg.train_pattern, data_cfg.test_pattern,
-                                data_cfg.image_key, data_cfg.label_key, data_cfg.test_fraction)
-    if data_cfg.source == "arrays":
-        from vaedist.data.external.arrays import ArraySource
-
-        return ArraySource(data_cfg.source_path, data_cfg.train_pattern, data_cfg.test_pattern,
-                           data_cfg.image_key, data_cfg.label_key, data_cfg.test_fraction)
-    raise DataError(f"data.source {data_cfg.source!r} is not an external source ({', '.join(SOURCE_KINDS)})")
+    """The source data.source names (vaedist.registry.EXTERNAL_SOURCES), with its options
+    (data.source_path, ...)."""
+    try:
+        cls = source_class(data_cfg.source)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return cls.from_config(data_cfg)
 
 
-__all__ = ["SOURCE_KINDS", "SPLIT_CODES", "BadImage", "ImageTransform", "SourcePlan", "batch_from_rows", "concat_batches",
+__all__ = ["SPLIT_CODES", "BadImage", "ImageTransform", "SourcePlan", "batch_from_rows", "concat_batches",
            "dataset_name", "decode_or_mark", "images_differ", "open_source"]

@@ -65,6 +65,11 @@ def _load(path: str, key: str | None, mmap: bool = True) -> np.ndarray:
 class ArraySource:
     kind = "arrays"
 
+    @classmethod
+    def from_config(cls, data_cfg) -> "ArraySource":
+        return cls(data_cfg.source_path, data_cfg.train_pattern, data_cfg.test_pattern, data_cfg.image_key,
+                   data_cfg.label_key, data_cfg.test_fraction)
+
     def __init__(self, path: str | None, train_pattern: str | None = None, test_pattern: str | None = None,
                  image_key: str | None = None, label_key: str | None = None, test_fraction: float = 0.1,
                  rows_per_task: int = ROWS_PER_TASK):

@@ -49,6 +49,10 @@ def _walk(root: str) -> tuple[list[str], list[str]]:
 class ImageFolderSource:
     kind = "images"
 
+    @classmethod
+    def from_config(cls, data_cfg) -> "ImageFolderSource":
+        return cls(os.path.abspath(data_cfg.source_path), data_cfg.test_fraction)
+
     def __init__(self, root: str, test_fraction: float = 0.1, files_per_task: int = FILES_PER_TASK):
         self.root, self.test_fraction, self.files_per_task = root, test_fraction, files_per_task
 

@@ -143,6 +143,11 @@ def _label(fields: dict[str, bytes], label_key: str | None, where: str) -> int:
 class WebDatasetSource:
     kind = "webdataset"
 
+    @classmethod
+    def from_config(cls, data_cfg) -> "WebDatasetSource":
+        return cls(data_cfg.source_path, data_cfg.train_pattern, data_cfg.test_pattern, data_cfg.image_key,
+                   data_cfg.label_key, data_cfg.test_fraction)
+
     def __init__(self, pattern: str | None, train_pattern: str | None = None, test_pattern: str | None = None,
                  image_key: str | None = None, label_key: str | None = None, test_fraction: float = 0.1):
         self.pattern, self.train_pattern, self.test_pattern = pattern, train_pattern, test_pattern

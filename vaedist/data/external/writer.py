@@ -12,12 +12,12 @@ import tempfile
 import numpy as np
 
 from vaedist import storage
-from vaedist.data.common import FORMAT_VERSION, SPLITS, UNLABELLED, DataError, DatasetInfo
+from vaedist.data.common import SPLITS, UNLABELLED, DataError, DatasetInfo
 from vaedist.data.external import SourcePlan, images_differ
 from vaedist.data.external.transform import ImageTransform
 from vaedist.data.provenance import SOURCES_NAME
-from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, begin_prepare, finish_split, write_manifest, write_shard,
-                                 write_split_file)
+from vaedist.data.manifest import Manifest, SplitEntry, write_manifest
+from vaedist.data.shards import IMAGE_EXT, LABEL_EXT, begin_prepare, finish_split, write_shard, write_split_file
 
 SKIPPED_LISTED = 1000  # the manifest lists this many skipped files by name (and counts them all)
 
@@ -127,7 +127,7 @@ class ShardAssembler:
         self.pending[split] = [(images[n:], labels[n:], sources[n:])] if rest else []
         self.pending_rows[split] = rest
 
-    def finish(self, plan: SourcePlan, transform: ImageTransform) -> dict:
+    def finish(self, plan: SourcePlan, transform: ImageTransform) -> Manifest:
         """Write the last shards, the sources files and the manifest; returns the manifest."""
         for split in SPLITS:
             if self.pending_rows[split]:
@@ -144,22 +144,18 @@ class ShardAssembler:
         splits = {}
         for split in SPLITS:
             sources = write_split_file(self.out_dir, split, SOURCES_NAME, self.sources[split].finish())
-            splits[split] = {"num_samples": self.written[split], "shards": self.shards[split], "sources": sources}
+            splits[split] = SplitEntry(num_samples=self.written[split], shards=tuple(self.shards[split]),
+                                       sources=sources)
             finish_split(self.out_dir, split, self.shards[split] + [sources])
         if plan.class_names is not None:
             num_classes, class_names = len(plan.class_names), plan.class_names
         else:
             num_classes, class_names = (self.max_label + 1 if self.labelled else 0), None
         info = DatasetInfo(plan.name, self.shape, class_names, num_classes)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "dataset": info.to_manifest(),
-            "members": {"image": IMAGE_EXT, "label": LABEL_EXT},
-            "samples_per_shard": self.samples_per_shard,
-            "source": {**plan.record, "transform": transform.describe(self.shape),
-                       "skipped": self.skipped, "num_skipped": self.num_skipped},
-            "splits": splits,
-        }
+        manifest = Manifest(dataset=info, splits=splits, samples_per_shard=self.samples_per_shard,
+                            source={**plan.record, "transform": transform.describe(self.shape),
+                                    "skipped": self.skipped, "num_skipped": self.num_skipped},
+                            members={"image": IMAGE_EXT, "label": LABEL_EXT})
         write_manifest(self.out_dir, manifest)
         return manifest
 
