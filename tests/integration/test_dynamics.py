@@ -27,7 +27,7 @@ from vaedist.checkpoint import CheckpointError, kept_checkpoint_dirs, load_check
 from vaedist.cli import cli
 from vaedist.console import VERBOSE_ENV
 from vaedist.encode import EncodeError, encode
-from vaedist.query import loss_by_digit, run_sql
+from vaedist.analyses import loss_by_digit, run_sql
 
 from conftest import REPO, debug_config
 

@@ -20,7 +20,7 @@ from _pytest.logging import LogCaptureHandler
 from vaedist import schema, storage
 from vaedist.checkpoint import CheckpointError
 from vaedist.encode import FAIL_ENV, EncodeError, encode
-from vaedist.query import QueryError, loss_by_digit, run_sql
+from vaedist.analyses import QueryError, loss_by_digit, run_sql
 
 from conftest import REPO
 

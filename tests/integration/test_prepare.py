@@ -114,7 +114,7 @@ def test_bad_files_through_the_job_and_the_command(ray_cluster, tmp_path):
 
 def test_unlabelled_colour_folder_trains_encodes_and_queries(ray_cluster, tmp_path):
     from vaedist.encode import encode
-    from vaedist.query import loss_by_digit, run_sql
+    from vaedist.analyses import loss_by_digit, run_sql
     from vaedist.train import train
 
     root = tmp_path / "colour"

@@ -25,7 +25,7 @@ from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
 from vaedist.data.sources import FASHION_MNIST
 from vaedist.model import VAE
-from vaedist.query import (QueryError, connect, format_table, largest_gaps, loss_by_digit, neighbours,
+from vaedist.analyses import (QueryError, connect, format_table, largest_gaps, loss_by_digit, neighbours,
                            read_lineage, run_sql, worst_explained)
 
 @pytest.fixture(scope="session")

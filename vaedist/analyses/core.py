@@ -1,14 +1,15 @@
-"""SQL over a published latent table with DuckDB, and the ready-made analyses. No Ray.
+"""The analyses' shared machinery: opening a published latent table in DuckDB, running SQL over it,
+scoping an analysis to one checkpoint, and printing results. No Ray.
 
     con = connect("outputs/latents")   # a view named `latents`, one row per datapoint
     con.sql("SELECT label, avg(loss) FROM latents GROUP BY label").show()
-    print(format_table(loss_by_digit("outputs/latents"), "table"))
-    worst_explained("outputs/latents-epochs", k=5, epoch=2)   # one checkpoint of a table of several
+    print(format_table(run_sql("outputs/latents", "SELECT count(*) FROM latents"), "table"))
 
 A published table is a directory (local or s3://...) of Parquet files, possibly one level of
 hive partitions, beside `_lineage.json` and `_SUCCESS`; names starting with `_` or `.` (the
-encode job's staging directories) are not part of it. Each analysis is one SQL query, kept below
-as a module constant so the README can quote it; parameters are DuckDB's `$name` placeholders.
+encode job's staging directories) are not part of it. The analyses themselves live beside this
+module (one_table, compare, dynamics, ood), each one SQL query kept as a module constant with
+DuckDB's `$name` parameters; vaedist.analyses.ANALYSES lists them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import csv
 import io
 import json
 import math
+import re
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -31,60 +33,16 @@ from vaedist import schema, storage
 
 SPLITS = ("train", "test")
 SPACES = ("mu", "z")
+EPOCH = "epoch"
+VIEW_A, VIEW_B = "latents_a", "latents_b"
+CLASS_COLUMN = "class"
+SOURCE = "source"
+EPOCHS_SQL = "SELECT DISTINCT epoch FROM {latents} ORDER BY epoch"
 _MAX_MESSAGE = 600  # characters of a DuckDB error kept in a QueryError
 
 
 class QueryError(ValueError):
     """A latent table that cannot be read, or a query that fails; the message names the table or the SQL problem."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The analyses' SQL. `$split` NULL means both splits. {latents} is filled before a query runs, as in
-# analysis.py: the view `latents`, or on a table of several checkpoints (one with an `epoch` column)
-# `(SELECT * FROM latents WHERE epoch = $epoch)`, so that each analysis sees one checkpoint. `class`
-# (the lineage's class_names[label]) is dropped from a result when the dataset names no classes.
-
-LOSS_BY_DIGIT_SQL = """\
-SELECT label,
-       list_extract($class_names, label + 1) AS class,
-       count(*)                 AS count,
-       avg(loss)                AS loss_mean,
-       quantile_cont(loss, 0.1) AS loss_p10,
-       quantile_cont(loss, 0.5) AS loss_p50,
-       quantile_cont(loss, 0.9) AS loss_p90,
-       avg(recon_nll)           AS recon_nll_mean,
-       avg(kl)                  AS kl_mean,
-       avg(gap)                 AS gap_mean
-FROM {latents}
-WHERE $split IS NULL OR split = $split
-GROUP BY label
-ORDER BY label"""
-
-WORST_EXPLAINED_SQL = """\
-SELECT key, split, label, list_extract($class_names, label + 1) AS class, loss, recon_nll, kl, source
-FROM {latents}
-WHERE $split IS NULL OR split = $split
-ORDER BY loss DESC, key
-LIMIT $k"""
-
-LARGEST_GAPS_SQL = """\
-SELECT key, split, label, list_extract($class_names, label + 1) AS class, gap, log_px, loss, source
-FROM {latents}
-WHERE ($split IS NULL OR split = $split) AND gap IS NOT NULL
-ORDER BY gap DESC, key
-LIMIT $k"""
-
-# {space} is 'mu' or 'z' (checked before formatting); distances in float64 from float32 vectors.
-NEIGHBOURS_SQL = """\
-WITH query AS (SELECT {space} AS v FROM {latents} WHERE key = $key)
-SELECT l.key, l.split, l.label, list_extract($class_names, l.label + 1) AS class, l.loss,
-       list_distance(l.{space}::DOUBLE[], query.v::DOUBLE[]) AS distance, l.source
-FROM {latents} AS l, query
-WHERE l.key <> $key
-ORDER BY distance, l.key
-LIMIT $k"""
-
-KEY_COUNT_SQL = "SELECT count(*) AS n FROM {latents} WHERE key = $key"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +109,7 @@ def _sql_string(text: str) -> str:
 _database: duckdb.DuckDBPyConnection | None = None
 
 
-def _cursor() -> duckdb.DuckDBPyConnection:
+def cursor() -> duckdb.DuckDBPyConnection:
     """A fresh connection to one in-memory database per process: opening a DuckDB database costs
     ~20 ms, a cursor nothing, and a cursor's temporary views and registrations are its own."""
     global _database
@@ -184,7 +142,7 @@ def connect(latents_dir: str, *, view: str = schema.VIEW_NAME,
     root = storage.resolve(latents_dir)[1].rstrip("/")
     hive = _hive(root, files)
     own = con is None
-    con = _cursor() if own else con
+    con = cursor() if own else con
     try:
         if storage.is_uri(latents_dir):
             # DuckDB's httpfs extension cannot be installed offline; pyarrow's S3 client is built in.
@@ -228,7 +186,7 @@ def _trim(error: Exception) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + " …"
 
 
-def _execute(con: duckdb.DuckDBPyConnection, latents_dir: str, sql: str,
+def execute(con: duckdb.DuckDBPyConnection, latents_dir: str, sql: str,
              params: dict[str, Any] | None = None) -> pa.Table:
     try:
         relation = con.sql(sql, params=params)
@@ -245,94 +203,155 @@ def run_sql(latents_dir: str, sql: str, *, params: dict[str, Any] | None = None,
     if not sql or not sql.strip():
         raise QueryError("empty SQL: give a query over the view 'latents', e.g. "
                          "SELECT label, avg(loss) FROM latents GROUP BY label")
-    return _execute(con or connect(latents_dir), str(latents_dir), sql, params)
+    return execute(con or connect(latents_dir), str(latents_dir), sql, params)
 
 
-def _check_split(split: str | None) -> None:
+def check_split(split: str | None) -> None:
     if split is not None and split not in SPLITS:
         raise QueryError(f"split must be one of {', '.join(SPLITS)} or None (both), got {split!r}")
 
 
-def _check_k(k: int) -> None:
+def check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise QueryError(f"k must be a positive integer, got {k!r}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Ready-made analyses. Each takes the table's path and optionally a connection to reuse. On a table
-# that encodes several checkpoints of one run, `epoch` picks one (required unless it holds a single
-# epoch); on a table of one checkpoint it must be left out. The scoping is analysis.py's, so that
-# every one-table analysis treats epochs alike. analysis.py builds on this module, hence the imports
-# inside the functions.
+# Scoping and running an analysis. An analysis takes the table's path and optionally a connection
+# to reuse. On a table that encodes several checkpoints of one run, `epoch` picks one (required
+# unless it holds a single epoch); on a table of one checkpoint it must be left out. {latents} in an
+# analysis's SQL is filled with the view `latents`, or on a table of several checkpoints (one with
+# an `epoch` column) `(SELECT * FROM latents WHERE epoch = $epoch)`; {a}, {b} likewise for the two
+# tables of a comparison, views `latents_a` and `latents_b`. `class` (the lineage's
+# class_names[label]) is dropped from a result when the lineage has no class_names.
 
-def _one_checkpoint(latents_dir: str, con: duckdb.DuckDBPyConnection | None, epoch: int | None,
-                    split: str | None) -> tuple[duckdb.DuckDBPyConnection, str, dict[str, Any]]:
-    """(connection, relation for {latents}, params) for one checkpoint of the table."""
-    from vaedist.analysis import _one_table
-
-    return _one_table(str(latents_dir), con, epoch, split)
+_PARAM = re.compile(r"\$([A-Za-z_]\w*)")
 
 
-def _run(con: duckdb.DuckDBPyConnection, latents_dir: str, sql: str, params: dict[str, Any],
-         classes: bool = True) -> pa.Table:
-    """Run sql with the params it names; `class` from the lineage's class_names, dropped without
-    them (a table without _lineage.json, written by other tools, names no classes)."""
-    from vaedist.analysis import _run as run
-    from vaedist.analysis import class_names
+def run(con: duckdb.DuckDBPyConnection, latents_dir: str, sql: str, params: dict[str, Any],
+        class_names: list[str] | None = None) -> pa.Table:
+    """Run sql with the params it names (DuckDB refuses unused ones); drop `class` without names, and
+    `source` where it is NULL throughout (a table written before that column)."""
+    used = set(_PARAM.findall(sql))
+    params = {**params, "class_names": class_names or []}
+    result = execute(con, str(latents_dir), sql, {k: v for k, v in params.items() if k in used})
+    if not class_names and CLASS_COLUMN in result.column_names:
+        result = result.drop_columns([CLASS_COLUMN])
+    if SOURCE in result.column_names and result.column(SOURCE).null_count == result.num_rows:
+        result = result.drop_columns([SOURCE])
+    return result
 
+
+def run_classes(con: duckdb.DuckDBPyConnection, latents_dir: str, sql: str, params: dict[str, Any],
+                classes: bool = True) -> pa.Table:
+    """run() with `class` from the lineage's class_names where the table has a lineage (a table
+    without _lineage.json, written by other tools, names no classes)."""
     names = None
     if classes and storage.exists(storage.join(str(latents_dir), schema.LINEAGE_FILE)):
         names = class_names(latents_dir)
     return run(con, str(latents_dir), sql, params, names)
 
 
-def loss_by_digit(latents_dir: str, split: str | None = "test", *, epoch: int | None = None,
-                  con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """Per digit (class): count, mean and 10/50/90th percentiles of l_i, mean recon_nll and kl, and
-    mean gap when the table has log_px (gap_mean is dropped for a table encoded with K = 0)."""
-    con, relation, params = _one_checkpoint(latents_dir, con, epoch, split)
-    result = _run(con, latents_dir, LOSS_BY_DIGIT_SQL.format(latents=relation), params)
-    if result.column("gap_mean").null_count == result.num_rows:
-        result = result.drop_columns(["gap_mean"])
-    return result
+def class_names(latents_dir: str) -> list[str] | None:
+    """The lineage's class_names (index = label), or None when the dataset names no classes."""
+    lineage = read_lineage(latents_dir)
+    names = lineage.get("class_names")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise QueryError(f"{latents_dir}/_lineage.json: class_names must be a list of strings "
+                         f"(index = label), got {names!r}")
+    return names
 
 
-def worst_explained(latents_dir: str, k: int = 10, split: str | None = None, *, epoch: int | None = None,
-                    con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """The k datapoints with the highest l_i (ties by key), highest first."""
-    _check_k(k)
-    con, relation, params = _one_checkpoint(latents_dir, con, epoch, split)
-    return _run(con, latents_dir, WORST_EXPLAINED_SQL.format(latents=relation), {**params, "k": k})
+def columns(con: duckdb.DuckDBPyConnection, latents_dir: str, view: str) -> list[str]:
+    return execute(con, str(latents_dir), f"SELECT * FROM {view} LIMIT 0").column_names
 
 
-def largest_gaps(latents_dir: str, k: int = 10, split: str | None = None, *, epoch: int | None = None,
-                 con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """The k datapoints with the largest gap = log_px + l_i, the estimated KL(q(z|x) || p(z|x))."""
-    from vaedist.analysis import _require_log_px
-
-    _check_k(k)
-    con, relation, params = _one_checkpoint(latents_dir, con, epoch, split)
-    _require_log_px(con, str(latents_dir), relation, params)
-    return _run(con, latents_dir, LARGEST_GAPS_SQL.format(latents=relation), {**params, "k": k})
+def epochs_in(con: duckdb.DuckDBPyConnection, latents_dir: str, view: str = "latents") -> list[int]:
+    # The encode job writes the epochs into the lineage after checking them against the rows; reading
+    # them there saves a scan of the epoch column per call. Tables without that field are scanned.
+    listed = read_lineage(latents_dir).get("epochs")
+    if isinstance(listed, list) and listed and all(isinstance(e, int) and not isinstance(e, bool) for e in listed):
+        return sorted(listed)
+    return execute(con, str(latents_dir), EPOCHS_SQL.format(latents=view)).column(EPOCH).to_pylist()
 
 
-def neighbours(latents_dir: str, key: str, k: int = 10, space: Literal["mu", "z"] = "mu", *,
-               epoch: int | None = None, con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
-    """The k datapoints nearest to `key` by Euclidean distance in `space` (mu or z), nearest first,
-    among the rows of the same checkpoint. The query datapoint itself is excluded from the result."""
-    _check_k(k)
-    if space not in SPACES:
-        raise QueryError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
-    con, relation, params = _one_checkpoint(latents_dir, con, epoch, None)
-    params = {**params, "key": key, "k": k}
-    count = _run(con, latents_dir, KEY_COUNT_SQL.format(latents=relation), params, classes=False)
-    found = count.column("n")[0].as_py()
-    if found == 0:
-        raise QueryError(f"key {key!r} is not in latent table {latents_dir} (keys look like 'test-00042')")
-    if found > 1:
-        raise QueryError(f"key {key!r} appears {found} times in latent table {latents_dir}; "
-                         "a published table holds each datapoint once (per checkpoint)")
-    return _run(con, latents_dir, NEIGHBOURS_SQL.format(space=space, latents=relation), params)
+def format_epochs(epochs: list[int]) -> str:
+    return ", ".join(map(str, epochs)) if len(epochs) <= 12 else \
+        f"{', '.join(map(str, epochs[:5]))}, …, {', '.join(map(str, epochs[-5:]))} ({len(epochs)} epochs)"
+
+
+def check_epoch(latents_dir: str, epoch: Any, epochs: list[int], what: str = "epoch") -> None:
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise QueryError(f"{what} must be an integer epoch, got {epoch!r}")
+    if epoch not in epochs:
+        raise QueryError(f"{what} {epoch} is not in latent table {latents_dir}; it holds epochs "
+                         f"{format_epochs(epochs)}")
+
+
+def check_amount(value: Any, name: str, unit: str = "nats") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise QueryError(f"{name} must be a finite number >= 0 ({unit}), got {value!r}")
+    return float(value)
+
+
+def check_optional_k(k: int | None) -> None:
+    if k is not None:
+        check_k(k)
+
+
+def _flag(option: str) -> str:
+    return "vaedist query --" + option.replace("_", "-")
+
+
+def scope(con: duckdb.DuckDBPyConnection, latents_dir: str, view: str, epoch: int | None,
+          param: str = "epoch", option: str = "epoch") -> tuple[str, dict[str, Any]]:
+    """(relation, params) for one checkpoint of a table: the view itself for a table without an
+    epoch column; one epoch's rows of a table with one (required unless it holds a single epoch)."""
+    if EPOCH not in columns(con, latents_dir, view):
+        if epoch is not None:
+            raise QueryError(f"latent table {latents_dir} has no epoch column (it encodes one checkpoint); "
+                             f"leave out {option}={epoch} ({_flag(option)})")
+        return view, {}
+    epochs = epochs_in(con, latents_dir, view)
+    if epoch is None:
+        if len(epochs) != 1:
+            raise QueryError(f"latent table {latents_dir} encodes several checkpoints (epochs "
+                             f"{format_epochs(epochs)}); pick one with {option}= ({_flag(option)})")
+        epoch = epochs[0]
+    check_epoch(latents_dir, epoch, epochs)
+    return f"(SELECT * FROM {view} WHERE epoch = ${param})", {param: epoch}
+
+
+def table_epochs(latents_dir: str, *, con: duckdb.DuckDBPyConnection | None = None) -> list[int]:
+    """The epochs a table of several checkpoints holds, ascending; [] for a table without an epoch column."""
+    con = con or connect(latents_dir)
+    return epochs_in(con, latents_dir) if EPOCH in columns(con, latents_dir, "latents") else []
+
+
+def one_table(latents_dir: str, con: duckdb.DuckDBPyConnection | None, epoch: int | None,
+              split: str | None) -> tuple[duckdb.DuckDBPyConnection, str, dict[str, Any]]:
+    """(connection, relation for {latents}, params) for one checkpoint of the table."""
+    check_split(split)
+    con = con or connect(latents_dir)
+    relation, params = scope(con, latents_dir, "latents", epoch)
+    return con, relation, {**params, "split": split}
+
+
+def require_log_px(con: duckdb.DuckDBPyConnection, latents_dir: str, relation: str,
+                   params: dict[str, Any]) -> None:
+    sql = f"SELECT count(log_px) AS n FROM {relation}"
+    if not run(con, latents_dir, sql, params).column("n")[0].as_py():
+        raise QueryError(f"latent table {latents_dir} has no log_px values (it was encoded with "
+                         "encode.num_samples_iw = 0); encode again with num_samples_iw > 0 to estimate gaps")
+
+
+def connect_pair(latents_dir: str, against_dir: str,
+                 con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+    """One connection with views latents_a (latents_dir) and latents_b (against_dir)."""
+    con = connect(latents_dir, view=VIEW_A, con=con)
+    return connect(against_dir, view=VIEW_B, con=con)
 
 
 # ---------------------------------------------------------------------------------------------
