@@ -1,4 +1,4 @@
-"""`vaedist bench analyses`: each ready-made analysis of vaedist.analysis, warm, on one connection,
+"""`vaedist bench analyses`: each ready-made analysis of vaedist.analyses, warm, on one connection,
 against analyses.loss_by_digit on the same table as the baseline (the analysis the README's ≤ 50 ms
 target is for). Target: ≤ 100 ms per analysis on a 70,000-row table.
 

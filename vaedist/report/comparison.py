@@ -24,7 +24,7 @@ COMPARISON_FIGURES = {
     "comparison_top.png": "Largest improvements and regressions",
 }
 
-# Δl_i per datapoint for the comparison's distribution; {a} and {b} as analysis.py's (one epoch each).
+# Δl_i per datapoint for the comparison's distribution; {a} and {b} as vaedist.analyses.core fills them (one epoch each).
 DELTAS_SQL = """\
 SELECT a.label, a.loss - b.loss AS delta
 FROM {a} AS a JOIN {b} AS b ON a.key = b.key

@@ -75,7 +75,7 @@ def _checkpoint_of_epoch(lineage: dict, lineage_path: str, epoch: int, last: int
 
 def _rows_of(epoch: int | None) -> tuple[str, dict[str, Any]]:
     """(relation, params): the view `latents`, or one epoch's rows of a table of several checkpoints
-    (as analysis.py scopes its queries)."""
+    (as vaedist.analyses.core scopes its queries)."""
     if epoch is None:
         return schema.VIEW_NAME, {}
     return f"(SELECT * FROM {schema.VIEW_NAME} WHERE epoch = $epoch)", {"epoch": epoch}
