@@ -21,16 +21,20 @@ _LAZY = {
     "Config": "vaedist.config", "load_config": "vaedist.config", "ConfigError": "vaedist.config",
 }
 
+_SUBMODULES = ("analyses", "api")  # `vaedist.analyses.ANALYSES` works without importing it first
+
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"vaedist.{name}")
     raise AttributeError(f"module 'vaedist' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
