@@ -608,24 +608,6 @@ def bench_analyses(config_path, overrides, mnist_dir, latents, repeats) -> None:
         echo=click.echo)
 
 
-@bench.command("noise")
-@click.option("--rows", default=128, show_default=True, type=click.IntRange(min=1), help="Datapoints per call.")
-@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1),
-              help="Timed calls per side, old and new interleaved; rows/s of the best call.")
-@click.option("--encode", "with_encode", is_flag=True,
-              help="Also time an encode actor's whole per-batch work before and after (S=16 K=0, S=1 K=1000).")
-def bench_noise(rows, repeats, with_encode) -> None:
-    """Per-datapoint noise and fixed binarisation on one CPU thread: the per-row generator loop and NumPy vs vaedist.rng.
-
-    vaedist bench noise --rows 128 --repeats 20 --encode
-    """
-    from vaedist.bench.noise import bench_evaluate, bench_noise as run
-
-    run(echo=click.echo, rows=rows, repeats=repeats)
-    if with_encode:
-        bench_evaluate(echo=click.echo, rows=rows)
-
-
 @bench.command("objectives")
 @config_options
 @click.option("--k", "ks", default="1,5,50", show_default=True, help="IWAE sample counts, comma-separated.")

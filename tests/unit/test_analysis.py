@@ -24,12 +24,11 @@ from click.testing import CliRunner
 
 from conftest import LATENT_DIM, NUM_ROWS, write_latent_table
 from vaedist import schema
-from vaedist.analyses import (active_units, compare_by_digit, compare_top, curves, digit_curves, forgotten,
-                              gap_by_digit, kl_per_dim, learned_late, outliers, table_epochs, totals)
+from vaedist.analyses import (QueryError, active_units, compare_by_digit, compare_top, curves, digit_curves, forgotten,
+                              gap_by_digit, kl_per_dim, learned_late, outliers, read_lineage, table_epochs, totals)
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
 from vaedist.model import VAE
-from vaedist.analyses import QueryError, read_lineage
 
 PRIOR_DIM = 2
 EPOCHS = (1, 2, 4)  # not consecutive numbers: "consecutive" means adjacent among the kept epochs

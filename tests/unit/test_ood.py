@@ -20,12 +20,12 @@ import torch
 from click.testing import CliRunner
 
 from vaedist import analyses, schema
+from vaedist.analyses import OOD_SQL, check_ood_pair, ood, pair_kind
 from vaedist.checkpoint import CheckpointError, save_checkpoint
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
 from vaedist.data import DatasetInfo, load_idx, manifest_hash, prepare_shards, read_manifest
 from vaedist.model import VAE
-from vaedist.analyses import OOD_SQL, check_ood_pair, ood, pair_kind
 from vaedist.report import OOD_FIGURES, OOD_PAGE, write_ood
 from vaedist.rng import NOISE_SCHEME
 

@@ -20,12 +20,12 @@ from click.testing import CliRunner
 
 from conftest import LATENT_DIM, write_latent_table
 from vaedist import analyses, report, schema
+from vaedist.analyses import QueryError, read_lineage
 from vaedist.checkpoint import CheckpointError, save_checkpoint, write_metrics
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
 from vaedist.data import DataError, manifest_dataset, manifest_hash, prepare_shards, read_manifest
 from vaedist.model import VAE
-from vaedist.analyses import QueryError, read_lineage
 from vaedist.report import (COMPARISON_FIGURES, COMPARISON_PAGE, DIAGNOSTIC_FIGURES, DYNAMICS_FIGURES, DYNAMICS_PAGE,
                             FIGURES, TRAINING_FIGURE, write_comparison, write_report)
 
