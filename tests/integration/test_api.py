@@ -35,4 +35,4 @@ def test_encode_then_the_model_and_the_ray_dataset_agree_with_the_table(trained_
 
     ds = table.to_ray()
     assert ds.count() == 4000
-    assert ds.filter(lambda row: row["label"] == 3).count() == int((table.to_pandas().label == 3).sum())
+    assert ds.filter(expr="label == 3").count() == int((table.to_pandas().label == 3).sum())
