@@ -137,8 +137,9 @@ class Model:
             return self.vae.encode(self.inputs(images, indices, split))
 
     def decode(self, z: Any, params: bool = False) -> "torch.Tensor":
-        """The images p(x|z) gives for latent codes z [B, latent_dim]: its mean, in [0, 1], as
-        [B, H, W, C] (Bernoulli: the pixel probabilities). params=True: the likelihood's raw
+        """The mean of p(x|z) for latent codes z [B, latent_dim], as images [B, H, W, C] in [0, 1].
+
+        Bernoulli's mean is the pixel probabilities. params=True gives the likelihood's raw
         parameters [B, F] instead.
 
         Example:
@@ -156,8 +157,10 @@ class Model:
             return out if params else self.vae.likelihood.mean(out).reshape(len(z), *self.image_shape)
 
     def sample(self, n: int, seed: int = 0, mean: bool = False) -> "torch.Tensor":
-        """n new images [n, H, W, C] in [0, 1]: z ~ N(0, I), then x ~ p(x|z) (mean=True: the mean
-        of p(x|z) instead). The same seed gives the same images on the same device.
+        """Generate n new images [n, H, W, C] in [0, 1]: z ~ N(0, I), then x ~ p(x|z).
+
+        mean=True gives the mean of p(x|z) instead of a draw. The same seed gives the same images
+        on the same device.
 
         Example:
             >>> model.sample(16, seed=0, mean=True).shape
@@ -201,8 +204,10 @@ class Model:
 
     def log_px(self, images: Any, num_samples: int = 1000, indices: Sequence[int] | np.ndarray | None = None,
                split: str = "test", seed: int | None = None) -> "torch.Tensor":
-        """Each image's importance-weighted estimate of log p(x) in nats with K = num_samples
-        (Burda et al. 2016), float64 [B]; a lower bound that tightens as K grows, >= -l_i on average.
+        """Each image's importance-weighted estimate of log p(x) in nats, float64 [B].
+
+        K = num_samples importance samples (Burda et al. 2016): a lower bound on log p(x) that
+        tightens as K grows, >= -l_i on average.
 
         Noise is keyed as the encode job keys it, so with a table's num_samples_iw and seed a
         datapoint's estimate is its row's log_px.
@@ -217,9 +222,10 @@ class Model:
 
 
 def load_model(path: str, device: str = "cpu") -> Model:
-    """Load a trained model from a run directory (its best checkpoint), a checkpoint directory or a
-    checkpoint.pt file, local or s3://..., onto `device` ("cpu", "cuda", "cuda:1" or "auto").
+    """Load a trained model from a run, a checkpoint directory or a checkpoint file.
 
+    path: a run directory (its best checkpoint), a checkpoint directory or a checkpoint.pt file,
+    local or s3://...; device: "cpu", "cuda", "cuda:1" or "auto" (a GPU where there is one).
     Raises CheckpointError naming the path when it holds no readable checkpoint.
 
     Example:
@@ -236,16 +242,24 @@ def load_model(path: str, device: str = "cpu") -> Model:
 
 @dataclass(frozen=True)
 class Images:
-    """A split's datapoints as stored in the shards: indices int64 [N], images uint8 [N, H, W, C],
-    labels int64 [N]."""
+    """A split's datapoints as the shards store them, from `read_images`.
+
+    indices int64 [N] (the datapoint's index in its split, part of its key), images uint8
+    [N, H, W, C], labels int64 [N].
+
+    Example:
+        >>> data = vaedist.read_images("outputs/shards", split="test")
+        >>> model.loss(data.images[:4], indices=data.indices[:4], split="test").loss
+    """
     indices: np.ndarray
     images: np.ndarray
     labels: np.ndarray
 
 
 def read_images(shards_dir: str, split: str = "test", max_shards: int = 0) -> Images:
-    """The images of one split of a shards directory (`vaedist data prepare`'s output), decoded into
-    memory; max_shards > 0 reads only the first shards.
+    """Read one split of a shards directory (`vaedist data prepare`'s output) into memory.
+
+    max_shards > 0 reads only the first shards.
 
     Example:
         >>> data = vaedist.read_images("outputs/shards", split="test", max_shards=1)
@@ -293,8 +307,10 @@ def _typed_lineage(raw: dict[str, Any]) -> Any:
 
 
 class Table:
-    """A published latent table (`vaedist encode`'s output): a row per datapoint (per checkpoint),
-    read with DuckDB, pandas or Ray Data. Opened by `open_table`.
+    """A published latent table (`vaedist encode`'s output), opened by `open_table`.
+
+    A row per datapoint (per checkpoint, for a table with an epoch column), read with DuckDB,
+    pandas, Arrow or Ray Data; `lineage` says what it was encoded from.
 
     Example:
         >>> table = vaedist.open_table("outputs/latents-debug")
@@ -389,12 +405,13 @@ class Table:
         return self.relation().to_arrow_table()
 
     def to_ray(self) -> Any:
-        """The table as a Ray Dataset over its Parquet files (joins the Ray cluster RAY_ADDRESS names,
-        or starts a local one), for work on the whole table in parallel.
+        """The table as a Ray Dataset over its Parquet files, for work on the whole table in parallel.
+
+        It joins the Ray cluster RAY_ADDRESS names, or starts a local one.
 
         Example:
             >>> ds = table.to_ray()
-            >>> ds.filter(lambda row: row["split"] == "test").count()
+            >>> ds.filter(expr="split = 'test'").count()
         """
         import ray.data
 
@@ -424,8 +441,9 @@ def _config(config: Config | str) -> Config:
 
 
 def prepare(config: Config | str, out: str | None = None) -> dict[str, Any]:
-    """Write the config's dataset as WebDataset shards (to `out`, default data.shards_dir), as
-    `vaedist data prepare` does; returns the manifest.
+    """Write the config's dataset as WebDataset shards, as `vaedist data prepare` does.
+
+    out: the shards directory (default data.shards_dir). Returns the manifest.
 
     Example:
         >>> cfg = vaedist.load_config("configs/debug.yaml", ["data.shards_dir=outputs/shards"])
@@ -437,8 +455,10 @@ def prepare(config: Config | str, out: str | None = None) -> dict[str, Any]:
 
 
 def train(config: Config | str, echo: Callable[[str], None] | None = None) -> Any:
-    """Train (or resume) the run output.run_name with Ray Train, as `vaedist train` does; returns a
-    TrainResult (run_dir, best_checkpoint, latest_checkpoint, metrics). echo prints a line per epoch.
+    """Train (or resume) the run output.run_name with Ray Train, as `vaedist train` does.
+
+    Returns a TrainResult (run_dir, best_checkpoint, latest_checkpoint, metrics); echo prints a
+    line per epoch.
 
     Example:
         >>> result = api.train(vaedist.load_config("configs/debug.yaml"), echo=print)
@@ -452,9 +472,11 @@ def train(config: Config | str, echo: Callable[[str], None] | None = None) -> An
 def encode(config: Config | str, checkpoint: str | None = None, out: str | None = None,
            epochs: list[int] | None = None, shards_dir: str | None = None,
            echo: Callable[[str], None] | None = None) -> Table:
-    """Encode the shards into a published latent table with Ray Data, as `vaedist encode` does, and
-    open it. checkpoint: a run or checkpoint (default encode.checkpoint, else output.run_name's best);
-    out: default output.latents_dir; epochs: several kept epochs of one run into one table.
+    """Encode the shards into a latent table with Ray Data, as `vaedist encode` does, and open it.
+
+    checkpoint: a run or checkpoint (default encode.checkpoint, else output.run_name's best); out:
+    default output.latents_dir; epochs: several kept epochs of one run into one table;
+    shards_dir: other data of the same image shape (default data.shards_dir).
 
     Example:
         >>> table = api.encode(cfg, checkpoint=result.best_checkpoint, out="outputs/latents-debug")
@@ -467,9 +489,11 @@ def encode(config: Config | str, checkpoint: str | None = None, out: str | None 
 
 def sweep(config: Config | str, grid: Sequence[str] = (), sample: Sequence[str] = (),
           echo: Callable[[str], None] | None = None, **sweep_fields: Any) -> Any:
-    """Run (or resume) a sweep through Ray Tune, as `vaedist sweep` does: grid axes "key=v1,v2" and
-    sampled keys "key=dist" add to the config's sweep section, as do sweep fields (num_samples,
-    name, scheduler, max_concurrent_trials). Returns the SweepResult (its table: sweep.parquet).
+    """Run (or resume) a sweep through Ray Tune, as `vaedist sweep` does.
+
+    Grid axes "key=v1,v2" and sampled keys "key=dist" add to the config's sweep section, as do sweep
+    fields (num_samples, name, scheduler, max_concurrent_trials). Returns the SweepResult (its
+    table: sweep.parquet).
 
     Example:
         >>> result = api.sweep(cfg, grid=["train.lr=1e-3,3e-4"], name="lr")

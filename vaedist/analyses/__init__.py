@@ -49,8 +49,16 @@ NEEDS = {
 
 @dataclass(frozen=True)
 class Analysis:
-    """One ready-made analysis: its name (as `vaedist query` takes it), the function that runs it,
-    its SQL, what it needs of the table(s), the keyword arguments it takes, and a one-line summary."""
+    """One ready-made analysis, as the registry lists it.
+
+    name: as `vaedist query` takes it; function: what runs it (the table's path first); sql: its
+    query, a module constant; summary: one line; needs: tags of NEEDS, what it needs of the
+    table(s); options: the keyword arguments of the function that `vaedist query` fills.
+
+    Example:
+        >>> ANALYSES["gaps"].needs
+        ('log_px',)
+    """
     name: str
     function: Callable[..., Any]
     sql: str
@@ -60,17 +68,28 @@ class Analysis:
 
     @property
     def doc(self) -> str:
-        """The function's docstring: what each column means and how the arguments act."""
+        """The function's docstring: what each column means and how the arguments act.
+
+        Example:
+            >>> print(ANALYSES["totals"].doc)
+        """
         return inspect.getdoc(self.function) or ""
 
     @property
     def takes_against(self) -> bool:
-        """Whether it reads two tables (the second one named `against`)."""
+        """Whether it reads two tables (the second one named `against`).
+
+        Example:
+            >>> ANALYSES["compare"].takes_against
+            True
+        """
         return "same-data" in self.needs or "same-checkpoint" in self.needs
 
     def run(self, latents_dir: str, against: str | None = None, **options: Any) -> Any:
-        """Run it on a table (and `against`, the second table of a two-table analysis) with the options
-        it takes; options it does not take are dropped, so one command line serves every analysis.
+        """Run it on a table with the options it takes, dropping the others.
+
+        against: the second table of a two-table analysis. Dropping the options an analysis does
+        not take lets one command line serve every analysis.
 
         Example:
             >>> get_analysis("worst").run("outputs/latents", k=5, space="mu")
@@ -132,8 +151,9 @@ ANALYSES: dict[str, Analysis] = {analysis.name: analysis for analysis in _LIST}
 
 
 def get_analysis(name: str) -> Analysis:
-    """The analysis registered under `name`; an unknown name is a QueryError that lists the known
-    ones (and the closest, for a typo).
+    """The analysis registered under `name`.
+
+    An unknown name is a QueryError that lists the known ones (and the closest, for a typo).
 
     Example:
         >>> get_analysis("loss-by-digit").summary
