@@ -9,7 +9,8 @@ Each analysis is one SQL query kept as a module constant with DuckDB `$name` par
 can quote it and a test can run it) and a function that checks its arguments, scopes the table to
 one checkpoint and runs the query:
 
-core.py       opening a table, running SQL, scoping, errors (QueryError) and printing results
+core.py       opening a table, running SQL, scoping to one checkpoint, errors (QueryError)
+format.py     printing a result: aligned columns, CSV, JSON lines
 one_table.py  loss by class, worst explained, gaps, neighbours, per-dimension diagnostics, totals, outliers
 compare.py    two tables of the same datapoints, datapoint by datapoint
 dynamics.py   a table of several checkpoints of one run (an epoch column)
@@ -27,10 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vaedist.analyses.compare import COMPARE_BY_DIGIT_SQL, COMPARE_TOP_SQL, compare_by_digit, compare_top
-from vaedist.analyses.core import (VIEW_A, VIEW_B, QueryError, connect, connect_pair, format_table, read_lineage,
-                                   run_sql, table_epochs, table_files)
+from vaedist.analyses.core import (VIEW_A, VIEW_B, QueryError, connect, connect_pair, read_lineage, run_sql,
+                                   table_epochs, table_files)
 from vaedist.analyses.dynamics import (CURVES_SQL, DIGIT_CURVES_SQL, FORGOTTEN_SQL, LEARNED_LATE_SQL, curves,
                                        digit_curves, forgotten, learned_late)
+from vaedist.analyses.format import format_table
 from vaedist.analyses.ood import OOD_SQL, check_ood_pair, ood, pair_kind
 from vaedist.analyses.one_table import (ACTIVE_UNITS_SQL, GAP_BY_DIGIT_SQL, KL_PER_DIM_SQL, LARGEST_GAPS_SQL,
                                         LOSS_BY_DIGIT_SQL, NEIGHBOURS_SQL, OUTLIERS_SQL, TOTALS_SQL,
