@@ -52,6 +52,11 @@ def _device(device: str | Any) -> "torch.device":
     return torch.device(device)
 
 
+def _check_count(value: Any, name: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer ({what}), got {value!r}")
+
+
 class Model:
     """A trained VAE on one device, loaded by `load_model`.
 
@@ -168,8 +173,7 @@ class Model:
         """
         import torch
 
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        _check_count(n, "n", "images")
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return self.vae.sample(n, generator, mean=mean).reshape(n, *self.image_shape)
 
@@ -198,8 +202,9 @@ class Model:
         """
         from vaedist.losses import LossParts
 
-        rows = self._evaluate(images, indices, split, seed,
-                              num_samples or self.config.encode.num_samples_mc, 0)
+        num_samples = self.config.encode.num_samples_mc if num_samples is None else num_samples
+        _check_count(num_samples, "num_samples", "S samples of z")
+        rows = self._evaluate(images, indices, split, seed, num_samples, 0)
         return LossParts(loss=rows["loss"], recon_nll=rows["recon_nll"], kl=rows["kl"])
 
     def log_px(self, images: Any, num_samples: int = 1000, indices: Sequence[int] | np.ndarray | None = None,
@@ -216,8 +221,7 @@ class Model:
             >>> model.log_px(data.images[:8], num_samples=100, indices=data.indices[:8]).shape
             torch.Size([8])
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-            raise ValueError(f"num_samples must be a positive integer (K importance samples), got {num_samples!r}")
+        _check_count(num_samples, "num_samples", "K importance samples")
         return self._evaluate(images, indices, split, seed, 1, num_samples)["log_px"]
 
 

@@ -100,7 +100,8 @@ def test_decode_and_sample_give_images(model):
     (lambda m, d: m.loss(d.images[:2], indices=[0]), "indices must be 2 non-negative integers"),
     (lambda m, d: m.decode(torch.zeros(2, 3)), r"z must be \[B, 4\]"),
     (lambda m, d: m.sample(0), "n must be a positive integer"),
-    (lambda m, d: m.log_px(d.images[:2], num_samples=0), "num_samples must be a positive integer"),
+    (lambda m, d: m.log_px(d.images[:2], num_samples=0), r"num_samples must be a positive integer \(K importance"),
+    (lambda m, d: m.loss(d.images[:2], num_samples=0), r"num_samples must be a positive integer \(S samples"),
 ])
 def test_bad_model_input_is_named(model, data, call, message):
     with pytest.raises(ValueError, match=message):
