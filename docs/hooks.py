@@ -29,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The Python API reference: one page per module. Adding a module's page is one line here.
 API_MODULES = [
+    "vaedist.api",
+    "vaedist.analyses",
     "vaedist.config",
     "vaedist.encode",
-    "vaedist.query",
+    "vaedist.lineage",
 ]
 # Pages another branch adds: listed in the nav, dropped from it while the file is not there yet.
 OPTIONAL_PAGES = {"guides/reliability.md"}

@@ -262,7 +262,7 @@ def write_latent_table(table_dir: Path, shards: str, models: dict, lineage: dict
 
 
 # ---------------------------------------------------------------------------------------------
-# The out-of-distribution readout's reference (vaedist.ood): its definitions, computed directly.
+# The out-of-distribution readout's reference (vaedist.analyses.ood): its definitions, computed directly.
 
 def ood_reference(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float]:
     """AUROC as P(out > in) + P(out = in)/2 over all pairs; AUPR as the mean over OUT points of the

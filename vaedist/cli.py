@@ -24,7 +24,8 @@ Examples:
   vaedist data verify
   vaedist train --config configs/debug.yaml --set scaling.num_workers=2
   vaedist encode --config configs/debug.yaml
-  vaedist query "SELECT label, avg(loss) FROM latents GROUP BY label"
+  vaedist query loss-by-digit --split test
+  vaedist query sql "SELECT label, avg(loss) FROM latents GROUP BY label"
   vaedist config show --config configs/mnist.yaml
 """
 
@@ -90,14 +91,14 @@ OPTIONAL_PACKAGES = {"duckdb": "pip install 'duckdb>=1.0' (queries, reports and 
 
 
 def input_errors() -> tuple[type[Exception], ...]:
-    """Our own input errors, imported once one is raised. QueryError only where vaedist.query was
+    """Our own input errors, imported once one is raised. QueryError only where vaedist.analyses was
     imported (only a query can raise it): importing it here would import DuckDB for every command."""
     from vaedist.checkpoint import CheckpointError
     from vaedist.data import DataError
     from vaedist.encode import EncodeError
     from vaedist.tracking import TrackingError
 
-    query = sys.modules.get("vaedist.query")
+    query = sys.modules.get("vaedist.analyses.core")
     return (ConfigError, DataError, CheckpointError, EncodeError, TrackingError, FileNotFoundError,
             FileExistsError, *((query.QueryError,) if query else ()))
 
@@ -334,13 +335,10 @@ def encode(config_path, overrides, mnist_dir, checkpoint, out, shards, epochs, a
 
 # --- query and report -----------------------------------------------------------------------------
 
-ANALYSES = ("loss-by-digit", "worst", "gaps", "neighbours", "active-units", "kl-per-dim", "totals", "gap-by-digit",
-            "outliers", "compare", "compare-top", "ood", "curves", "digit-curves", "learned-late", "forgotten")
-
-
 @cli.command()
 @config_options
 @click.argument("what")
+@click.argument("sql_text", metavar="[SQL]", required=False)
 @click.option("--latents", help="The latent table (default: output.latents_dir); table A of compare.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default=None,
@@ -364,18 +362,19 @@ ANALYSES = ("loss-by-digit", "worst", "gaps", "neighbours", "active-units", "kl-
 @click.option("--by", default=2.0, show_default=True, help="forgotten: rise of l_i in nats.")
 @click.option("--from-epoch", type=int, help="forgotten: between these two epochs instead of consecutive ones.")
 @click.option("--to-epoch", type=int, help="forgotten: see --from-epoch.")
-@click.option("--sweep", "sweep_name", help="Query a sweep's sweep.parquet instead: WHAT is SQL over the view "
+@click.option("--sweep", "sweep_name", help="Query a sweep's sweep.parquet instead: SQL over the view "
                                             "`sweep` (a row per trial); a sweep name or directory.")
 @guarded
-def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, space, threshold, against,
+def query(config_path, overrides, mnist_dir, what, sql_text, latents, fmt, split, k, key, space, threshold, against,
           epoch, against_epoch, within, after, by, from_epoch, to_epoch, sweep_name) -> None:
-    """Query a latent table with SQL over the view `latents`, or run a ready-made analysis
-    (loss-by-digit, worst, gaps, neighbours; active-units, kl-per-dim, totals, gap-by-digit, outliers;
-    compare, compare-top of two tables; ood of one checkpoint's tables of two data; curves, digit-curves,
-    learned-late, forgotten over a table of several checkpoints, one with an epoch column).
+    """Run a ready-made analysis of a latent table by name, or SQL over the view `latents`
+    (`vaedist query sql "SELECT ..."`). The analyses: loss-by-digit, worst, gaps, neighbours;
+    active-units, kl-per-dim, totals, gap-by-digit, outliers; compare, compare-top of two tables;
+    ood of one checkpoint's tables of two data; curves, digit-curves, learned-late, forgotten over a
+    table of several checkpoints, one with an epoch column. An unknown name is an error listing them.
 
     \b
-    vaedist query "SELECT label, avg(loss) FROM latents GROUP BY label ORDER BY label"
+    vaedist query sql "SELECT label, avg(loss) FROM latents GROUP BY label ORDER BY label"
     vaedist query loss-by-digit --split test --format csv
     vaedist query worst --k 5
     vaedist query gaps --k 5
@@ -390,65 +389,45 @@ def query(config_path, overrides, mnist_dir, what, latents, fmt, split, k, key, 
     vaedist query curves --key test-00042 --key test-00043 --latents outputs/latents-epochs
     vaedist query learned-late --within 1.0 --after 5 --latents outputs/latents-epochs
     vaedist query forgotten --by 2.0 --latents outputs/latents-epochs
-    vaedist query --sweep debug-sweep "SELECT name, test_loss FROM sweep ORDER BY test_loss"
+    vaedist query --sweep debug-sweep sql "SELECT name, test_loss FROM sweep ORDER BY test_loss"
     """
-    from vaedist import analysis as a
-    from vaedist import query as q
+    from vaedist import analyses
 
+    # SQL: `sql "SELECT ..."`, or (as before the `sql` word existed) a statement in place of a name.
+    if what == "sql":
+        if not sql_text:
+            raise click.UsageError('sql needs the query, e.g. vaedist query sql "SELECT count(*) FROM latents"')
+        sql = sql_text
+    elif sql_text is not None:
+        raise click.UsageError(f"unexpected argument {sql_text!r}: SQL goes after the word sql "
+                               f'(vaedist query sql "SELECT ...")')
+    else:
+        sql = what if any(c.isspace() for c in what) else None
     if sweep_name:
         from vaedist.sweep import query_sweep, resolve_sweep_dir
 
         cfg = resolve_config(config_path, overrides, mnist_dir)
-        click.echo(q.format_table(query_sweep(resolve_sweep_dir(cfg, sweep_name), what), fmt), nl=False)
+        click.echo(analyses.format_table(query_sweep(resolve_sweep_dir(cfg, sweep_name), sql or what), fmt), nl=False)
         return
 
+    analysis = None if sql is not None else analyses.get_analysis(what)
     path = latents or resolve_config(config_path, overrides, mnist_dir).output.latents_dir
-    which = None if split == "all" else split
-    split_kw = {} if split is None else {"split": which}  # absent: the analysis's own default
-    if what in ("compare", "compare-top") and not against:
-        raise click.UsageError(f"{what} needs --against, the table to compare --latents with")
-    if what == "ood" and not against:
-        raise click.UsageError("ood needs --against, the table of data the model was not trained on (OUT); "
+    if sql is not None:
+        click.echo(analyses.format_table(analyses.run_sql(path, sql), fmt), nl=False)
+        return
+    if analysis.takes_against and not against:
+        raise click.UsageError(f"{what} needs --against, the table to compare --latents with" if what != "ood" else
+                               "ood needs --against, the table of data the model was not trained on (OUT); "
                                "--latents is its own kind of data (IN)")
-    if what == "loss-by-digit":
-        table = q.loss_by_digit(path, split="test" if split is None else which, epoch=epoch)
-    elif what == "worst":
-        table = q.worst_explained(path, k=k, split=which, epoch=epoch)
-    elif what == "gaps":
-        table = q.largest_gaps(path, k=k, split=which, epoch=epoch)
-    elif what == "neighbours":
-        if len(key) != 1:
-            raise click.UsageError("neighbours needs --key, e.g. --key test-00042 (one key)")
-        table = q.neighbours(path, key[0], k=k, space=space, epoch=epoch)
-    elif what == "active-units":
-        table = a.active_units(path, threshold, epoch=epoch, **split_kw)
-    elif what == "kl-per-dim":
-        table = a.kl_per_dim(path, epoch=epoch, **split_kw)
-    elif what == "totals":
-        table = a.totals(path, epoch=epoch, **split_kw)
-    elif what == "gap-by-digit":
-        table = a.gap_by_digit(path, epoch=epoch, **split_kw)
-    elif what == "outliers":
-        table = a.outliers(path, k=k, epoch=epoch, **split_kw)
-    elif what == "compare":
-        table = a.compare_by_digit(path, against, epoch=epoch, against_epoch=against_epoch, **split_kw)
-    elif what == "compare-top":
-        table = a.compare_top(path, against, k=k, epoch=epoch, against_epoch=against_epoch, **split_kw)
-    elif what == "ood":
-        from vaedist.ood import ood
-
-        table = ood(path, against)
-    elif what == "curves":
-        table = a.curves(path, keys=list(key) or None, k=k, **split_kw)
-    elif what == "digit-curves":
-        table = a.digit_curves(path, **split_kw)
-    elif what == "learned-late":
-        table = a.learned_late(path, within=within, after=after, k=k, **split_kw)
-    elif what == "forgotten":
-        table = a.forgotten(path, by=by, k=k, from_epoch=from_epoch, to_epoch=to_epoch, **split_kw)
-    else:
-        table = q.run_sql(path, what)
-    click.echo(q.format_table(table, fmt), nl=False)
+    if what == "neighbours" and len(key) != 1:
+        raise click.UsageError("neighbours needs --key, e.g. --key test-00042 (one key)")
+    options = dict(k=k, space=space, threshold=threshold, epoch=epoch, against_epoch=against_epoch, within=within,
+                   after=after, by=by, from_epoch=from_epoch, to_epoch=to_epoch, keys=list(key) or None,
+                   key=key[0] if key else None)
+    if split is not None:  # absent: the analysis's own default
+        options["split"] = None if split == "all" else split
+    table = analysis.run(path, against, **options)
+    click.echo(analyses.format_table(table, fmt), nl=False)
     if what == "active-units" and fmt == "table":
         click.echo(f"{sum(table.column('active').to_pylist())} of {table.num_rows} dimensions active "
                    f"(variance of mu_d over datapoints > {threshold:g})")
@@ -482,7 +461,7 @@ def report(config_path, overrides, mnist_dir, latents, out, checkpoint, against,
     vaedist report --latents outputs/latents-fashion-mnist --against outputs/latents-mnist-by-fashion --out outputs/ood
     vaedist report --sweep debug-sweep --out outputs/report-sweep
     """
-    from vaedist.ood import pair_kind
+    from vaedist.analyses import pair_kind
     from vaedist.report import write_comparison, write_ood, write_report
 
     cfg = resolve_config(config_path, overrides, mnist_dir)
@@ -628,24 +607,6 @@ def bench_analyses(config_path, overrides, mnist_dir, latents, repeats) -> None:
 
     run(latents or resolve_config(config_path, overrides, mnist_dir).output.latents_dir, repeats=repeats,
         echo=click.echo)
-
-
-@bench.command("noise")
-@click.option("--rows", default=128, show_default=True, type=click.IntRange(min=1), help="Datapoints per call.")
-@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1),
-              help="Timed calls per side, old and new interleaved; rows/s of the best call.")
-@click.option("--encode", "with_encode", is_flag=True,
-              help="Also time an encode actor's whole per-batch work before and after (S=16 K=0, S=1 K=1000).")
-def bench_noise(rows, repeats, with_encode) -> None:
-    """Per-datapoint noise and fixed binarisation on one CPU thread: the per-row generator loop and NumPy vs vaedist.rng.
-
-    vaedist bench noise --rows 128 --repeats 20 --encode
-    """
-    from vaedist.bench.noise import bench_evaluate, bench_noise as run
-
-    run(echo=click.echo, rows=rows, repeats=repeats)
-    if with_encode:
-        bench_evaluate(echo=click.echo, rows=rows)
 
 
 @bench.command("objectives")

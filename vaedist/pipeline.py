@@ -55,7 +55,7 @@ def ensure_shards(cfg: Config, echo: Callable[[str], None]) -> str:
 
 def run_pipeline(cfg: Config, echo: Callable[[str], None] = print) -> PipelineResult:
     from vaedist.encode import encode
-    from vaedist.query import format_table, loss_by_digit
+    from vaedist.analyses import format_table, loss_by_digit
     from vaedist.report import write_report
     from vaedist.tracking import check_uri, log_encode, resolve_uri
     from vaedist.train import train

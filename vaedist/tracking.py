@@ -394,18 +394,18 @@ def summarize_latents(latents_dir: str) -> tuple[dict[str, Any], dict[str, float
     """A published latent table's summary: ({name: Arrow table}, {metric: value}).
 
     Tables: loss_by_split (count and mean l_i, recon_nll, kl, and the IW NLL when the table has
-    log_px) and loss_by_digit_<split> (query.loss_by_digit). Metrics: encode_<split>_loss_mean,
+    log_px) and loss_by_digit_<split> (analyses.loss_by_digit). Metrics: encode_<split>_loss_mean,
     _recon_nll_mean, _kl_mean, _nll_iw (nats)."""
-    from vaedist import query
+    from vaedist import analyses
 
-    con = query.connect(latents_dir)
+    con = analyses.connect(latents_dir)
     try:
-        by_split = query.run_sql(latents_dir, LOSS_BY_SPLIT_SQL, con=con)
+        by_split = analyses.run_sql(latents_dir, LOSS_BY_SPLIT_SQL, con=con)
         tables: dict[str, Any] = {"loss_by_split": by_split}
         metrics: dict[str, float] = {}
         for row in by_split.to_pylist():
             split = row["split"]
-            tables[f"loss_by_digit_{split}"] = query.loss_by_digit(latents_dir, split, con=con)
+            tables[f"loss_by_digit_{split}"] = analyses.loss_by_digit(latents_dir, split, con=con)
             for name in ("loss_mean", "recon_nll_mean", "kl_mean", "nll_iw"):
                 if row[name] is not None and math.isfinite(row[name]):
                     metrics[f"encode_{split}_{name}"] = float(row[name])
@@ -455,10 +455,10 @@ def _log_encode(uri: str, latents_dir: str, experiment: str, run_dir: str | None
                 report_dir: str | None, artifact_path: str) -> str:
     from mlflow.entities import Metric, RunTag
 
-    from vaedist import query, schema
+    from vaedist import analyses, schema
     from vaedist.checkpoint import run_dir_of_checkpoint  # torch: imported only when encode logs
 
-    lineage = query.read_lineage(latents_dir)
+    lineage = analyses.read_lineage(latents_dir)
     checkpoint = str(lineage.checkpoint or "")
     client = _client(uri)
     if run_id is None:
@@ -478,7 +478,7 @@ def _log_encode(uri: str, latents_dir: str, experiment: str, run_dir: str | None
         for name, table in tables.items():
             for fmt, ext in (("csv", "csv"), ("json", "jsonl")):
                 with open(os.path.join(tmp, f"{name}.{ext}"), "w") as f:
-                    f.write(query.format_table(table, fmt))
+                    f.write(analyses.format_table(table, fmt))
         client.log_artifacts(run_id, tmp, artifact_path)
     if report_dir:
         with tempfile.TemporaryDirectory() as tmp:

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
+from vaedist.analyses import ood
 from vaedist.checkpoint import checkpoint_dir_name, save_checkpoint
 from vaedist.data import load_idx, manifest_hash, prepare_shards, read_manifest, read_sources
 from vaedist.encode import encode
 from vaedist.model import VAE
-from vaedist.ood import ood
 
 from conftest import debug_config, ood_reference
 

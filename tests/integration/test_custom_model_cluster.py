@@ -42,7 +42,7 @@ def test_a_colour_folder_trains_a_custom_model_on_two_workers_then_encodes_queri
     from vaedist.data import read_sources
     from vaedist.encode import encode
     from vaedist.prepare import prepare_external
-    from vaedist.query import loss_by_digit, run_sql
+    from vaedist.analyses import loss_by_digit, run_sql
     from vaedist.report import write_report
     from vaedist.train import train
 

@@ -23,11 +23,11 @@ import torch
 from click.testing import CliRunner
 
 from vaedist import storage
+from vaedist.analyses import loss_by_digit, run_sql
 from vaedist.checkpoint import CheckpointError, kept_checkpoint_dirs, load_checkpoint
 from vaedist.cli import cli
 from vaedist.console import VERBOSE_ENV
 from vaedist.encode import EncodeError, encode
-from vaedist.query import loss_by_digit, run_sql
 
 from conftest import REPO, debug_config
 

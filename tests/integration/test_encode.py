@@ -18,9 +18,9 @@ import pytest
 from _pytest.logging import LogCaptureHandler
 
 from vaedist import schema, storage
+from vaedist.analyses import QueryError, loss_by_digit, run_sql
 from vaedist.checkpoint import CheckpointError
 from vaedist.encode import FAIL_ENV, EncodeError, encode
-from vaedist.query import QueryError, loss_by_digit, run_sql
 
 from conftest import REPO
 from contract import assert_tables_close, level_env, lower_level

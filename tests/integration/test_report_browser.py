@@ -65,7 +65,7 @@ def report(ray_cluster, trained_run, tmp_path_factory):
     from vaedist.checkpoint import checkpoint_dirs, load_model
     from vaedist.config import config_from_dict
     from vaedist.encode import encode
-    from vaedist.query import read_lineage
+    from vaedist.analyses import read_lineage
     from vaedist.report import write_comparison, write_report
     if not ray_cluster.is_initialized():  # a module with a cluster of its own shut the shared one down
         start_local_ray()
@@ -156,7 +156,7 @@ def check_rendered(page, problems: dict[str, list[str]], figures, screenshot: Pa
 def test_report_renders_in_chromium(report, served, browser, tmp_path):
     from PIL import Image
 
-    from vaedist.query import loss_by_digit
+    from vaedist.analyses import loss_by_digit
     from vaedist.report import DIAGNOSTIC_FIGURES, FIGURES, TRAINING_FIGURE
 
     _, finished, table, _ = report

@@ -47,7 +47,7 @@ def test_prepare_train_encode_query_on_s3(s3, s3_ray, mnist_dir, tmp_path, monke
     from vaedist import schema
     from vaedist.data import prepare_shards, verify_shards
     from vaedist.encode import encode
-    from vaedist.query import loss_by_digit, read_lineage
+    from vaedist.analyses import loss_by_digit, read_lineage
     from vaedist.train import train
 
     monkeypatch.chdir(tmp_path)  # anything written to a local path by mistake would land here

@@ -66,7 +66,7 @@ def test_crash_mid_run_resumes_and_eval_every_epochs_skips_evaluation_in_between
     from vaedist.config import config_from_dict
     from vaedist.console import format_epoch
     from vaedist.encode import encode
-    from vaedist.query import read_lineage, run_sql
+    from vaedist.analyses import read_lineage, run_sql
 
     cfg = debug_config(small_shards, tmp_path, "crash", "train.epochs=3", "train.fail_at_epoch=2",
                        "output.max_failures=1", "train.eval_every_epochs=2", "model.likelihood=discretized-logistic",

@@ -1,4 +1,4 @@
-"""vaedist.analysis against real Parquet tables and real DuckDB, each number recomputed with NumPy
+"""vaedist.analyses against real Parquet tables and real DuckDB, each number recomputed with NumPy
 or pandas from the published rows. No Ray.
 
 Tables: conftest's `latent_tables` (an untrained model over real MNIST shards, 1,000 datapoints per
@@ -24,12 +24,11 @@ from click.testing import CliRunner
 
 from conftest import LATENT_DIM, NUM_ROWS, write_latent_table
 from vaedist import schema
-from vaedist.analysis import (active_units, compare_by_digit, compare_top, curves, digit_curves, forgotten,
-                              gap_by_digit, kl_per_dim, learned_late, outliers, table_epochs, totals)
+from vaedist.analyses import (QueryError, active_units, compare_by_digit, compare_top, curves, digit_curves, forgotten,
+                              gap_by_digit, kl_per_dim, learned_late, outliers, read_lineage, table_epochs, totals)
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
 from vaedist.model import VAE
-from vaedist.query import QueryError, read_lineage
 
 PRIOR_DIM = 2
 EPOCHS = (1, 2, 4)  # not consecutive numbers: "consecutive" means adjacent among the kept epochs

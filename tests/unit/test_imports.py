@@ -26,7 +26,7 @@ from vaedist.cli import cli
 import vaedist.train, vaedist.encode, vaedist.bench.gpu, vaedist.bench.train, vaedist.bench.encode
 from ray.train.torch import TorchTrainer
 import ray.data
-# Each command's error path: its error handling once imported vaedist.query, hence DuckDB.
+# Each command's error path: its error handling once imported vaedist.analyses, hence DuckDB.
 results = [CliRunner().invoke(cli, args) for args in (
     ["train", "--set", "data.shards_dir={tmp_path}/none"],
     ["encode", "--checkpoint", "{tmp_path}/none"],

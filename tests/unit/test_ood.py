@@ -1,4 +1,4 @@
-"""The out-of-distribution readout (vaedist.ood, `vaedist query ood`, ood.html) checked against NumPy
+"""The out-of-distribution readout (vaedist.analyses.ood, `vaedist query ood`, ood.html) checked against NumPy
 recomputations of AUROC, AUPR and FPR at 95% TPR; the lineage checks that decide which two-table
 analysis applies; the `source` column in queries and the report; labels of unlabelled data (-1);
 and a checkpoint of another channel count refused by encode before any work. No Ray: the tables are
@@ -19,13 +19,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vaedist import analysis, query, schema
+from vaedist import analyses, schema
+from vaedist.analyses import OOD_SQL, check_ood_pair, ood, pair_kind
 from vaedist.checkpoint import CheckpointError, save_checkpoint
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
 from vaedist.data import DatasetInfo, load_idx, manifest_hash, prepare_shards, read_manifest
 from vaedist.model import VAE
-from vaedist.ood import OOD_SQL, check_ood_pair, ood, pair_kind
 from vaedist.report import OOD_FIGURES, OOD_PAGE, write_ood
 from vaedist.rng import NOISE_SCHEME
 
@@ -139,16 +139,16 @@ def test_ood_cli_prints_both_scores(pair):
     ("in", "out_k4", r"different numbers of samples \(num_samples_iw 8 vs 4\)"),
 ])
 def test_ood_refuses_tables_it_cannot_read_out(pair, a, b, message):
-    with pytest.raises(query.QueryError, match=message):
+    with pytest.raises(analyses.QueryError, match=message):
         ood(pair[a], pair[b])
 
 
 def test_compare_still_refuses_one_checkpoint_on_two_data(pair):
     """compare subtracts l_i datapoint by datapoint: different data must stay refused, although the keys
     (test-00000, ...) of MNIST and Fashion-MNIST coincide."""
-    with pytest.raises(query.QueryError, match=r"not encoded from the same datapoints and binarisation: "
+    with pytest.raises(analyses.QueryError, match=r"not encoded from the same datapoints and binarisation: "
                                                r"dataset 'fashion-mnist' vs 'mnist'; manifest_hash"):
-        analysis.compare_by_digit(pair["in"], pair["out"])
+        analyses.compare_by_digit(pair["in"], pair["out"])
 
 
 def test_pair_kind_follows_the_lineages(pair):
@@ -179,7 +179,7 @@ def test_report_against_writes_the_ood_page(pair, tmp_path):
 
 def test_source_column_is_shown_and_old_tables_read_without_it(pair, mnist_dir):
     out, old = pair["out"], pair["in"]
-    worst = query.worst_explained(out, k=5, split="test").to_pylist()
+    worst = analyses.worst_explained(out, k=5, split="test").to_pylist()
     # The built-in MNIST source: the IDX file and row the image came from; the row holds those pixels.
     images, _, _ = load_idx("mnist", "test", source_dir=mnist_dir)
     shard_rows = pd.read_parquet(out).set_index("key")
@@ -191,14 +191,14 @@ def test_source_column_is_shown_and_old_tables_read_without_it(pair, mnist_dir):
         position = int(np.flatnonzero(indices == int(row_number))[0])
         np.testing.assert_array_equal(pixels[position].reshape(28, 28), images[int(row_number)])
         assert shard_rows.loc[row["key"], "source"] == row["source"]
-    assert "source" in analysis.outliers(out, k=3).column_names
+    assert "source" in analyses.outliers(out, k=3).column_names
     # A table written before the column: the view has it, NULL, in its place; results leave it out.
-    con = query.connect(old)
+    con = analyses.connect(old)
     names = [r[0] for r in con.sql("DESCRIBE latents").fetchall()]
     assert names[names.index("shard") + 1] == "source"
     assert con.sql("SELECT count(source) FROM latents").fetchall() == [(0,)]
-    assert "source" not in query.worst_explained(old, k=3).column_names
-    assert "source" not in analysis.outliers(old, k=3).column_names
+    assert "source" not in analyses.worst_explained(old, k=3).column_names
+    assert "source" not in analyses.outliers(old, k=3).column_names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,10 +215,10 @@ def test_unlabelled_table_queries_and_figures(pair, tmp_path):
                                     pa.array(np.full(t.num_rows, -1, np.int64))), f)
     lineage = json.loads((table / schema.LINEAGE_FILE).read_text())
     (table / schema.LINEAGE_FILE).write_text(json.dumps({**lineage, "class_names": None}))
-    by_label = query.loss_by_digit(str(table)).to_pylist()
+    by_label = analyses.loss_by_digit(str(table)).to_pylist()
     assert [r["label"] for r in by_label] == [-1] and by_label[0]["count"] == 300
-    assert {r["label"] for r in analysis.outliers(str(table), k=5).to_pylist()} == {-1}
-    assert [r["label"] for r in analysis.gap_by_digit(str(table)).to_pylist()] == [-1]
+    assert {r["label"] for r in analyses.outliers(str(table), k=5).to_pylist()} == {-1}
+    assert [r["label"] for r in analyses.gap_by_digit(str(table)).to_pylist()] == [-1]
     info = DatasetInfo("images:things", (28, 28, 1), None, num_classes=0)
     assert _describe(info, -1) == "unlabelled" and _noun(info) == "class"
     labels, rng = np.full(50, -1), np.random.default_rng(0)

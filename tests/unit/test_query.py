@@ -21,12 +21,12 @@ from click.testing import CliRunner
 
 from conftest import LATENT_DIM, NUM_ROWS, write_latent_table
 from vaedist import schema
+from vaedist.analyses import (QueryError, connect, format_table, largest_gaps, loss_by_digit, neighbours, read_lineage,
+                              run_sql, worst_explained)
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
 from vaedist.data.sources import FASHION_MNIST
 from vaedist.model import VAE
-from vaedist.query import (QueryError, connect, format_table, largest_gaps, loss_by_digit, neighbours,
-                           read_lineage, run_sql, worst_explained)
 
 @pytest.fixture(scope="session")
 def frame(latent_tables) -> pd.DataFrame:

@@ -19,13 +19,13 @@ import torch
 from click.testing import CliRunner
 
 from conftest import LATENT_DIM, write_latent_table
-from vaedist import analysis, query, report, schema
+from vaedist import analyses, report, schema
+from vaedist.analyses import QueryError, read_lineage
 from vaedist.checkpoint import CheckpointError, save_checkpoint, write_metrics
 from vaedist.cli import cli
 from vaedist.config import Config, ModelConfig
 from vaedist.data import DataError, manifest_hash, prepare_shards, read_manifest
 from vaedist.model import VAE
-from vaedist.query import QueryError, read_lineage
 from vaedist.report import (COMPARISON_FIGURES, COMPARISON_PAGE, DIAGNOSTIC_FIGURES, DYNAMICS_FIGURES, DYNAMICS_PAGE,
                             FIGURES, TRAINING_FIGURE, write_comparison, write_report)
 
@@ -171,7 +171,7 @@ def test_diagnostics_show_the_tables_numbers(reports, latent_tables):
     assert [r[2] for r in gap[1:]] == [f"{g.gap.mean():.2f} ± {g.gap.std() / np.sqrt(len(g)):.2f}"
                                        for _, g in sorted(test.groupby("label"))]
     # The outliers shown are the analysis's, highest z first: the class-relative, not the global, ranking.
-    expected = analysis.outliers(latent_tables["latents"], k=12, split="test").to_pylist()
+    expected = analyses.outliers(latent_tables["latents"], k=12, split="test").to_pylist()
     shown = table_rows(page, "outliers")[1:]
     assert [r[0] for r in shown] == [r["key"] for r in expected]
     assert [r[4] for r in shown] == [f"{r['z_score']:.2f}" for r in expected]
@@ -199,7 +199,7 @@ def test_a_table_of_several_checkpoints(epochs_table, tmp_path):
     lineage = read_lineage(epochs_table)
     assert f"<li>checkpoint: <code>{lineage.checkpoints[-1]['path']}</code></li>" in page
     # Epoch 4's rows only, as the query of one checkpoint gives them.
-    expected = query.loss_by_digit(epochs_table, split="test", epoch=4)
+    expected = analyses.loss_by_digit(epochs_table, split="test", epoch=4)
     rows = table_rows(page, "loss-by-class")[1:]
     assert [r[1] for r in rows] == list(map(str, expected.column("count").to_pylist()))  # 1,000, not 3,000
     assert [r[2] for r in rows] == [f"{v:.2f}" for v in expected.column("loss_mean").to_pylist()]
@@ -207,8 +207,8 @@ def test_a_table_of_several_checkpoints(epochs_table, tmp_path):
     dynamics = (out / DYNAMICS_PAGE).read_text()
     assert_figures(out, dynamics, DYNAMICS_FIGURES)
     assert '<a href="index.html">The report</a> shows epoch 4' in dynamics
-    learned = analysis.learned_late(epochs_table, within=1.0, split="test", k=8).to_pylist()
-    forgotten = analysis.forgotten(epochs_table, by=0.0, split="test", k=8).to_pylist()
+    learned = analyses.learned_late(epochs_table, within=1.0, split="test", k=8).to_pylist()
+    forgotten = analyses.forgotten(epochs_table, by=0.0, split="test", k=8).to_pylist()
     assert len(learned) == len(forgotten) == 8
     shown = table_rows(dynamics, "extremes")
     assert shown[0] == ["group", "key", "digit", "l_i at epoch 1", "l_i at epoch 4", "when"]
@@ -223,7 +223,7 @@ def test_a_chosen_epoch_uses_its_checkpoint(epochs_table, tmp_path):
     page = Path(write_report(epochs_table, str(tmp_path / "out"), num_examples=4, epoch=2)).read_text()
     assert "of epoch 2 (chosen with epoch=)" in page
     assert f"<li>checkpoint: <code>{read_lineage(epochs_table).checkpoints[1]['path']}</code></li>" in page
-    expected = query.loss_by_digit(epochs_table, split="test", epoch=2).column("loss_mean").to_pylist()
+    expected = analyses.loss_by_digit(epochs_table, split="test", epoch=2).column("loss_mean").to_pylist()
     assert [r[2] for r in table_rows(page, "loss-by-class")[1:]] == [f"{v:.2f}" for v in expected]
 
 
@@ -261,7 +261,7 @@ def test_comparison_page(latent_tables, other_table, tmp_path):
     assert by_class[0] == ["label", "count", "mean l_i(A)", "mean l_i(B)", "mean Δl_i ± s.e.", "improved"]
     assert [r[4] for r in by_class[1:]] == [f"{d.mean():.2f} ± {d.std() / np.sqrt(len(d)):.2f}" for _, d in delta]
     assert [r[5] for r in by_class[1:]] == [f"{(d < 0).mean():.1%}" for _, d in delta]
-    top = analysis.compare_top(a, b, k=6, split="test").to_pylist()
+    top = analyses.compare_top(a, b, k=6, split="test").to_pylist()
     assert [(r[0], r[1], r[5]) for r in table_rows(page, "compare-top")[1:]] == [
         (r["change"], r["key"], f"{r['delta']:+.2f}") for r in top]
     assert "<h2>Lineage of A</h2>" in page and "another checkpoint" in page

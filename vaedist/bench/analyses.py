@@ -1,5 +1,5 @@
-"""`vaedist bench analyses`: each ready-made analysis of vaedist.analysis, warm, on one connection,
-against query.loss_by_digit on the same table as the baseline (the analysis the README's ≤ 50 ms
+"""`vaedist bench analyses`: each ready-made analysis of vaedist.analyses, warm, on one connection,
+against analyses.loss_by_digit on the same table as the baseline (the analysis the README's ≤ 50 ms
 target is for). Target: ≤ 100 ms per analysis on a 70,000-row table.
 
     vaedist bench analyses --latents outputs/latents --repeats 20
@@ -20,8 +20,8 @@ TARGET_MS = 100.0
 def bench_analyses(latents_dir: str, repeats: int = 20, echo: Callable[[str], None] = print) -> dict[str, float]:
     """Median wall time in ms of each analysis over `repeats` warm runs (after one warm-up run). The
     CPU time (all of DuckDB's threads) is printed beside it: on a shared machine it moves less."""
-    from vaedist import analysis as a
-    from vaedist.query import connect, loss_by_digit, run_sql
+    from vaedist import analyses as a
+    from vaedist.analyses import connect, loss_by_digit, run_sql
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

@@ -73,7 +73,7 @@ def shard_rows_of(cfg: Config) -> int:
 def bench_encode(cfg: Config, checkpoint: str, echo: Callable[[str], None] = print,
                  query_repeats: int = 20) -> dict[str, float]:
     from vaedist.encode import encode
-    from vaedist.query import connect, loss_by_digit
+    from vaedist.analyses import connect, loss_by_digit
     from vaedist.cluster import init_ray
 
     ec = cfg.encode

@@ -10,7 +10,7 @@ import matplotlib.style
 import numpy as np
 from matplotlib.figure import Figure
 
-from vaedist import analysis, query, schema, storage
+from vaedist import analyses, schema, storage
 from vaedist.data import DatasetInfo
 from vaedist.report.figures import (GRID_COLUMNS, _class_colour, _class_ticks, _describe, _grid_label, _image_grid,
                                     _noun, _save, _title)
@@ -24,7 +24,7 @@ COMPARISON_FIGURES = {
     "comparison_top.png": "Largest improvements and regressions",
 }
 
-# Δl_i per datapoint for the comparison's distribution; {a} and {b} as analysis.py's (one epoch each).
+# Δl_i per datapoint for the comparison's distribution; {a} and {b} as vaedist.analyses.core fills them (one epoch each).
 DELTAS_SQL = """\
 SELECT a.label, a.loss - b.loss AS delta
 FROM {a} AS a JOIN {b} AS b ON a.key = b.key
@@ -36,9 +36,9 @@ def _comparison_epochs(latents_dir: str, against_dir: str, epoch: int | None,
                        against_epoch: int | None) -> tuple[int | None, int | None, dict[str, int | None]]:
     """(epoch of A, epoch of B, the analysis' epoch arguments). A table of several checkpoints is
     compared at the epoch asked for, else its last; B at against_epoch, else at epoch where it has
-    that column too (as analysis.compare_by_digit), else its last. What cannot be (an epoch for a
+    that column too (as analyses.compare_by_digit), else its last. What cannot be (an epoch for a
     table without the column, one not in it) is passed on for the analysis to refuse by name."""
-    epochs_a, epochs_b = analysis.table_epochs(latents_dir), analysis.table_epochs(against_dir)
+    epochs_a, epochs_b = analyses.table_epochs(latents_dir), analyses.table_epochs(against_dir)
     if not epochs_a and not epochs_b:
         return None, None, {"epoch": epoch, "against_epoch": against_epoch}
     epoch_a = (epoch if epoch is not None else epochs_a[-1]) if epochs_a else None
@@ -82,40 +82,40 @@ def write_comparison(latents_dir: str, against_dir: str, out_dir: str, *, epoch:
     B (against_dir) datapoint by datapoint, Δl_i = l_i(A) - l_i(B), per class and the num_examples
     largest improvements and regressions with their images; returns the page's path.
 
-    The tables must hold the same datapoints from the same shards (analysis.compare_by_digit refuses
+    The tables must hold the same datapoints from the same shards (analyses.compare_by_digit refuses
     others). A table of several checkpoints is compared at `epoch` (B at against_epoch; see
     _comparison_epochs), by default its last. shards_dir defaults to A's lineage's.
     """
     latents_dir, against_dir, out_dir = str(latents_dir), str(against_dir), str(out_dir)
     if num_examples <= 0:
         raise ValueError(f"num_examples must be > 0, got {num_examples}")
-    con = analysis.connect_pair(latents_dir, against_dir)
+    con = analyses.connect_pair(latents_dir, against_dir)
     epoch_a, epoch_b, epoch_args = _comparison_epochs(latents_dir, against_dir, epoch, against_epoch)
-    lineage_a, lineage_b = query.read_lineage(latents_dir), query.read_lineage(against_dir)
+    lineage_a, lineage_b = analyses.read_lineage(latents_dir), analyses.read_lineage(against_dir)
     pair = f"{latents_dir} vs {against_dir}"
-    counts = query.run_sql(pair, f"SELECT count(*) FILTER (WHERE split = 'test') AS n_test FROM {analysis.VIEW_A}",
-                           con=con).to_pylist()[0]
+    counts = analyses.run_sql(pair, f"SELECT count(*) FILTER (WHERE split = 'test') AS n_test FROM {analyses.VIEW_A}",
+                              con=con).to_pylist()[0]
     split = "test" if counts["n_test"] else None
     split_note = "test" if split else "train and test"
-    by_class = analysis.compare_by_digit(latents_dir, against_dir, split=split, con=con, **epoch_args)
-    top = analysis.compare_top(latents_dir, against_dir, k=num_examples, split=split, con=con,
+    by_class = analyses.compare_by_digit(latents_dir, against_dir, split=split, con=con, **epoch_args)
+    top = analyses.compare_top(latents_dir, against_dir, k=num_examples, split=split, con=con,
                                **epoch_args).to_pylist()
 
     if shards_dir is None and not lineage_a.shards_dir:
-        raise query.QueryError(f"{storage.join(latents_dir, schema.LINEAGE_FILE)} names no shards_dir; give one "
+        raise analyses.QueryError(f"{storage.join(latents_dir, schema.LINEAGE_FILE)} names no shards_dir; give one "
                                "explicitly")
     shards_dir = str(shards_dir or lineage_a.shards_dir)
     from_lineage = f" (named in {storage.join(latents_dir, schema.LINEAGE_FILE)}; give another explicitly)"
     _, info = _open_shards(shards_dir, lineage_a, latents_dir, from_lineage)
 
     relations, params = {}, {"split": split}
-    for side, view, at in (("a", analysis.VIEW_A, epoch_a), ("b", analysis.VIEW_B, epoch_b)):
+    for side, view, at in (("a", analyses.VIEW_A, epoch_a), ("b", analyses.VIEW_B, epoch_b)):
         relations[side] = view if at is None else f"(SELECT * FROM {view} WHERE epoch = $epoch_{side})"
         if at is not None:
             params[f"epoch_{side}"] = at
-    deltas = query.run_sql(pair, DELTAS_SQL.format(**relations), con=con, params=params)
+    deltas = analyses.run_sql(pair, DELTAS_SQL.format(**relations), con=con, params=params)
     labels, delta = deltas.column("label").to_numpy(), deltas.column("delta").to_numpy()
-    images = _images_of(con, latents_dir, shards_dir, [r["key"] for r in top], info, view=analysis.VIEW_A)
+    images = _images_of(con, latents_dir, shards_dir, [r["key"] for r in top], info, view=analyses.VIEW_A)
 
     tiles, titles, row_labels = [], [], []
     for change in ("improved", "regressed"):

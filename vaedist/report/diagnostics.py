@@ -8,7 +8,7 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vaedist import analysis
+from vaedist import analyses
 from vaedist.data import DatasetInfo
 from vaedist.report.figures import _class_label, _describe, _grid_label, _image_grid, _items, _noun
 from vaedist.report.pages import _figure_html, _pm, _rows_html
@@ -77,11 +77,11 @@ def _bits_per_dim_html(totals: list[dict], info: DatasetInfo) -> str:
 def _diagnostics(con, latents_dir: str, shards_dir: str, info: DatasetInfo, num_examples: int, split: str | None,
                  split_note: str, epoch: int | None) -> tuple[dict[str, tuple[Figure, str]], list[str]]:
     """The figures (name -> (figure, caption)) and the section's HTML, figures in DIAGNOSTIC_FIGURES order."""
-    units = analysis.active_units(latents_dir, ACTIVE_THRESHOLD, split=split, epoch=epoch, con=con)
-    kl = analysis.kl_per_dim(latents_dir, split=split, epoch=epoch, con=con)
-    totals = analysis.totals(latents_dir, split=None, epoch=epoch, con=con).to_pylist()
+    units = analyses.active_units(latents_dir, ACTIVE_THRESHOLD, split=split, epoch=epoch, con=con)
+    kl = analyses.kl_per_dim(latents_dir, split=split, epoch=epoch, con=con)
+    totals = analyses.totals(latents_dir, split=None, epoch=epoch, con=con).to_pylist()
     with_log_px = any(row.get("nll_mean") is not None for row in totals)
-    outliers = analysis.outliers(latents_dir, k=num_examples, split=split, epoch=epoch, con=con).to_pylist()
+    outliers = analyses.outliers(latents_dir, k=num_examples, split=split, epoch=epoch, con=con).to_pylist()
     figures = {"latent_units.png": _units(units, kl),
                "outliers.png": _outliers(outliers, con, latents_dir, shards_dir, info, split_note)}
 
@@ -100,7 +100,7 @@ def _diagnostics(con, latents_dir: str, shards_dir: str, info: DatasetInfo, num_
     parts.append(_figure_html(name, DIAGNOSTIC_FIGURES[name], figures[name][1], 3))
     parts.append(f"<h3>Evidence gap per {_noun(info)}</h3>")
     if with_log_px:
-        gap = analysis.gap_by_digit(latents_dir, split=split, epoch=epoch, con=con).to_pylist()
+        gap = analyses.gap_by_digit(latents_dir, split=split, epoch=epoch, con=con).to_pylist()
         gap_header = ["label"] + (["class"] if info.class_names else []) + [
             "count", "mean gap ± s.e.", "mean -log p(x)", "mean l_i"]
         gap_rows = [[r["label"]] + ([info.class_name(r["label"])] if info.class_names else [])

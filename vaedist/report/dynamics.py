@@ -10,7 +10,7 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vaedist import analysis, storage
+from vaedist import analyses, storage
 from vaedist.data import DatasetInfo
 from vaedist.report.figures import (GRID_COLUMNS, _blank, _class_colour, _describe, _grid_label, _noun, _save, _show,
                                     _title)
@@ -83,15 +83,15 @@ def _write_dynamics(con, latents_dir: str, shards_dir: str, info: DatasetInfo, s
                     split_note: str, epochs: list[int], shown_epoch: int, out_dir: str,
                     inputs: dict[str, str]) -> str:
     """dynamics.html and its figures, over every epoch of a table of several checkpoints."""
-    by_class = analysis.digit_curves(latents_dir, split=split, con=con)
-    learned = analysis.learned_late(latents_dir, within=LEARNED_WITHIN_NATS, split=split, k=DYNAMICS_PER_GROUP,
+    by_class = analyses.digit_curves(latents_dir, split=split, con=con)
+    learned = analyses.learned_late(latents_dir, within=LEARNED_WITHIN_NATS, split=split, k=DYNAMICS_PER_GROUP,
                                     con=con).to_pylist()
     # by = 0: the largest rises whatever their size, so that the page shows the most forgotten.
-    forgot = analysis.forgotten(latents_dir, by=0.0, split=split, k=DYNAMICS_PER_GROUP, con=con).to_pylist()
+    forgot = analyses.forgotten(latents_dir, by=0.0, split=split, k=DYNAMICS_PER_GROUP, con=con).to_pylist()
     keys = list(dict.fromkeys(r["key"] for r in learned + forgot))
     curves: dict[str, tuple[list, list]] = {}
     if keys:
-        for r in analysis.curves(latents_dir, keys=keys, split=split, con=con).to_pylist():
+        for r in analyses.curves(latents_dir, keys=keys, split=split, con=con).to_pylist():
             x, y = curves.setdefault(r["key"], ([], []))
             x.append(r["epoch"])
             y.append(r["loss"])
@@ -111,8 +111,8 @@ def _write_dynamics(con, latents_dir: str, shards_dir: str, info: DatasetInfo, s
         figures["dynamics_extremes.png"] = (_extremes(groups, curves, images, info), (
             f"Top: the {len(learned)} {split_note} datapoints learned latest: their l_i first came within "
             f"{LEARNED_WITHIN_NATS:g} nats of its final (epoch {last}) value at the latest epoch, after epoch {first} "
-            f"(analysis.learned_late; ties by the distance at epoch {first}). Bottom: the {len(forgot)} most "
-            "forgotten, whose l_i rose most between two consecutive encoded epochs (analysis.forgotten), that rise "
+            f"(analyses.learned_late; ties by the distance at epoch {first}). Bottom: the {len(forgot)} most "
+            "forgotten, whose l_i rose most between two consecutive encoded epochs (analyses.forgotten), that rise "
             "in red. Each image (original pixels) above its own l_i curve over the epochs."))
     for name, (fig, _) in figures.items():
         _save(fig, storage.join(out_dir, name))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from vaedist import data, query, storage
+from vaedist import analyses, data, storage
 from vaedist.data import DatasetInfo
 from vaedist.report.shards import _images_of
 
@@ -224,7 +224,7 @@ def _loss_distribution(labels: np.ndarray, loss: np.ndarray, info: DatasetInfo,
 
 def _worst(con, latents_dir: str, shards_dir: str, info: DatasetInfo, n: int, split: str | None,
            split_note: str, epoch: int | None) -> tuple[Figure, str]:
-    worst = query.worst_explained(latents_dir, k=n, split=split, epoch=epoch, con=con).to_pylist()
+    worst = analyses.worst_explained(latents_dir, k=n, split=split, epoch=epoch, con=con).to_pylist()
     images = _images_of(con, latents_dir, shards_dir, [row["key"] for row in worst], info)
     titles = [f"{_grid_label(row)}\n{_describe(info, row['label'])}\nl={row['loss']:.1f}" for row in worst]
     caption = (f"The {len(worst)} {split_note} datapoints with the highest loss l_i, highest first, "

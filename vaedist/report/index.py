@@ -10,7 +10,7 @@ from typing import Any
 import matplotlib.style
 import numpy as np
 
-from vaedist import analysis, query, schema, storage
+from vaedist import analyses, schema, storage
 from vaedist.checkpoint import CheckpointError, check_data_compatible, load_model
 from vaedist.lineage import Lineage
 from vaedist.report.diagnostics import _diagnostics
@@ -35,14 +35,14 @@ FIGURES = {
 def _resolve_inputs(latents_dir: str, checkpoint: str | None, shards_dir: str | None) -> tuple[Lineage, str, str]:
     lineage_path = storage.join(latents_dir, schema.LINEAGE_FILE)
     try:
-        lineage = query.read_lineage(latents_dir)
-    except query.QueryError:
+        lineage = analyses.read_lineage(latents_dir)
+    except analyses.QueryError:
         if checkpoint is None or shards_dir is None:
             raise
         lineage = Lineage()
     for name, value in (("checkpoint", checkpoint), ("shards_dir", shards_dir)):
         if value is None and not getattr(lineage, name):
-            raise query.QueryError(f"{lineage_path} names no {name}; give one explicitly")
+            raise analyses.QueryError(f"{lineage_path} names no {name}; give one explicitly")
     return lineage, checkpoint or lineage.checkpoint, shards_dir or lineage.shards_dir
 
 
@@ -51,14 +51,14 @@ def _pick_epoch(latents_dir: str, epochs: list[int], epoch: int | None) -> int |
     without an epoch column (where asking for one is an error)."""
     if not epochs:
         if epoch is not None:
-            raise query.QueryError(f"latent table {latents_dir} has no epoch column (it encodes one checkpoint); "
-                                   f"leave out epoch={epoch} (vaedist report --epoch)")
+            raise analyses.QueryError(f"latent table {latents_dir} has no epoch column (it encodes one checkpoint); "
+                                      f"leave out epoch={epoch} (vaedist report --epoch)")
         return None
     if epoch is None:
         return epochs[-1]
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch not in epochs:
-        raise query.QueryError(f"epoch {epoch!r} is not in latent table {latents_dir}; it holds epochs "
-                               f"{_format_epochs(epochs)}")
+        raise analyses.QueryError(f"epoch {epoch!r} is not in latent table {latents_dir}; it holds epochs "
+                                  f"{_format_epochs(epochs)}")
     return epoch
 
 
@@ -70,13 +70,13 @@ def _checkpoint_of_epoch(lineage: Lineage, lineage_path: str, epoch: int, last: 
         return listed
     if epoch == last and lineage.checkpoint:
         return lineage.checkpoint
-    raise query.QueryError(f"{lineage_path} names no checkpoint of epoch {epoch}; give one explicitly "
+    raise analyses.QueryError(f"{lineage_path} names no checkpoint of epoch {epoch}; give one explicitly "
                            "(vaedist report --checkpoint)")
 
 
 def _rows_of(epoch: int | None) -> tuple[str, dict[str, Any]]:
     """(relation, params): the view `latents`, or one epoch's rows of a table of several checkpoints
-    (as analysis.py scopes its queries)."""
+    (as vaedist.analyses.core scopes its queries)."""
     if epoch is None:
         return schema.VIEW_NAME, {}
     return f"(SELECT * FROM {schema.VIEW_NAME} WHERE epoch = $epoch)", {"epoch": epoch}
@@ -97,10 +97,10 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
     latents_dir, out_dir = str(latents_dir), str(out_dir)
     if num_examples <= 0:
         raise ValueError(f"num_examples must be > 0, got {num_examples}")
-    con = query.connect(latents_dir)
+    con = analyses.connect(latents_dir)
     lineage, lineage_checkpoint, shards_dir = _resolve_inputs(latents_dir, checkpoint, shards_dir)
     lineage_path = storage.join(latents_dir, schema.LINEAGE_FILE)
-    epochs = analysis.table_epochs(latents_dir, con=con)
+    epochs = analyses.table_epochs(latents_dir, con=con)
     shown_epoch = _pick_epoch(latents_dir, epochs, epoch)
     from_lineage = f" (named in {lineage_path}; give another explicitly)"
     checkpoint_from_lineage = checkpoint is None
@@ -114,20 +114,21 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
     manifest, info = _open_shards(shards_dir, lineage, latents_dir, from_lineage)
     check_data_compatible(state, info.name, info.image_shape, shards_dir)
     relation, epoch_params = _rows_of(shown_epoch)
-    latent_dim = schema.latent_dim_of(query.run_sql(latents_dir, "SELECT mu FROM latents LIMIT 0", con=con).schema)
+    latent_dim = schema.latent_dim_of(analyses.run_sql(latents_dir, "SELECT mu FROM latents LIMIT 0", con=con).schema)
     if latent_dim != model.latent_dim:
         raise CheckpointError(f"checkpoint {checkpoint} has latent_dim {model.latent_dim} but latent table "
                               f"{latents_dir} has {latent_dim}: not the model the table was encoded with")
 
     # The test split when the table has it (the held-out picture), else every row.
-    counts = query.run_sql(latents_dir, "SELECT count(*) AS n, count(*) FILTER (WHERE split = 'test') AS n_test "
-                           f"FROM {relation}", con=con, params=epoch_params).to_pylist()[0]
+    counts = analyses.run_sql(latents_dir, "SELECT count(*) AS n, count(*) FILTER (WHERE split = 'test') AS n_test "
+                              f"FROM {relation}", con=con, params=epoch_params).to_pylist()[0]
     if counts["n"] == 0:
-        raise query.QueryError(f"latent table {latents_dir} has no rows to report on")
+        raise analyses.QueryError(f"latent table {latents_dir} has no rows to report on")
     split = "test" if counts["n_test"] else None
     split_note = "test" if split else "train and test"
-    rows = query.run_sql(latents_dir, f"SELECT label, loss, mu FROM {relation} WHERE $split IS NULL OR split = $split "
-                         "ORDER BY key", con=con, params={**epoch_params, "split": split})
+    rows = analyses.run_sql(latents_dir, f"SELECT label, loss, mu FROM {relation} "
+                            "WHERE $split IS NULL OR split = $split ORDER BY key",
+                            con=con, params={**epoch_params, "split": split})
     labels = rows.column("label").to_numpy()
     loss = rows.column("loss").to_numpy()
     mu = rows.column("mu").combine_chunks().flatten().to_numpy().reshape(len(rows), latent_dim).astype(np.float64)
@@ -160,7 +161,7 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
             dynamics = _write_dynamics(con, latents_dir, shards_dir, info, split, split_note, epochs,
                                        shown_epoch, out_dir, {"latent table": latents_dir, "shards": shards_dir})
 
-    summary = query.loss_by_digit(latents_dir, split=split, epoch=shown_epoch, con=con)
+    summary = analyses.loss_by_digit(latents_dir, split=split, epoch=shown_epoch, con=con)
     inputs = {"latent table": latents_dir, "checkpoint": checkpoint, "shards": shards_dir,
               "dataset": f"{info.name}, images {'x'.join(map(str, info.image_shape))}",
               "run": run_dir if run_dir is not None else "none"}

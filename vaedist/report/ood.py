@@ -1,5 +1,5 @@
 """ood.html (write_ood): one checkpoint's scores on data of its own kind (IN) and on data it was not
-trained on (OUT): both distributions, AUROC, AUPR and FPR at 95% TPR (vaedist.ood), and the images on
+trained on (OUT): both distributions, AUROC, AUPR and FPR at 95% TPR (vaedist.analyses.ood), and the images on
 which the scores mislead most."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import matplotlib.style
 import numpy as np
 from matplotlib.figure import Figure
 
-from vaedist import analysis, query, schema, storage
+from vaedist import analyses, schema, storage
 from vaedist.data import DatasetInfo
-from vaedist.ood import SCORES, ood
+from vaedist.analyses.ood import SCORES, ood
 from vaedist.report.figures import GRID_COLUMNS, _describe, _grid_label, _image_grid, _save
 from vaedist.report.pages import _figure_html, _inputs_html, _page, _pm, _rows_html
 from vaedist.report.shards import _images_of, _open_shards
@@ -64,33 +64,33 @@ def _distributions(scores: dict[str, tuple[np.ndarray, np.ndarray]], metrics: di
 def write_ood(latents_dir: str, against_dir: str, out_dir: str, *, num_examples: int = 8) -> str:
     """Write ood.html and its figures into out_dir: the test splits of two tables encoded by one
     checkpoint, IN (latents_dir: data of the kind it was trained on) and OUT (against_dir: other data),
-    scored by l_i and -log p(x); returns the page's path. vaedist.ood.ood refuses other pairs."""
+    scored by l_i and -log p(x); returns the page's path. vaedist.analyses.ood refuses other pairs."""
     latents_dir, against_dir, out_dir = str(latents_dir), str(against_dir), str(out_dir)
     if num_examples <= 0:
         raise ValueError(f"num_examples must be > 0, got {num_examples}")
-    con = analysis.connect_pair(latents_dir, against_dir)
+    con = analyses.connect_pair(latents_dir, against_dir)
     table = ood(latents_dir, against_dir, con=con)
     metrics = {r["score"]: r for r in table.to_pylist()}
-    lineages = {"IN": query.read_lineage(latents_dir), "OUT": query.read_lineage(against_dir)}
+    lineages = {"IN": analyses.read_lineage(latents_dir), "OUT": analyses.read_lineage(against_dir)}
     paths = {"IN": latents_dir, "OUT": against_dir}
-    views = {"IN": analysis.VIEW_A, "OUT": analysis.VIEW_B}
+    views = {"IN": analyses.VIEW_A, "OUT": analyses.VIEW_B}
     infos: dict[str, DatasetInfo] = {}
     shards: dict[str, str] = {}
     for side, lineage in lineages.items():
         lineage_path = storage.join(paths[side], schema.LINEAGE_FILE)
         if not lineage.shards_dir:
-            raise query.QueryError(f"{lineage_path} names no shards_dir, so its images cannot be shown")
+            raise analyses.QueryError(f"{lineage_path} names no shards_dir, so its images cannot be shown")
         shards[side] = str(lineage.shards_dir)
         _, infos[side] = _open_shards(shards[side], lineage, paths[side], f" (named in {lineage_path})")
 
     pair = f"{latents_dir} vs {against_dir}"
-    scores = {name: tuple(query.run_sql(pair, SCORES_SQL.format(score=SCORE_SQL[name], view=views[side]),
-                                        con=con).column("s").to_numpy() for side in ("IN", "OUT"))
+    scores = {name: tuple(analyses.run_sql(pair, SCORES_SQL.format(score=SCORE_SQL[name], view=views[side]),
+                                           con=con).column("s").to_numpy() for side in ("IN", "OUT"))
               for name in metrics}
     # The examples by -log p(x) where both tables have it (the score Nalisnick et al. study), else l_i.
     shown = "nll" if "nll" in metrics else "loss"
-    extremes = {side: query.run_sql(pair, EXTREMES_SQL.format(score=SCORE_SQL[shown], view=views[side]), con=con,
-                                    params={"descending": side == "IN", "k": num_examples}).to_pylist()
+    extremes = {side: analyses.run_sql(pair, EXTREMES_SQL.format(score=SCORE_SQL[shown], view=views[side]), con=con,
+                                       params={"descending": side == "IN", "k": num_examples}).to_pylist()
                 for side in ("OUT", "IN")}
     tiles, titles, row_labels = [], [], []
     for side, label in (("OUT", "OUT, lowest"), ("IN", "IN, highest")):

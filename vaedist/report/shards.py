@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vaedist import data, query, schema, storage
+from vaedist import analyses, data, schema, storage
 from vaedist.data import DatasetInfo
 from vaedist.lineage import Lineage
 
@@ -14,8 +14,8 @@ def _sources_of(con, latents_dir: str, keys: list[str], view: str = schema.VIEW_
     """key -> where the datapoint came from (the table's source column; None in older tables)."""
     if not keys:
         return {}
-    rows = query.run_sql(latents_dir, f"SELECT DISTINCT key, source FROM {view} WHERE list_contains($keys, key)",
-                         con=con, params={"keys": list(keys)}).to_pylist()
+    rows = analyses.run_sql(latents_dir, f"SELECT DISTINCT key, source FROM {view} WHERE list_contains($keys, key)",
+                            con=con, params={"keys": list(keys)}).to_pylist()
     return {row["key"]: row["source"] for row in rows}
 
 
@@ -24,9 +24,9 @@ def _images_of(con, latents_dir: str, shards_dir: str, keys: list[str], info: Da
     """key -> the datapoint's pixels (uint8, flat), read from the shards the table names, each once."""
     if not keys:
         return {}
-    where = query.run_sql(latents_dir, f"SELECT DISTINCT key, shard, index FROM {view} "
-                          "WHERE list_contains($keys, key) ORDER BY key", con=con,
-                          params={"keys": list(keys)}).to_pylist()
+    where = analyses.run_sql(latents_dir, f"SELECT DISTINCT key, shard, index FROM {view} "
+                             "WHERE list_contains($keys, key) ORDER BY key", con=con,
+                             params={"keys": list(keys)}).to_pylist()
     images = {}
     for shard in sorted({row["shard"] for row in where}):
         path = storage.join(shards_dir, *shard.split("/"))

@@ -208,16 +208,16 @@ def resolve_sweep_dir(cfg: Config, sweep: str) -> str:
 
 def query_sweep(sweep_dir: str, sql: str) -> pa.Table:
     """The result of `sql` over the view `sweep` (sweep.parquet) as an Arrow table."""
-    from vaedist import query
+    from vaedist import analyses
 
     if not sql or not sql.strip():
-        raise query.QueryError("empty SQL: give a query over the view 'sweep', e.g. "
-                               "SELECT name, test_loss FROM sweep ORDER BY test_loss")
+        raise analyses.QueryError("empty SQL: give a query over the view 'sweep', e.g. "
+                                  "SELECT name, test_loss FROM sweep ORDER BY test_loss")
     table = read_table(sweep_dir)
-    con = query._cursor()
+    con = analyses.core.cursor()
     try:
         con.register(VIEW_NAME, table)
-        return query._execute(con, sweep_dir, sql)
+        return analyses.core.execute(con, sweep_dir, sql)
     finally:
         con.close()
 

@@ -1,7 +1,7 @@
-"""`vaedist bench noise`: per-datapoint randomness, the old CPU code against vaedist.rng, one thread,
-old and new calls interleaved in one process (so both see the same machine).
+"""Per-datapoint randomness, the old CPU code against vaedist.rng, one thread, old and new calls
+interleaved in one process (so both see the same machine).
 
-    vaedist bench noise --rows 128 --repeats 20
+    python benchmarks/noise.py --rows 128 --repeats 20 --encode
 
 (1) keyed noise [rows, S, 50] at S = 16 (the MC samples' order of size) and K = 1000 (importance
     sampling): per_key_normal below, the scheme before rng (a torch.Generator re-seeded per row in a
@@ -164,3 +164,22 @@ def _timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=128, help="Datapoints per call.")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="Timed calls per side, old and new interleaved; rows/s of the best call.")
+    parser.add_argument("--encode", action="store_true", help="Also time an encode actor's whole per-batch work "
+                                                              "before and after (S=16 K=0, S=1 K=1000).")
+    args = parser.parse_args(argv)
+    bench_noise(rows=args.rows, repeats=args.repeats)
+    if args.encode:
+        bench_evaluate(rows=args.rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ the positive class, and each table's mean score with its standard error. AUROC b
 model scores OUT as *more* likely than IN, as Nalisnick et al. (2019) found for VAEs trained on
 Fashion-MNIST and shown MNIST.
 
-One SQL query, like analysis.py's (the same {a}/{b} views, latents_a = IN, latents_b = OUT), over the
+One SQL query, like the comparisons' (the same {a}/{b} views, latents_a = IN, latents_b = OUT), over the
 distinct score values, so ties count as they should and nothing loops over rows in Python:
 - AUROC = P(s_out > s_in) + P(s_out = s_in) / 2: the Mann-Whitney rank statistic, summed over OUT
   datapoints as (#IN below + #IN equal / 2) / (n_in n_out);
@@ -30,9 +30,8 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
-from vaedist.analysis import EPOCH, VIEW_A, VIEW_B, _columns, _run, connect_pair
+from vaedist.analyses.core import EPOCH, VIEW_A, VIEW_B, QueryError, columns, connect_pair, read_lineage, run
 from vaedist.lineage import Lineage
-from vaedist.query import QueryError, read_lineage
 
 SCORES = {"loss": "l_i, the negative ELBO", "nll": "-log p(x), importance-weighted"}
 # Lineage fields that make two tables' scores the same function of x: the same model (checkpoint and
@@ -151,11 +150,11 @@ def ood(latents_dir: str, against_dir: str, *, con: duckdb.DuckDBPyConnection | 
     check_ood_pair(latents_dir, against_dir)
     pair = f"{latents_dir} vs {against_dir}"
     for path, view in ((latents_dir, VIEW_A), (against_dir, VIEW_B)):
-        if EPOCH in _columns(con, path, view):
+        if EPOCH in columns(con, path, view):
             raise QueryError(f"latent table {path} encodes several checkpoints (an epoch column); an "
                              "out-of-distribution readout takes tables of one checkpoint (vaedist encode without "
                              "--epochs)")
-        n_test = _run(con, path, f"SELECT count(*) AS n FROM {view} WHERE split = 'test'", {}).column("n")[0].as_py()
+        n_test = run(con, path, f"SELECT count(*) AS n FROM {view} WHERE split = 'test'", {}).column("n")[0].as_py()
         if not n_test:
             raise QueryError(f"latent table {path} has no test split; encode it with encode.splits including test")
-    return _run(con, pair, OOD_SQL.format(a=VIEW_A, b=VIEW_B), {})
+    return run(con, pair, OOD_SQL.format(a=VIEW_A, b=VIEW_B), {})

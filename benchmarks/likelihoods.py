@@ -1,7 +1,7 @@
 """The likelihoods' share of a training step, and today's MLP/Bernoulli step against the code before
 likelihoods existed, in one run. No Ray.
 
-    python -m vaedist.bench.likelihoods --rounds 5 --steps 20
+    python benchmarks/likelihoods.py --rounds 5 --steps 20      # from a git clone: it reads the baseline from git
 
 For each likelihood: the MLP of configs/mnist.yaml (784-512-512-50) on 28x28x1 images, batch 128,
 one sample of z. "step" is a whole optimiser step (engine.train_step on the likelihood's train_input
@@ -43,7 +43,7 @@ def _old_module(name: str, path: str, commit: str, tmp: Path):
     """vaedist/<path> as of `commit`, imported as a module of its own (its imports are the current
     package's: config for model.py, torch only for losses.py)."""
     source = subprocess.run(["git", "show", f"{commit}:{path}"], check=True, capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[2]).stdout
+                            cwd=Path(__file__).resolve().parents[1]).stdout
     file = tmp / f"{name}.py"
     file.write_text(source)
     spec = importlib.util.spec_from_file_location(name, file)
