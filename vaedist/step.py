@@ -162,8 +162,11 @@ class StaticStep:
                                    f"{self.lr_table.numel()}")
             self.lr_table = torch.zeros(n_alloc, dtype=torch.float32, device=self.device)
             self.kl_table = torch.zeros(n_alloc, dtype=torch.float32, device=self.device)
-        self.lr_table[:n].copy_(torch.tensor(learning_rates, dtype=torch.float32))
-        self.kl_table[:n].copy_(torch.tensor(kl_weights, dtype=torch.float32))
+        tables = torch.tensor([learning_rates, kl_weights], dtype=torch.float32)
+        if self.device.type == "cuda":  # pinned, so that the copy does not wait for the device
+            tables = tables.pin_memory()
+        self.lr_table[:n].copy_(tables[0], non_blocking=True)
+        self.kl_table[:n].copy_(tables[1], non_blocking=True)
         self.learning_rates = learning_rates
         self.counter.zero_()
         self.totals.zero_()
@@ -234,7 +237,8 @@ class StaticStep:
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: other threads of the process (Ray's) may use CUDA while this one captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._body()
         except Exception as err:  # any failure inside a capture means this model cannot be captured
             message = (f"train.step_mode: capturing the training step as a CUDA graph failed ({type(err).__name__}: "

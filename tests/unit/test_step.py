@@ -1,11 +1,10 @@
 """The static-shape training step (vaedist/step.py) on the CPU: a padded and masked batch gives the
 loss and gradients of the unpadded one for every objective, the step on static buffers follows the
-eager loop step by step (schedules, seeds, sums), torch.compile's step matches eager, and the mode
-switch refuses what cannot work, naming the key. The CUDA graph itself is tested in tests/gpu."""
+eager loop step by step (schedules, seeds, sums), and the mode switch refuses what cannot work,
+naming the key. The CUDA graph and torch.compile's step (whose compilation takes a minute on two
+loaded cores) are tested in tests/gpu."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 import torch
@@ -95,21 +94,6 @@ def test_a_short_last_batch_is_padded_counted_and_masked():
         static.stage(torch.zeros(17, 784, dtype=torch.uint8))
 
 
-def _compile_works() -> bool:
-    return shutil.which("g++") is not None or shutil.which("clang++") is not None
-
-
-@pytest.mark.skipif(not _compile_works(), reason="torch.compile on the CPU needs a C++ compiler")
-def test_compile_mode_matches_eager_on_a_tiny_model():
-    cfg, (eager, eager_opt), (compiled, compiled_opt) = _pair()
-    images = torch.randint(0, 256, (64, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    kwargs = dict(epoch=0, rank=0, num_steps=4, steps_per_epoch=4, start_step=0, device=CPU)
-    want = train_epoch(eager, eager_opt, images, cfg, **kwargs)
-    compile_cfg = TrainConfig(**{**cfg.__dict__, "step_mode": "compile"})
-    got = train_epoch(compiled, compiled_opt, images, compile_cfg, **kwargs)
-    # Inductor fuses the elementwise work and reorders float32 sums: agreement to ~1e-5 relative.
-    for key in ("loss", "recon_nll", "kl"):
-        assert got[key] == pytest.approx(want[key], rel=1e-4), key
 
 
 def test_step_mode_auto_is_eager_on_the_cpu_and_cuda_graph_is_refused_there():
