@@ -13,7 +13,8 @@ train_step's lines (negative_elbo, batch_loss, backward, Adam), on the same imag
 colour case: configs/conv.yaml's model on 32x32x3 images with the logistic mixture (K = 10
 components, S = 16 samples of z, 32 rows a batch), today's code against the likelihood and model of
 commit ENCODE_BASELINE_COMMIT (loaded from git as above, with the same weights), printing rows/s of
-each, their ratio, and the largest difference in the per-row columns.
+each, their ratio, and the largest difference in the per-row columns; then, each in a process of
+its own, the peak memory one batch of encode's default 128 rows adds with either code.
 
 Rounds interleave every variant, so a machine shared with other jobs slows all alike; the figures
 are medians over rounds of each round's median step time, and ratios are to the baseline's. Both the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import statistics
 import subprocess
@@ -73,12 +75,11 @@ ENCODE_MODEL = dict(kind="conv", latent_dim=32, hidden_dims=[32, 64], res_blocks
 ENCODE_SHAPE, ENCODE_ROWS, ENCODE_SAMPLES = (32, 32, 3), 32, 16
 
 
-def encode_main(args) -> dict[str, float]:
-    """evaluate_batch of the colour mixture, today's code against ENCODE_BASELINE_COMMIT's (module doc)."""
-    import numpy as np
+ENCODE_MEMORY_ROWS = 128  # encode.batch_size's default
 
-    from vaedist.evaluate import evaluate_batch
 
+def _encode_models():
+    """(today's model, the baseline's with the same weights) of ENCODE_MODEL."""
     torch.manual_seed(0)
     model = VAE(ModelConfig(**ENCODE_MODEL), image_shape=ENCODE_SHAPE).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,10 +88,44 @@ def encode_main(args) -> dict[str, float]:
         old_model = old_model_module.VAE(model.cfg, image_shape=ENCODE_SHAPE,
                                          likelihood=old_lik.get_likelihood(model.cfg, ENCODE_SHAPE[2])).eval()
     old_model.load_state_dict(model.state_dict())
+    return model, old_model
+
+
+def _encode_batch(model, rows: int):
+    import numpy as np
+
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (ENCODE_ROWS, math.prod(ENCODE_SHAPE)), generator=gen, dtype=torch.uint8)
-    indices = np.arange(ENCODE_ROWS)
-    x = model.likelihood.eval_input(images, indices, "test", 0, torch.device("cpu"))
+    images = torch.randint(0, 256, (rows, math.prod(ENCODE_SHAPE)), generator=gen, dtype=torch.uint8)
+    indices = np.arange(rows)
+    return model.likelihood.eval_input(images, indices, "test", 0, torch.device("cpu")), indices
+
+
+def encode_peak(which: str) -> None:
+    """One evaluate_batch of ENCODE_MEMORY_ROWS rows with `which` code (before: the baseline's), in a
+    process of its own: prints the peak resident memory it added, in MiB. Read from /proc's VmHWM, the
+    high-water mark of this process's own memory (ru_maxrss would carry the parent's across the exec)."""
+    from vaedist.evaluate import evaluate_batch
+
+    def high_water_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc/self/status: the memory figure needs Linux")
+
+    model, old_model = _encode_models()
+    chosen = old_model if which == "before" else model
+    x, indices = _encode_batch(chosen, ENCODE_MEMORY_ROWS)
+    base = high_water_mib()
+    evaluate_batch(chosen, x, indices, "test", 0, ENCODE_SAMPLES)
+    print(json.dumps({"added_mib": high_water_mib() - base}))
+
+
+def encode_main(args) -> dict[str, float]:
+    """evaluate_batch of the colour mixture, today's code against ENCODE_BASELINE_COMMIT's (module doc)."""
+    from vaedist.evaluate import evaluate_batch
+
+    model, old_model = _encode_models()
+    x, indices = _encode_batch(model, ENCODE_ROWS)
     variants = {f"evaluate @{ENCODE_BASELINE_COMMIT}": old_model, "evaluate (this tree)": model}
     outs = {k: evaluate_batch(m, x, indices, "test", 0, ENCODE_SAMPLES) for k, m in variants.items()}
     base, new = outs.values()
@@ -116,6 +151,12 @@ def encode_main(args) -> dict[str, float]:
         print(f"{clock:>5}: {old_key} {ENCODE_ROWS / old_s:7.2f} rows/s, {new_key} {ENCODE_ROWS / new_s:7.2f} "
               f"rows/s, ratio {old_s / new_s:.2f}x")
     print("largest |difference| per row: " + ", ".join(f"{c} {d:.3g} nats" for c, d in diffs.items()))
+    for which in ("before", "after"):
+        proc = subprocess.run([sys.executable, "-m", "vaedist.bench.likelihoods", "--encode-peak", which],
+                              check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+        results[f"peak_mib_{which}"] = json.loads(proc.stdout.strip().splitlines()[-1])["added_mib"]
+    print(f"memory one evaluate_batch of {ENCODE_MEMORY_ROWS} rows adds at its peak: "
+          f"{results['peak_mib_before']:,.0f} MiB before, {results['peak_mib_after']:,.0f} MiB after")
     return results
 
 
@@ -126,8 +167,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--encode", action="store_true",
                         help="time the colour mixture's evaluation per batch instead (module doc)")
+    parser.add_argument("--encode-peak", choices=("before", "after"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.encode_peak:
+        return encode_peak(args.encode_peak)
     if args.encode:
         return encode_main(args)
     cfg = TrainConfig(batch_size_per_worker=BATCH)
