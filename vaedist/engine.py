@@ -177,9 +177,9 @@ def train_steps(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor]
     and cuda_graph hand the same batches, schedules and generator seed to the run's StaticStep."""
     mode = resolve_step_mode(cfg, device, model, mixed_precision)
     if mode != "eager":
-        return static_train_steps(model, optimizer, batches, cfg, mode, epoch=epoch, rank=rank, num_steps=num_steps,
-                             steps_per_epoch=steps_per_epoch, start_step=start_step, device=device,
-                             mixed_precision=mixed_precision, on_progress=on_progress)
+        return static_train_steps(model, optimizer, batches, cfg, mode, epoch=epoch, rank=rank,
+                                  num_steps=num_steps, steps_per_epoch=steps_per_epoch, start_step=start_step,
+                                  device=device, mixed_precision=mixed_precision, on_progress=on_progress)
     gen = epoch_generator(cfg.seed, epoch, rank, device)
     if isinstance(batches, torch.Tensor):
         batches = memory_batches(batches, cfg.batch_size_per_worker, num_steps, gen)
