@@ -191,21 +191,25 @@ CPU_CHUNK_ELEMENTS = 1 << 16
 256 KiB of float32 each, so the dozen of them alive at a time fit in a core's L2 cache. Measured
 against 2^14 ... 2^20 and unchunked on the mixture (32x32x3, K = 10): 2^16 was fastest, 2.2x
 faster than unchunked (`python -m vaedist.bench.likelihoods --encode`)."""
+GPU_CHUNK_ELEMENTS = 1 << 26
+"""The same on a GPU, where it only bounds memory (256 MiB per intermediate): a batch of the mixture
+below it is one call, as it streams at the device's bandwidth either way."""
 
 
 def rows_in_chunks(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: torch.Tensor,
                    x: torch.Tensor, elements_per_row: int) -> torch.Tensor:
     """fn(params, x) -> [...] over the broadcast leading dimensions of params [..., F] and x [..., P],
-    on the CPU a chunk of rows at a time (CPU_CHUNK_ELEMENTS / elements_per_row rows), so that
-    memory and cache hold one chunk's intermediates, not the whole batch's. Rows are independent, so
-    the values are those of one call. One call where autograd records (training: the backward keeps
-    every chunk's intermediates anyway, and the chunks measured ~8% slower there), on a GPU (its
-    kernels stream anyway, and a loop would multiply the launches) and while torch.compile traces."""
-    per_chunk = max(1, CPU_CHUNK_ELEMENTS // max(1, elements_per_row))
+    a chunk of rows at a time (CPU_CHUNK_ELEMENTS / elements_per_row rows on the CPU, GPU_CHUNK_ELEMENTS
+    on a GPU), so that memory (and on the CPU the cache) holds one chunk's intermediates, not the whole
+    batch's. Rows are independent, so the values are those of one call. One call where autograd
+    records (training: the backward keeps every chunk's intermediates anyway, and the chunks measured
+    ~8% slower there) and while torch.compile traces."""
+    budget = CPU_CHUNK_ELEMENTS if params.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    per_chunk = max(1, budget // max(1, elements_per_row))
     lead = torch.broadcast_shapes(params.shape[:-1], x.shape[:-1])
     rows = math.prod(lead)
     recording = torch.is_grad_enabled() and (params.requires_grad or x.requires_grad)
-    if params.device.type != "cpu" or rows <= per_chunk or recording or torch.compiler.is_compiling():
+    if rows <= per_chunk or recording or torch.compiler.is_compiling():
         return fn(params, x)
     flat_params = params.expand(*lead, params.shape[-1]).reshape(rows, params.shape[-1])
     flat_x = x.expand(*lead, x.shape[-1]).reshape(rows, x.shape[-1])
