@@ -248,11 +248,21 @@ class StaticStep:
                 raise RuntimeError(message + "; use train.step_mode=eager") from err
             warnings.warn(message + "; training goes on with the same step run eagerly", RuntimeWarning)
             self.mode = "static"
+            self.generator = self._unregistered(self.generator)
             for group in self.optimizer.param_groups:
                 group["lr"] = float(self.lr)
             return self._eager(step)
         self.graph = graph
         graph.replay()
+
+    def _unregistered(self, generator: torch.Generator) -> torch.Generator:
+        """A generator with `generator`'s state that no (failed) capture ever held."""
+        fresh = torch.Generator(device=self.device)
+        try:
+            fresh.set_state(generator.get_state())
+        except RuntimeError:
+            fresh.manual_seed(generator.initial_seed())
+        return fresh
 
     def run(self, batches: Iterable[torch.Tensor], num_steps: int, learning_rates: list[float],
             kl_weights: list[float], capacity: int = 0,
