@@ -237,8 +237,8 @@ class TrainConfig:
     the binarisation and the noise inside it, every batch padded to batch_size_per_worker (the last,
     partial one masked by zero weights); CUDA only. compile: the forward and loss through
     torch.compile on padded batches of the same static shape. auto: cuda_graph on CUDA where it
-    applies (not with fp16, batch norm or train.compile; a model whose capture fails falls back to
-    eager with a warning), eager elsewhere."""
+    applies (one worker, so no DDP; not with fp16, batch norm or train.compile; a model whose capture
+    fails falls back to eager with a warning), eager elsewhere."""
     progress_every_steps: int = 0
     """Log the running training loss every N optimiser steps (0: once per epoch). Each log reads
     the sums back from the device, a host sync."""
