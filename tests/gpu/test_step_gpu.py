@@ -95,13 +95,6 @@ def test_a_model_that_cannot_be_captured_falls_back_under_auto_and_fails_under_c
         _run("cuda_graph", epochs=1, steps=6, model_cls=ReadsTheHost)
 
 
-def test_compile_mode_matches_eager_on_cuda():
-    _, _, _, eager = _run("eager", epochs=1, steps=6)
-    _, _, _, compiled = _run("compile", epochs=1, steps=6)
-    # Inductor fuses the elementwise work and reorders float32 sums.
-    np.testing.assert_allclose(compiled, eager, rtol=1e-3)
-
-
 def test_the_colour_mixtures_columns_on_cuda_match_the_cpus_chunked_evaluation():
     torch.manual_seed(0)
     cfg = ModelConfig(kind="conv", latent_dim=32, hidden_dims=[32, 64], res_blocks_per_stage=1, norm="group",
@@ -119,3 +112,11 @@ def test_the_colour_mixtures_columns_on_cuda_match_the_cpus_chunked_evaluation()
     # TF32 is off for fp32 matmuls by default; what differs is cuDNN's and oneDNN's summation order.
     for key in ("recon_nll", "kl", "loss", "log_px"):
         np.testing.assert_allclose(columns["cuda"][key], columns["cpu"][key], rtol=1e-4, atol=1e-2)
+
+
+# Last: its compilation takes the longest of this tier, and bench gpu stops the tier at its deadline.
+def test_compile_mode_matches_eager_on_cuda():
+    _, _, _, eager = _run("eager", epochs=1, steps=6)
+    _, _, _, compiled = _run("compile", epochs=1, steps=6)
+    # Inductor fuses the elementwise work and reorders float32 sums.
+    np.testing.assert_allclose(compiled, eager, rtol=1e-3)
