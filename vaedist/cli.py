@@ -689,14 +689,15 @@ def bench_sweep(config_path, overrides, mnist_dir, steps) -> None:
               help="Wall-clock budget for every part together; a part whose share is spent is skipped, with a line.")
 @click.option("--mnist-dir", envvar=MNIST_DIR_ENV, type=click.Path(file_okay=False),
               help=f"MNIST IDX files [env {MNIST_DIR_ENV}; default ../shared/data/mnist].")
-@click.option("--parts", help="Only these parts, comma-separated (shards, facts, gpu_tests, train, batch_sweep, "
-                              "encode, cpu_scaling); default all.")
+@click.option("--parts", help="Only these parts, comma-separated (shards, facts, batch_sweep, quality, encode, "
+                              "gpu_tests, train, cpu_scaling); default all.")
 @click.option("--work-dir", help="Scratch directory for shards, runs and tables (default: a temporary one, removed).")
 @guarded
 def bench_gpu(out, budget_s, mnist_dir, parts, work_dir) -> None:
     """Every GPU figure in one go under one budget (CPU mode at tiny sizes where there is no CUDA):
-    the GPU test tier, Ray Train vs the plain loop (bf16, fp32), a batch-size sweep, encode on the GPU,
-    CPU scaling of training and encode, and the device's facts.
+    a batch-size sweep of the eager step against the CUDA graph, the default quality run timed with
+    its test NLL, encode on the GPU, the GPU test tier, Ray Train vs the plain loop (bf16, fp32), CPU
+    scaling of training and encode, and the device's facts.
 
     vaedist bench gpu --out outputs/bench-gpu --budget-s 480 --mnist-dir .whl/mnist
     """

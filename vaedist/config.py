@@ -236,6 +236,15 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model before training (off: measured no faster for these models, and the
     first epoch pays the compilation; see the Performance page)."""
+    step_mode: Literal["auto", "eager", "compile", "cuda_graph"] = "auto"
+    """How the training step runs (vaedist/step.py builds each from the same engine code). eager: one
+    kernel launch per operation, as written. cuda_graph: the whole step (forward, loss, backward,
+    optimiser) captured once as a CUDA graph and replayed, with the learning-rate and KL schedules,
+    the binarisation and the noise inside it, every batch padded to batch_size_per_worker (the last,
+    partial one masked by zero weights); CUDA only. compile: the forward and loss through
+    torch.compile on padded batches of the same static shape. auto: cuda_graph on CUDA where it
+    applies (one worker, so no DDP; not with fp16, batch norm or train.compile; a model whose capture
+    fails falls back to eager with a warning), eager elsewhere."""
     progress_every_steps: int = 0
     """Log the running training loss every N optimiser steps (0: once per epoch). Each log reads
     the sums back from the device, a host sync."""
@@ -302,6 +311,11 @@ class TrainConfig:
         _check(self.eval_every_epochs > 0, "train.eval_every_epochs", f"must be > 0, got {self.eval_every_epochs}")
         _check(self.num_samples_iw_final >= 0, "train.num_samples_iw_final",
                f"must be >= 0 (0 = skip), got {self.num_samples_iw_final}")
+        _check(self.step_mode != "cuda_graph" or self.mixed_precision != "fp16", "train.step_mode",
+               "cuda_graph cannot hold fp16's gradient scaler (its inf check reads the device every step); "
+               "use train.mixed_precision=bf16 or no, or train.step_mode=eager")
+        _check(self.step_mode != "cuda_graph" or not self.compile, "train.step_mode",
+               "cuda_graph captures the step itself; set train.compile=false (or train.step_mode=compile)")
         self._check_objective()
 
     def _check_objective(self) -> None:
@@ -509,6 +523,10 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
+        if self.train.step_mode == "cuda_graph":
+            _check(self.model.norm != "batch", "train.step_mode",
+                   "cuda_graph pads the last partial batch to the static batch size, which would change batch "
+                   "norm's statistics; use model.norm=group or layer, or train.step_mode=eager")
         binarises = self.model.likelihood in BINARISED_LIKELIHOODS
         if self.data.binarize is not None and self.data.binarize != binarises:
             levels = [n for n in LIKELIHOODS if n not in BINARISED_LIKELIHOODS]

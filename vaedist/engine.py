@@ -25,6 +25,7 @@ from vaedist.evaluate import evaluate_batch
 from vaedist.likelihoods import likelihood_of
 from vaedist.losses import sample_terms
 from vaedist.objectives import Objective, objective_for
+from vaedist.step import resolve_step_mode, static_step_for
 
 SUM_KEYS = ("loss", "recon_nll", "kl")
 TRAIN_SUM_KEYS = (*SUM_KEYS, "objective")  # training also sums the objective's own value (train.objective)
@@ -41,7 +42,11 @@ def optimizer_kernel(cfg: TrainConfig, device: torch.device) -> str:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    """Adam(W) with the kernel train.optimizer_kernel picks; capturable (its step counters and learning
+    rate on the device) where the step will be a CUDA graph (vaedist/step.py)."""
     kernel = {"fused": True} if optimizer_kernel(cfg, device) == "fused" else {"foreach": True}
+    if resolve_step_mode(cfg, device, model, cfg.mixed_precision) == "cuda_graph":
+        kernel["capturable"] = True
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
@@ -137,11 +142,16 @@ def train_step(model, optimizer, x: torch.Tensor, cfg: TrainConfig, lr: float, k
                         parts.kl.detach().sum(), value.detach() * x.shape[0]]).double()
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one epoch's generator on one worker: ranks differ, a resumed epoch repeats exactly."""
+    return (seed * 1_000_003 + epoch) * 1009 + rank
+
+
 def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
     """Shuffling, dynamic binarisation and reparameterisation noise for one epoch on one worker:
     seeded from (seed, epoch, rank), so ranks differ and a resumed epoch repeats exactly."""
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
+    gen.manual_seed(epoch_seed(seed, epoch, rank))
     return gen
 
 
@@ -161,7 +171,15 @@ def train_steps(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor]
     every cfg.progress_every_steps steps). `batches` is either images_u8 [N, P] on the device
     (shuffled here, from the epoch's generator) or an iterable of uint8 batches [B, P] (a stream,
     already shuffled), moved to the device and binarised there. Returns the sums (loss, recon_nll,
-    kl, objective: TRAIN_SUM_KEYS) as a float64 tensor [4] on the device, and the sample count."""
+    kl, objective: TRAIN_SUM_KEYS) as a float64 tensor [4] on the device, and the sample count.
+
+    train.step_mode decides how each step runs (vaedist/step.py): eager is the loop below; compile
+    and cuda_graph hand the same batches, schedules and generator seed to the run's StaticStep."""
+    mode = resolve_step_mode(cfg, device, model, mixed_precision)
+    if mode != "eager":
+        return static_train_steps(model, optimizer, batches, cfg, mode, epoch=epoch, rank=rank,
+                                  num_steps=num_steps, steps_per_epoch=steps_per_epoch, start_step=start_step,
+                                  device=device, mixed_precision=mixed_precision, on_progress=on_progress)
     gen = epoch_generator(cfg.seed, epoch, rank, device)
     if isinstance(batches, torch.Tensor):
         batches = memory_batches(batches, cfg.batch_size_per_worker, num_steps, gen)
@@ -180,6 +198,28 @@ def train_steps(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor]
         if on_progress is not None and cfg.progress_every_steps and (i + 1) % cfg.progress_every_steps == 0:
             on_progress(i + 1, {**dict(zip(TRAIN_SUM_KEYS, totals.tolist())), "count": float(count)})
     return totals, count
+
+
+def static_train_steps(model, optimizer, batches, cfg: TrainConfig, mode: str, *, epoch: int, rank: int,
+                       num_steps: int, steps_per_epoch: int, start_step: int, device: torch.device,
+                       mixed_precision: str = "no", on_progress=None) -> tuple[torch.Tensor, int]:
+    """train_steps through the run's StaticStep (mode: compile, cuda_graph, or static: its code run
+    eagerly): the same shuffling and seeds as the eager loop, the schedules evaluated for the epoch's
+    steps, progress read as often as the eager loop reads it."""
+    static = static_step_for(model, optimizer, cfg, device, mode, mixed_precision)
+    gen = static.reseed(epoch_seed(cfg.seed, epoch, rank))
+    if isinstance(batches, torch.Tensor):
+        batches = memory_batches(batches, cfg.batch_size_per_worker, num_steps, gen)
+    steps = range(start_step, start_step + num_steps)
+    every = cfg.progress_every_steps
+
+    def progress(done: int, totals: torch.Tensor, count: int) -> None:
+        if on_progress is not None and every and done % every == 0:
+            on_progress(done, {**dict(zip(TRAIN_SUM_KEYS, totals.tolist())), "count": float(count)})
+
+    return static.run(batches, num_steps, [learning_rate(cfg, s, steps_per_epoch) for s in steps],
+                      [kl_weight(cfg, s, steps_per_epoch) for s in steps], capacity=steps_per_epoch,
+                      on_progress=progress)
 
 
 def train_epoch(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor], cfg: TrainConfig, **kwargs

@@ -164,8 +164,12 @@ def _check_size(name: str, params: torch.Tensor, expected: int) -> None:
 
 
 def _log1mexp(d: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^-d) for d > 0, accurate at both ends (Maechler 2012: expm1 below ln 2, log1p above)."""
-    return torch.where(d < LN2, torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
+    """log(1 - e^-d) for d > 0 as log(-expm1(-d)): exact to float32 near 0, where it matters (a narrow
+    bin's log-probability). Maechler (2012) switches to log1p(-e^-d) above ln 2 for the relative
+    accuracy of a result near 0; here it is added to log-probabilities, and its absolute error there
+    is below 6e-8 (half an ulp of 1), so the one branch costs a third of the two that torch.where
+    computes in full."""
+    return torch.log(-torch.expm1(-d))
 
 
 def discretized_logistic_log_prob(x: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -177,12 +181,43 @@ def discretized_logistic_log_prob(x: torch.Tensor, mu: torch.Tensor, log_scale: 
     # scale of 1e-4 turns into 1e-4 of probability).
     level = torch.round((x + 1) * 127.5)
     upper = inv_scale * ((level + 0.5) / 127.5 - 1 - mu)   # a: the bin's upper edge, standardised
-    lower = inv_scale * ((level - 0.5) / 127.5 - 1 - mu)   # b: its lower edge
+    minus_lower = inv_scale * (mu - ((level - 0.5) / 127.5 - 1))  # -b, b its lower edge (exactly -b)
     log_cdf_upper = F.logsigmoid(upper)          # log sigmoid(a): bin 0, whose lower edge is -inf
-    log_sf_lower = F.logsigmoid(-lower)          # log(1 - sigmoid(b)): bin 255, whose upper edge is +inf
+    log_sf_lower = F.logsigmoid(minus_lower)     # log(1 - sigmoid(b)): bin 255, whose upper edge is +inf
     # log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(1 - e^-(a - b)), a - b = (2/255) / s
     log_mid = log_cdf_upper + log_sf_lower + _log1mexp(inv_scale * (2 * HALF_BIN))
     return torch.where(level < 0.5, log_cdf_upper, torch.where(level > 254.5, log_sf_lower, log_mid))
+
+
+CPU_CHUNK_ELEMENTS = 1 << 16
+"""Elements of a likelihood's per-component tensors evaluated at once on the CPU (rows_in_chunks):
+256 KiB of float32 each, so the dozen of them alive at a time fit in a core's L2 cache. Measured
+against 2^14 ... 2^20 and unchunked on the mixture (32x32x3, K = 10): 2^16 was fastest, 2.2x
+faster than unchunked (`python -m vaedist.bench.likelihoods --encode`)."""
+GPU_CHUNK_ELEMENTS = 1 << 26
+"""The same on a GPU, where it only bounds memory (256 MiB per intermediate): a batch of the mixture
+below it is one call, as it streams at the device's bandwidth either way."""
+
+
+def rows_in_chunks(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: torch.Tensor,
+                   x: torch.Tensor, elements_per_row: int) -> torch.Tensor:
+    """fn(params, x) -> [...] over the broadcast leading dimensions of params [..., F] and x [..., P],
+    a chunk of rows at a time (CPU_CHUNK_ELEMENTS / elements_per_row rows on the CPU, GPU_CHUNK_ELEMENTS
+    on a GPU), so that memory (and on the CPU the cache) holds one chunk's intermediates, not the whole
+    batch's. Rows are independent, so the values are those of one call. One call where autograd
+    records (training: the backward keeps every chunk's intermediates anyway, and the chunks measured
+    ~8% slower there) and while torch.compile traces."""
+    budget = CPU_CHUNK_ELEMENTS if params.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    per_chunk = max(1, budget // max(1, elements_per_row))
+    lead = torch.broadcast_shapes(params.shape[:-1], x.shape[:-1])
+    rows = math.prod(lead)
+    recording = torch.is_grad_enabled() and (params.requires_grad or x.requires_grad)
+    if rows <= per_chunk or recording or torch.compiler.is_compiling():
+        return fn(params, x)
+    flat_params = params.expand(*lead, params.shape[-1]).reshape(rows, params.shape[-1])
+    flat_x = x.expand(*lead, x.shape[-1]).reshape(rows, x.shape[-1])
+    return torch.cat([fn(flat_params[i:i + per_chunk], flat_x[i:i + per_chunk])
+                      for i in range(0, rows, per_chunk)]).reshape(lead)
 
 
 def _uniform(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -336,6 +371,12 @@ class DiscretizedLogisticMixture(Likelihood):
             locations[..., 2, :] + coeffs[..., 1, :] * red + coeffs[..., 2, :] * green), dim=-2)
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A few rows at a time on the CPU (rows_in_chunks): its ~20 elementwise passes over the
+        [..., N, C, K] components then stay in cache instead of streaming a tensor of the size of
+        the decoder's output through memory each time. Each row's value is the same either way."""
+        return rows_in_chunks(self._log_prob, params, x, x.shape[-1] * self.components)
+
+    def _log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         logits, locations, log_scales, coeffs, channels = self._unpack(params, x.shape[-1])
         xs = x.unflatten(-1, (x.shape[-1] // channels, channels)).unsqueeze(-1)      # [..., N, C, 1]
         mu = self._shifted(locations, coeffs, xs[..., 0, :], xs[..., 1, :] if channels == 3 else None)

@@ -41,6 +41,23 @@ class FromImage(nn.Module):
         return x.permute(0, 2, 3, 1).flatten(1)
 
 
+class ToParameters(nn.ConvTranspose2d):
+    """The conv decoder's last transposed convolution, whose output is the likelihood's parameters.
+    With many of them per position (the mixture's 10K for colour) it runs channels-last on the CPU:
+    its output is then already in the [B, H, W, K] order FromImage flattens (a view, not a copy of
+    the largest tensor of the model), and oneDNN's kernel measured 2.4x faster forward for K = 100
+    and 2.5x for 50, with bit-identical values (`python -m vaedist.bench.likelihoods --encode`).
+    For a few channels (Bernoulli's 1, a logistic's 6) it stays as it was: channels-last measured no
+    faster forward and slower backward there. Same parameters, so checkpoints load either way."""
+
+    MIN_CHANNELS_LAST = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.out_channels >= self.MIN_CHANNELS_LAST:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def _mlp(widths: list[int], activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for w_in, w_out in zip(widths, widths[1:]):
@@ -118,7 +135,7 @@ def _conv_nets(cfg: ModelConfig, image_shape: tuple[int, int, int], out_channels
             dec += [nn.ConvTranspose2d(dims[i], dims[i - 1], 4, stride=2, padding=1), *_norm(norm, dims[i - 1]),
                     _ACTIVATIONS[act]()]
         else:
-            dec += [nn.ConvTranspose2d(dims[0], out_channels, 4, stride=2, padding=1), FromImage()]
+            dec += [ToParameters(dims[0], out_channels, 4, stride=2, padding=1), FromImage()]
     return nn.Sequential(*enc), nn.Linear(dims[-1] * h * w, 2 * cfg.latent_dim), nn.Sequential(*dec)
 
 

@@ -6,6 +6,11 @@ minibatch mean per datapoint, in nats. Whatever the objective, a run still repor
 negative ELBO l_i and its parts (SampleTerms.parts()); the objective's own value is logged beside
 them as `train_objective`, so runs of different objectives compare on the same numbers.
 
+`weighted(terms, kl_weight, weights)` is the same value for a batch padded to a static shape
+(vaedist/step.py): weights [B] are 1 for real rows and 0 for padding, every mean is over the real
+rows only, and kl_weight may be a tensor on the device; it has no branch on a value, so a CUDA graph
+can hold it.
+
 `kl_weight` is the KL warm-up's factor for this step (engine.kl_weight: 0 -> 1, then 1). With
 x the data, z_s = mu + sigma * eps_s the S reparameterised samples and KL_j the analytic KL of
 latent dimension j:
@@ -48,6 +53,15 @@ class Objective:
         """The minibatch's value to minimise: a scalar, the mean per datapoint, nats."""
         raise NotImplementedError
 
+    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+        """__call__ over the rows whose weight is 1 (the others 0: padding), branch-free."""
+        raise NotImplementedError
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean of values [B] over the rows of weight 1 (padding has weight 0 and adds exactly 0)."""
+    return (values * weights).sum() / weights.sum()
+
 
 @dataclass(frozen=True)
 class ELBO(Objective):
@@ -62,6 +76,10 @@ class ELBO(Objective):
 
     def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
         return batch_loss(terms.parts(), kl_weight)
+
+    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+        parts = terms.parts()
+        return _weighted_mean(parts.recon_nll + kl_weight * parts.kl, weights)
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,10 @@ class Beta(Objective):
 
     def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
         return batch_loss(terms.parts(), kl_weight * self.beta)
+
+    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+        parts = terms.parts()
+        return _weighted_mean(parts.recon_nll + (kl_weight * self.beta) * parts.kl, weights)
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,12 @@ class IWAE(Objective):
         k = log_w.shape[1]
         return -(torch.logsumexp(log_w, dim=1) - math.log(k)).mean()
 
+    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+        prior_minus_posterior = (standard_normal_log_prob(terms.z)
+                                 - gaussian_log_prob(terms.z, terms.mu.unsqueeze(1), terms.logvar.unsqueeze(1)))
+        log_w = terms.log_px_z + kl_weight * prior_minus_posterior
+        return -_weighted_mean(torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1]), weights)
+
 
 @dataclass(frozen=True)
 class FreeBits(Objective):
@@ -131,6 +159,12 @@ class FreeBits(Objective):
         kl_per_dim = gaussian_kl_per_dim(terms.mu, terms.logvar)   # [B, D]
         kl = torch.clamp(kl_per_dim.mean(dim=0), min=self.free_bits).sum()
         return -terms.log_px_z.mean() + kl_weight * kl
+
+    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+        count = weights.sum()
+        kl_per_dim = (gaussian_kl_per_dim(terms.mu, terms.logvar) * weights.unsqueeze(1)).sum(dim=0) / count
+        kl = torch.clamp(kl_per_dim, min=self.free_bits).sum()
+        return -_weighted_mean(terms.log_px_z.mean(dim=1), weights) + kl_weight * kl
 
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (ELBO, Beta, IWAE, FreeBits)}

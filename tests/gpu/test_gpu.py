@@ -30,9 +30,10 @@ def cuda_setup(**train):
     return cfg, model, optimizer, images, device
 
 
+@pytest.mark.parametrize("step_mode", ["eager", "cuda_graph"])
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_a_training_epoch_on_cuda_never_waits_for_the_host(precision):
-    cfg, model, optimizer, images, device = cuda_setup(mixed_precision=precision)
+def test_a_training_epoch_on_cuda_never_waits_for_the_host(precision, step_mode):
+    cfg, model, optimizer, images, device = cuda_setup(mixed_precision=precision, step_mode=step_mode)
     kwargs = dict(epoch=0, rank=0, num_steps=8, steps_per_epoch=8, start_step=0, device=device,
                   mixed_precision=precision)
     train_steps(model, optimizer, images, cfg, **kwargs)  # warm-up: lazy CUDA state, Adam's state
@@ -67,13 +68,13 @@ def test_adam_step_counters_stay_on_the_cpu_after_a_resume_on_cuda(tmp_path):
     from vaedist.checkpoint import load_checkpoint, save_checkpoint
     from vaedist.config import Config
 
-    cfg, model, optimizer, images, device = cuda_setup()
+    cfg, model, optimizer, images, device = cuda_setup(step_mode="eager")  # the foreach kernel's counters
     train_epoch(model, optimizer, images, cfg, epoch=0, rank=0, num_steps=2, steps_per_epoch=2, start_step=0,
                 device=device)
     save_checkpoint(str(tmp_path), model_state=model.state_dict(), optimizer_state=optimizer.state_dict(), epoch=0,
                     global_step=2, config=Config(), manifest_hash="x", history=[])
     state = load_checkpoint(str(tmp_path), map_location=device)  # the old, costly way of loading
-    fresh = make_optimizer(model, TrainConfig(optimizer_kernel="foreach"), device)
+    fresh = make_optimizer(model, TrainConfig(optimizer_kernel="foreach", step_mode="eager"), device)
     load_optimizer_state(fresh, copy.deepcopy(state.optimizer))
     assert all(s["step"].device.type == "cpu" for s in fresh.state.values())
     assert all(s["exp_avg"].device.type == "cuda" for s in fresh.state.values())

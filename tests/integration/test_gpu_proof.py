@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 WHEELHOUSE = REPO / "outputs" / f"offline-wheels-py{sys.version_info.major}.{sys.version_info.minor}"
-PARTS = {"shards", "facts", "gpu_tests", "train", "batch_sweep", "encode", "cpu_scaling"}
+PARTS = {"shards", "facts", "gpu_tests", "train", "batch_sweep", "quality", "encode", "cpu_scaling"}
 
 
 @pytest.fixture(scope="module")

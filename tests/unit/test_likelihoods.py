@@ -450,3 +450,28 @@ def test_configs_without_a_likelihood_build_todays_bernoulli_model():
     assert sizes == {"bernoulli": 784, "discretized-logistic": 1568, "discretized-logistic-mixture": 784 * 30,
                      "gaussian": 1568}
     assert VAE(ModelConfig(likelihood="discretized-logistic-mixture"), (32, 32, 3)).num_params == 1024 * 100
+
+
+def test_the_mixture_in_row_chunks_gives_the_values_of_one_call():
+    """Evaluation scores the mixture a few rows at a time on the CPU (likelihoods.rows_in_chunks); each
+    row's value must be the one a single call gives, whatever the chunking, and with autograd on
+    (training: one call) too."""
+    from vaedist import likelihoods
+
+    lik = likelihood("discretized-logistic-mixture", 3, mixture_components=4)
+    shape = (4, 4, 3)
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (6, math.prod(shape)), generator=gen, dtype=torch.uint8)
+    x = lik.eval_input(images, np.arange(6), "test", 0, torch.device("cpu")).unsqueeze(1)   # [6, 1, P]
+    params = torch.randn(6, 5, lik.num_params(shape), generator=gen)                       # [6, 5, F]
+    whole = lik._log_prob(params, x)
+    old = likelihoods.CPU_CHUNK_ELEMENTS
+    try:
+        for elements in (1, 7 * 48 * 4, 10**9):   # one row per chunk, 7 rows (a ragged last chunk), one call
+            likelihoods.CPU_CHUNK_ELEMENTS = elements
+            with torch.no_grad():
+                assert torch.equal(lik.log_prob(params, x), whole), elements
+        likelihoods.CPU_CHUNK_ELEMENTS = 1
+        assert torch.equal(lik.log_prob(params.requires_grad_(), x).detach(), whole)
+    finally:
+        likelihoods.CPU_CHUNK_ELEMENTS = old

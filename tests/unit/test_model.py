@@ -159,3 +159,20 @@ def test_checkpoints_of_the_old_two_layer_conv_model_still_load(shape, tmp_path)
     with torch.no_grad():
         assert torch.equal(new.encode(x)[0], old.to_posterior(old.encoder(x)).chunk(2, dim=-1)[0])
         assert torch.equal(new.decode(z), old.decoder(z))
+
+
+def test_the_conv_decoders_channels_last_output_layer_gives_the_same_parameters():
+    """ToParameters runs channels-last for many parameters per position (the mixture's): the values
+    are those of the plain transposed convolution, whose checkpoint keys it keeps."""
+    from torch import nn
+
+    from vaedist.model import FromImage, ToParameters
+
+    torch.manual_seed(0)
+    fast = ToParameters(8, 40, 4, stride=2, padding=1)
+    plain = nn.ConvTranspose2d(8, 40, 4, stride=2, padding=1)
+    plain.load_state_dict(fast.state_dict())
+    h = torch.randn(3, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(FromImage()(fast(h)), FromImage()(plain(h)), rtol=1e-6, atol=1e-6)
+    assert fast(h).is_contiguous(memory_format=torch.channels_last)

@@ -9,12 +9,18 @@ leaves unspent passes on to the next; a part, or a step within one, whose time i
 a line saying so (a step starts only when the time left is at least what the last step of its kind took):
 
   facts        GPU name and memory, driver, torch and CUDA versions, CPU count
-  gpu_tests    `pytest -m gpu` in a subprocess (stopped at the part's deadline): pass/fail/skip counts
-  train        Ray Train on 1 GPU vs the plain CUDA loop (bench train's), the default MLP, bf16 and fp32
-  batch_sweep  the plain loop at batch 128 ... 8192: samples/s, and the test negative ELBO after a
-               fixed number of samples (constant learning rate), so the speed/quality trade shows
+  batch_sweep  the plain loop at batch 128 ... 8192, each batch with the step eager and as a CUDA
+               graph (train.step_mode, vaedist/step.py): samples/s, the graph's speed-up over eager,
+               and the test negative ELBO after a fixed number of samples (constant learning rate),
+               so the speed/quality trade shows
+  quality      the default quality run: configs/mnist.yaml (its model, batch 128, its schedules) in
+               the plain loop with train.step_mode=auto, for as many of its 200 epochs as the part's
+               time allows (planned from the sweep's batch-128 rate), timed end to end, with the test
+               set's negative ELBO and its NLL (importance-weighted, K = its num_samples_iw_final)
   encode       the Ray Data encode job on the GPU vs the plain loop (bench encode's), S=16 K=0 and S=1
                K=1000, over all 70,000 images
+  gpu_tests    `pytest -m gpu` in a subprocess (stopped at the part's deadline): pass/fail/skip counts
+  train        Ray Train on 1 GPU vs the plain CUDA loop (bench train's), the default MLP, bf16 and fp32
   cpu_scaling  Ray Train with 1, 2, 4, 8 CPU workers (DDP over gloo) and encode with 1 ... 14 CPU actors:
                speed-up and efficiency per worker, short runs, capped to the cores present
 
@@ -47,11 +53,14 @@ from vaedist import __version__, storage
 from vaedist.config import Config, ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
-# Shares of the budget, in order (on the GPU machine's 480 s: shards ~10 s, tests ~100 s, ...).
-# Measured on the H200 (first run, 480 s): shards 1 s, facts 1, tests 121, train 61 per precision, batch
-# sweep 34, encode 18, CPU scaling 136; a part's unused time passes to the next.
-SHARES = {"shards": 0.01, "facts": 0.01, "gpu_tests": 0.26, "train": 0.28, "batch_sweep": 0.08, "encode": 0.09,
-          "cpu_scaling": 0.27}
+# Shares of the budget, in order (on the GPU machine's 480 s: shards ~5 s, tests ~80 s, ...).
+# Measured on the H200 (480 s, before the step modes): shards 1 s, facts 1, tests 121, train 61 per
+# precision, batch sweep 34 (eager only), encode 18, CPU scaling 136; a part's unused time passes to
+# the next. The quality run takes the largest share: 200 epochs of batch 128 are 12M samples.
+SHARES = {"shards": 0.01, "facts": 0.01, "batch_sweep": 0.14, "quality": 0.30, "encode": 0.08, "gpu_tests": 0.24,
+          "train": 0.12, "cpu_scaling": 0.10}
+QUALITY_CONFIG = REPO / "configs" / "mnist.yaml"
+QUALITY_EVAL_SHARE = 0.2  # of the quality part's time kept for the test set's evaluation (IW K = 1000)
 # configs/mnist.yaml's model, the README's scale model's: MLP 784-512-512-50.
 DEFAULT_MLP = ["model.kind=mlp", "model.latent_dim=50", "model.hidden_dims=[512, 512]", "model.activation=elu"]
 OPTIONAL_MODULES = ("duckdb", "mlflow")
@@ -74,17 +83,23 @@ class Sizes:
     scale_actors: tuple[int, ...]
     scale_epochs: int
     scale_max_steps: int
+    sweep_modes: tuple[str, ...] = ("eager",)  # train.step_mode values the batch sweep compares
+    quality_max_epochs: int = 200
+    quality_max_steps: int = 0  # per epoch; 0: the whole split
+    quality_iw: int | None = None  # None: the config's num_samples_iw_final
 
 
 GPU_SIZES = Sizes(limit_per_split=None, samples_per_shard=2500, model=tuple(DEFAULT_MLP), train_epochs=4,
                   train_max_steps=0, sweep_batches=(128, 256, 512, 1024, 2048, 4096, 8192), sweep_samples=600_000,
                   encode_settings=((16, 0, ("train", "test")), (1, 1000, ("train", "test"))), encode_batch=2048,
-                  scale_workers=(1, 2, 4, 8), scale_actors=(1, 2, 4, 8, 14), scale_epochs=3, scale_max_steps=50)
+                  scale_workers=(1, 2, 4, 8), scale_actors=(1, 2, 4, 8, 14), scale_epochs=3, scale_max_steps=50,
+                  sweep_modes=("eager", "cuda_graph"))
 CPU_SIZES = Sizes(limit_per_split=2000, samples_per_shard=500,
                   model=("model.kind=mlp", "model.latent_dim=8", "model.hidden_dims=[128]"), train_epochs=2,
                   train_max_steps=10, sweep_batches=(128, 512), sweep_samples=2048,
                   encode_settings=((16, 0, ("test",)), (1, 100, ("test",))), encode_batch=500,
-                  scale_workers=(1, 2, 4, 8), scale_actors=(1, 2, 4, 8, 14), scale_epochs=2, scale_max_steps=5)
+                  scale_workers=(1, 2, 4, 8), scale_actors=(1, 2, 4, 8, 14), scale_epochs=2, scale_max_steps=5,
+                  quality_max_epochs=2, quality_max_steps=5, quality_iw=10)
 
 
 class Budget:
@@ -115,6 +130,7 @@ class Setup:
     work: str
     shards: str = ""
     checkpoint: str | None = None  # the batch sweep's batch-128 model, for encode
+    batch128_samples_per_s: float | None = None  # the sweep's fastest mode at its first batch: plans quality
 
 
 class Results:
@@ -336,12 +352,24 @@ def part_train(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
     return figures
 
 
+def _test_arrays(setup: Setup):
+    from vaedist.data import load_split_arrays, read_manifest
+
+    manifest = read_manifest(setup.shards)
+    info = manifest.dataset
+    test = manifest.split("test").shards
+    test_idx, test_images, _ = load_split_arrays([storage.join(setup.shards, t.path) for t in test],
+                                                 [t.num_samples for t in test], info)
+    return info, test_idx, test_images
+
+
 def part_batch_sweep(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
     """The plain loop (engine.train_epoch, no Ray) at each batch size for the same number of samples,
-    from the same initial weights at a constant learning rate; then the test split's mean l_i."""
+    from the same initial weights at a constant learning rate, with each step mode of the sizes (eager,
+    and the CUDA graph on a GPU); then the test split's mean l_i."""
     from vaedist.bench.train import train_images
     from vaedist.checkpoint import save_checkpoint
-    from vaedist.data import load_split_arrays, manifest_hash, read_manifest
+    from vaedist.data import manifest_hash
     from vaedist.engine import evaluate_sums, make_grad_scaler, make_optimizer, train_epoch
     from vaedist.model import VAE
 
@@ -349,19 +377,17 @@ def part_batch_sweep(setup: Setup, budget: Budget, res: Results) -> dict[str, An
     device = torch.device("cuda") if setup.gpu else torch.device("cpu")
     precision = "bf16" if setup.gpu else "no"
     base = _base(setup, f"train.mixed_precision='{precision}'", "scaling.cpus_per_worker=1")
-    manifest = read_manifest(setup.shards)
-    info = manifest.dataset
+    info, test_idx, test_images = _test_arrays(setup)
     images = train_images(base).to(device)
-    test = manifest.split("test").shards
-    test_idx, test_images, _ = load_split_arrays([storage.join(setup.shards, t.path) for t in test],
-                                                 [t.num_samples for t in test], info)
+    if not setup.gpu:
+        res.skip("batch_sweep", "train.step_mode=cuda_graph", "needs CUDA")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny sizes: a thread team only waits at its barriers on a busy machine
     label = "bf16" if precision == "bf16" else "fp32"
     res.echo(f"batch_sweep: {s.sweep_samples:,} samples per batch size, {label}, lr 1e-3 constant, on {device}")
 
-    def run(batch: int, samples: int) -> dict[str, Any]:
-        cfg = config_from_dict(base.to_dict(), [f"train.batch_size_per_worker={batch}"])
+    def run(batch: int, samples: int, mode: str = "eager") -> dict[str, Any]:
+        cfg = config_from_dict(base.to_dict(), [f"train.batch_size_per_worker={batch}", f"train.step_mode={mode}"])
         torch.manual_seed(cfg.train.seed)
         model = VAE(cfg.model, info.image_shape).to(device)
         optimizer = make_optimizer(model, cfg.train, device)
@@ -379,13 +405,28 @@ def part_batch_sweep(setup: Setup, budget: Budget, res: Results) -> dict[str, An
         return {"model": model, "cfg": cfg, "samples": total_steps * batch, "seconds": seconds,
                 "samples_per_s": total_steps * batch / seconds, "test_loss": sums["loss"] / sums["count"]}
 
-    run(s.sweep_batches[0], s.sweep_batches[0] * 20)  # warm-up: CUDA context, cuBLAS, the allocator
+    for mode in s.sweep_modes:  # warm-up: CUDA context, cuBLAS, the allocator, a first capture
+        run(s.sweep_batches[0], s.sweep_batches[0] * 20, mode)
     steps, figures = Steps("batch_sweep", budget, res), {"samples": s.sweep_samples, "precision": label,
-                                                         "device": device.type, "batches": {}}
+                                                         "device": device.type, "modes": list(s.sweep_modes),
+                                                         "batches": {}}
     for batch in s.sweep_batches:
-        out = steps.run(f"batch {batch}", lambda: run(batch, s.sweep_samples))
-        if out is None:
+        by_mode = {}
+        for mode in s.sweep_modes:
+            out = steps.run(f"batch {batch} {mode}", lambda: run(batch, s.sweep_samples, mode), kind=mode)
+            if out is None:
+                continue
+            by_mode[mode] = out
+            line = (f"{out['samples_per_s']:,.0f} samples/s, test -ELBO {out['test_loss']:.2f} nats after "
+                    f"{out['samples']:,} samples ({label}, step {mode})")
+            res.echo(f"batch_sweep: batch {batch}: {line}")
+            res.row("batch_sweep", f"batch {batch}, {mode}", line)
+        if not by_mode:
             continue
+        fastest = max(by_mode.values(), key=lambda o: o["samples_per_s"])
+        if setup.batch128_samples_per_s is None:
+            setup.batch128_samples_per_s = fastest["samples_per_s"]
+        out = fastest
         if setup.checkpoint is None:  # the first (smallest) batch's model: encode's checkpoint
             ckpt = os.path.join(setup.work, "checkpoint-sweep")
             save_checkpoint(ckpt, model_state=out["model"].state_dict(), optimizer_state=None, epoch=0,
@@ -393,11 +434,82 @@ def part_batch_sweep(setup: Setup, budget: Budget, res: Results) -> dict[str, An
                             manifest_hash=manifest_hash(setup.shards), history=[], dataset=info.name,
                             image_shape=info.image_shape)
             setup.checkpoint = ckpt
-        figures["batches"][str(batch)] = {k: out[k] for k in ("samples", "seconds", "samples_per_s", "test_loss")}
-        line = (f"{out['samples_per_s']:,.0f} samples/s, test -ELBO {out['test_loss']:.2f} nats after "
-                f"{out['samples']:,} samples ({label})")
-        res.echo(f"batch_sweep: batch {batch}: {line}")
-        res.row("batch_sweep", f"batch {batch}", line)
+        entry = {mode: {k: o[k] for k in ("samples", "seconds", "samples_per_s", "test_loss")}
+                 for mode, o in by_mode.items()}
+        if "eager" in by_mode and "cuda_graph" in by_mode:
+            entry["graph_speedup"] = by_mode["cuda_graph"]["samples_per_s"] / by_mode["eager"]["samples_per_s"]
+            res.row("batch_sweep", f"batch {batch}: CUDA graph / eager", f"**{entry['graph_speedup']:.2f}x**")
+        figures["batches"][str(batch)] = entry
+    return figures
+
+
+def part_quality(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
+    """configs/mnist.yaml's run in the plain loop (train.step_mode=auto: the CUDA graph on a GPU), its
+    epochs planned to fit the part's time at the sweep's batch-128 rate (at most its 200; the cosine
+    schedule and KL warm-up are those of a run of that many epochs), stopped early at the deadline;
+    then the test set's -ELBO and IW NLL. End to end: from building the model to the NLL."""
+    from vaedist.bench.train import train_images
+    from vaedist.engine import evaluate_sums, make_grad_scaler, make_optimizer, train_epoch
+    from vaedist.model import VAE
+    from vaedist.step import resolve_step_mode
+
+    s = setup.sizes
+    device = torch.device("cuda") if setup.gpu else torch.device("cpu")
+    overrides = [f"data.shards_dir={setup.shards}", f"output.storage_path={setup.work}/runs",
+                 f"train.max_steps_per_epoch={s.quality_max_steps}"]
+    if not setup.gpu:
+        overrides += list(s.model)
+    cfg = load_config(QUALITY_CONFIG, overrides)
+    iw = s.quality_iw if s.quality_iw is not None else cfg.train.num_samples_iw_final
+    info, test_idx, test_images = _test_arrays(setup)
+    start = time.monotonic()
+    images = train_images(cfg).to(device)
+    batch = cfg.train.batch_size_per_worker
+    per_epoch = images.shape[0] // batch
+    steps_per_epoch = min(per_epoch, s.quality_max_steps) if s.quality_max_steps else per_epoch
+    rate = setup.batch128_samples_per_s
+    train_time = budget.left() * (1 - QUALITY_EVAL_SHARE)
+    train_deadline = time.monotonic() + train_time
+    epochs = s.quality_max_epochs
+    if rate:
+        epochs = max(1, min(epochs, int(train_time * rate / (steps_per_epoch * batch))))
+    cfg = config_from_dict(cfg.to_dict(), [f"train.epochs={epochs}"])
+    res.echo(f"quality: {QUALITY_CONFIG.name}, {epochs} epochs of {steps_per_epoch} steps planned "
+             f"({'from ' + format(rate, ',.0f') + ' samples/s' if rate else 'no sweep rate: the most'}), "
+             f"step mode {cfg.train.step_mode}, on {device}")
+    torch.manual_seed(cfg.train.seed)
+    model = VAE(cfg.model, info.image_shape).to(device)
+    optimizer = make_optimizer(model, cfg.train, device)
+    scaler = make_grad_scaler(device, cfg.train.mixed_precision)
+    mode = resolve_step_mode(cfg.train, device, model, cfg.train.mixed_precision)
+    train_start, done, history = time.monotonic(), 0, []
+    for epoch in range(epochs):
+        if epoch and time.monotonic() > train_deadline:
+            res.skip("quality", f"epochs {epoch + 1}-{epochs}", "the part's training time is spent")
+            break
+        r = train_epoch(model, optimizer, images, cfg.train, epoch=epoch, rank=0, num_steps=steps_per_epoch,
+                        steps_per_epoch=steps_per_epoch, start_step=done, device=device,
+                        mixed_precision=cfg.train.mixed_precision, scaler=scaler)
+        done += steps_per_epoch
+        history.append(r["loss"] / r["count"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.monotonic() - train_start
+    sums = evaluate_sums(model, test_images, test_idx, "test", cfg.train.seed, device, batch_size=1000,
+                         num_samples_iw=iw, iw_chunk_size=cfg.encode.iw_chunk_size)
+    end_to_end_s = time.monotonic() - start
+    count = sums["count"]
+    figures = {"config": QUALITY_CONFIG.name, "step_mode": mode, "epochs_planned": epochs,
+               "epochs_run": len(history), "steps_per_epoch": steps_per_epoch, "batch": batch,
+               "train_seconds": train_s, "end_to_end_seconds": end_to_end_s,
+               "samples_per_s": len(history) * steps_per_epoch * batch / train_s,
+               "train_loss_last_epoch": history[-1], "test_neg_elbo": sums["loss"] / count,
+               "test_nll_iw": -sums["log_px"] / count, "num_samples_iw": iw}
+    line = (f"{len(history)} epochs ({cfg.train.step_mode} -> {mode}) in **{train_s:.1f} s** of training "
+            f"({figures['samples_per_s']:,.0f} samples/s), {end_to_end_s:.1f} s end to end; test -ELBO "
+            f"{figures['test_neg_elbo']:.2f}, **test NLL {figures['test_nll_iw']:.2f} nats** (K = {iw})")
+    res.echo(f"quality: {line}")
+    res.row("quality", f"{QUALITY_CONFIG.name}, batch {batch}", line)
     return figures
 
 
@@ -562,9 +674,10 @@ def _speedup_text(figures: dict) -> str:
     return f"speed-up {figures['speedup']:.2f}, efficiency {figures['efficiency']:.2f}"
 
 
+# In the order they run: what the step modes are measured by first, so that a run cut short keeps it.
 PARTS: dict[str, Callable[[Setup, Budget, Results], dict[str, Any]]] = {
-    "shards": part_shards, "facts": part_facts, "gpu_tests": part_gpu_tests, "train": part_train,
-    "batch_sweep": part_batch_sweep, "encode": part_encode, "cpu_scaling": part_cpu_scaling}
+    "shards": part_shards, "facts": part_facts, "batch_sweep": part_batch_sweep, "quality": part_quality,
+    "encode": part_encode, "gpu_tests": part_gpu_tests, "train": part_train, "cpu_scaling": part_cpu_scaling}
 
 
 def find_mnist_dir(given: str | None) -> str:
