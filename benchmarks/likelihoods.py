@@ -152,8 +152,8 @@ def encode_main(args) -> dict[str, float]:
               f"rows/s, ratio {old_s / new_s:.2f}x")
     print("largest |difference| per row: " + ", ".join(f"{c} {d:.3g} nats" for c, d in diffs.items()))
     for which in ("before", "after"):
-        proc = subprocess.run([sys.executable, "-m", "vaedist.bench.likelihoods", "--encode-peak", which],
-                              check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--encode-peak", which],
+                              check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         results[f"peak_mib_{which}"] = json.loads(proc.stdout.strip().splitlines()[-1])["added_mib"]
     print(f"memory one evaluate_batch of {ENCODE_MEMORY_ROWS} rows adds at its peak: "
           f"{results['peak_mib_before']:,.0f} MiB before, {results['peak_mib_after']:,.0f} MiB after")

@@ -193,7 +193,7 @@ CPU_CHUNK_ELEMENTS = 1 << 16
 """Elements of a likelihood's per-component tensors evaluated at once on the CPU (rows_in_chunks):
 256 KiB of float32 each, so the dozen of them alive at a time fit in a core's L2 cache. Measured
 against 2^14 ... 2^20 and unchunked on the mixture (32x32x3, K = 10): 2^16 was fastest, 2.2x
-faster than unchunked (`python -m vaedist.bench.likelihoods --encode`)."""
+faster than unchunked (`python benchmarks/likelihoods.py --encode`)."""
 GPU_CHUNK_ELEMENTS = 1 << 26
 """The same on a GPU, where it only bounds memory (256 MiB per intermediate): a batch of the mixture
 below it is one call, as it streams at the device's bandwidth either way."""

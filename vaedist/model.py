@@ -46,7 +46,7 @@ class ToParameters(nn.ConvTranspose2d):
     With many of them per position (the mixture's 10K for colour) it runs channels-last on the CPU:
     its output is then already in the [B, H, W, K] order FromImage flattens (a view, not a copy of
     the largest tensor of the model), and oneDNN's kernel measured 2.4x faster forward for K = 100
-    and 2.5x for 50, with bit-identical values (`python -m vaedist.bench.likelihoods --encode`).
+    and 2.5x for 50, with bit-identical values (`python benchmarks/likelihoods.py --encode`).
     For a few channels (Bernoulli's 1, a logistic's 6) it stays as it was: channels-last measured no
     faster forward and slower backward there. Same parameters, so checkpoints load either way."""
 
