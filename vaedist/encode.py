@@ -5,18 +5,29 @@
     vaedist encode --checkpoint outputs/runs/vae-fashion-mnist --shards outputs/shards   # other data that fits
     ray job submit --working-dir . -- python jobs/encode.py --config configs/debug.yaml
 
-shards (one row each) -> map_batches(LatentEncoder actors: read a shard, check its sha256, encode it
-batch by batch with each checkpoint) -> write_parquet into a hidden staging directory -> verify one
-row per datapoint (per checkpoint) -> lineage + _SUCCESS -> publish by rename.
-A crash at any point leaves the published path as it was; a rerun starts a fresh staging directory.
+files to write (a row each: a group of consecutive shards of one split) -> map_batches(TableFileWriter
+actors: read each shard, check its sha256, encode it batch by batch with each checkpoint, write the
+group's Parquet file whole) into a hidden staging directory -> verify one row per datapoint (per
+checkpoint) -> lineage + _SUCCESS -> publish (vaedist.tables).
+
+A crash at any point leaves a complete table at the published path or, for the instant of a local
+swap or the span of an object store's copy, beside it, where readers find it and the next encode
+puts it back (vaedist.tables); a table verified in staging is published, never thrown away.
+The staging directory is named by a hash of the job's identity (checkpoints and their weights,
+manifest, lineage, settings that change a bit of the output) and each file by its shards, so a
+rerun of the same job after its driver or cluster died keeps the files the killed job finished,
+checked file by file, and encodes only the rest: the table is byte-identical to an uninterrupted
+run's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -31,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vaedist import __version__, schema, storage
+from vaedist import __version__, schema, storage, tables
 from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_data_compatible, checkpoint_for_epoch,
                                 config_of, kept_checkpoint_dirs, load_checkpoint, load_model,
                                 run_dir_of)
@@ -49,6 +60,7 @@ from vaedist.tracking import check_uri, log_encode, resolve_uri
 log = logging.getLogger("vaedist.encode")
 FAIL_ENV = "VAEDIST_ENCODE_FAIL_AFTER_BATCHES"
 ROWS_PER_FILE = 20_000  # ~13 MB files for 50 latents: a handful of files, not thousands
+MIN_FILES = 8  # a small table still gives as many actors work (a file is one actor's task)
 
 
 class EncodeError(ValueError):
@@ -135,6 +147,23 @@ class LatentEncoder:
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
+class TableFileWriter:
+    """An encode actor: called with a batch of file rows (file_plan), it encodes each file's shards
+    with a LatentEncoder and writes the file into the staging directory whole (tables.write_file),
+    so a file there is finished; yields (file, rows) per file."""
+
+    def __init__(self, staging: str, **encoder_kwargs: Any):
+        self.staging, self.encoder = staging, LatentEncoder(**encoder_kwargs)
+
+    def __call__(self, files: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for name, split, entries in zip(files["file"], files["split"], files["entries"]):
+            parts = [table for entry in json.loads(entries)
+                     for table in self.encoder({"entry": [json.dumps(entry, sort_keys=True)], "split": [split]})]
+            table = pa.concat_tables(parts)
+            tables.write_file(storage.join(self.staging, str(name)), table)
+            yield {"file": np.array([name], dtype=object), "rows": np.array([table.num_rows])}
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks before any work, verification and publication after.
 
@@ -169,20 +198,79 @@ def resolve_epoch_checkpoints(cfg: Config, checkpoint: str | None, epochs: list[
 
 def check_output_path(out: str) -> None:
     """The published path may be absent, empty, or an earlier vaedist table; nothing else is overwritten."""
-    if not storage.exists(out):
-        return
-    if not storage.is_dir(out):
-        raise EncodeError(f"output path {out} is a file, not a latent table directory; choose another --out")
-    entries = storage.listdir(out)
-    if entries and schema.LINEAGE_FILE not in entries:
-        raise EncodeError(f"output path {out} holds something else ({', '.join(entries[:5])}); "
-                          "refusing to replace it; choose another --out or remove it")
+    try:
+        tables.check_replaceable(out)
+    except tables.TableError as e:
+        raise EncodeError(str(e)) from None
 
 
-def _staging_prefix(out: str) -> tuple[str, str]:
-    out = out.rstrip("/")
-    parent, name = out.rsplit("/", 1) if "/" in out else (".", out)
-    return parent, f".{name}.staging-"
+def file_plan(manifest: dict, splits: list[str], rows_per_file: int) -> list[dict[str, Any]]:
+    """The table's files: consecutive shards of one split, grouped until a file holds at least
+    min(rows_per_file, all rows / MIN_FILES) datapoints, named `<split>-<n>.parquet`. Fixed by the
+    manifest alone (not by the cluster), so a rerun plans the same files."""
+    total = sum(manifest["splits"][split]["num_samples"] for split in splits)
+    least = max(1, min(rows_per_file, math.ceil(total / MIN_FILES)))
+    plan = []
+    for split in splits:
+        group: list[dict] = []
+        for shard in manifest["splits"][split]["shards"]:
+            group.append(shard)
+            if sum(s["num_samples"] for s in group) >= least:
+                plan.append(group)
+                group = []
+        if group:
+            plan.append(group)
+    files, counters = [], {}
+    for group in plan:
+        split = next(s for s in splits if group[0] in manifest["splits"][s]["shards"])
+        n = counters[split] = counters.get(split, -1) + 1
+        files.append({"file": f"{split}-{n:05d}.parquet", "split": split, "entries": json.dumps(group, sort_keys=True),
+                      "datapoints": sum(s["num_samples"] for s in group)})
+    return files
+
+
+def job_key(lineage: dict[str, Any], states: list[dict], cfg: Config, plan: list[dict[str, Any]]) -> str:
+    """A hash of what decides every byte of the table: the lineage (checkpoints, data, seeds, sample
+    counts, versions), the checkpoints' weights, the file plan and the settings that change floating
+    point results (batch size, IW chunk, CPU threads per actor, GPU). Not the number of actors."""
+    ec = cfg.encode
+    h = hashlib.sha256(json.dumps({
+        "lineage": lineage, "plan": [(f["file"], f["entries"]) for f in plan], "batch_size": ec.batch_size,
+        "iw_chunk_size": ec.iw_chunk_size, "cpus_per_actor": ec.cpus_per_actor, "use_gpu": ec.use_gpu,
+    }, sort_keys=True, default=str).encode())
+    for st in states:
+        for name, tensor in sorted(st["model"].items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def reuse_finished(staging: str, plan: list[dict[str, Any]], lineage: dict[str, Any],
+                   copies: int) -> list[dict[str, Any]]:
+    """The files of `plan` still to encode: a file a killed run of the same job left in `staging` is
+    kept when its footer shows the planned rows and this job's lineage; anything else there (a
+    file that does not check, a half-written temporary) is deleted."""
+    import pyarrow.parquet as pq
+
+    planned = {f["file"]: f for f in plan}
+    todo = {f["file"] for f in plan}
+    want = json.loads(json.dumps(lineage, sort_keys=True, default=str))
+    fs, root = storage.resolve(staging)
+    for name in storage.listdir(staging):
+        path = storage.join(staging, name)
+        if name in planned:
+            try:
+                with fs.open_input_file(f"{root.rstrip('/')}/{name}") as f:
+                    footer = pq.ParquetFile(f)
+                    ok = (footer.metadata.num_rows == planned[name]["datapoints"] * copies
+                          and schema.lineage_of(footer.schema_arrow) == want)
+            except (OSError, pa.ArrowException):
+                ok = False
+            if ok:
+                todo.discard(name)
+                continue
+        storage.rmtree(path)
+    return [f for f in plan if f["file"] in todo]
 
 
 def verify_table(path: str, expected: dict[str, int], epochs: list[int] | None = None) -> dict[str, int]:
@@ -214,28 +302,6 @@ def verify_table(path: str, expected: dict[str, int], epochs: list[int] | None =
         if found != sorted(epochs):
             raise EncodeError(f"{path}: epochs {found} in the table, expected {sorted(epochs)}")
     return counts
-
-
-def publish(staging: str, out: str) -> None:
-    """Make the verified staging directory the published table. Locally: rename (atomic), with the
-    previous table moved aside first. Object stores have no rename: copy, with _SUCCESS written last
-    (readers require it)."""
-    if not storage.is_uri(out):
-        old = None
-        if storage.exists(out):
-            parent, prefix = _staging_prefix(out)
-            old = storage.join(parent, prefix.replace("staging", "old") + uuid.uuid4().hex[:8])
-            storage.move(out, old)
-        storage.move(staging, out)
-        if old:
-            storage.rmtree(old)
-        return
-    storage.rmtree(out)
-    names = [n for n in storage.listdir(staging) if n not in (schema.LINEAGE_FILE, schema.SUCCESS_FILE)]
-    # The lineage first (it names the job, for readers of a half-copied table), _SUCCESS last.
-    for name in [schema.LINEAGE_FILE, *names, schema.SUCCESS_FILE]:
-        storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(staging, name)))
-    storage.rmtree(staging)
 
 
 def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset: dict, lineage: dict[str, Any],
@@ -285,6 +351,9 @@ class EncodeResult:
     lineage: dict[str, Any]
     written: list[tuple[float, int]] = field(default_factory=list)
     """(seconds after the job started, rows in finished Parquet files by then), as the files appeared."""
+    files_reused: int = 0
+    """Files a killed run of the same job had finished, kept after their check."""
+    files_encoded: int = 0
 
     @property
     def rows_per_s(self) -> float:
@@ -338,7 +407,6 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
             if not storage.exists(path) or storage.size(path) != shard["bytes"]:
                 raise DataError(f"shard {path} is missing or not the size the manifest says ({shard['bytes']} "
                                 "bytes); prepare the shards again")
-    shards = shard_rows(manifest, list(ec.splits))
     expected = {split: manifest["splits"][split]["num_samples"] for split in ec.splits}
     epoch_list = [e for e, _ in chosen] if chosen[0][0] is not None else None
     lineage = {
@@ -362,7 +430,20 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
 
     job = {"command": " ".join(["vaedist encode" if os.path.basename(sys.argv[0]) == "vaedist" else sys.argv[0],
                                 *sys.argv[1:]]),
-           "host": socket.gethostname(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "host": socket.gethostname(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "id": uuid.uuid4().hex}  # tells this table from an identical one by another run (vaedist.tables)
+    plan = file_plan(manifest, list(ec.splits), rows_per_file)
+    copies = len(epoch_list) if epoch_list else 1
+    staging = tables.staging_path(out, job_key(lineage, states, cfg, plan))
+    try:
+        for line in tables.recover(out):  # an interrupted publish's table goes back to `out` first
+            (echo or log.info)(line)
+    except tables.TableError as e:
+        raise EncodeError(str(e)) from None
+    todo = reuse_finished(staging, plan, lineage, copies)
+    if len(todo) < len(plan):
+        (echo or log.info)(f"resuming: {len(plan) - len(todo)} of {len(plan)} files of this job were finished "
+                           f"by an earlier run and are kept ({staging})")
     init_ray(cfg.scaling.address)
     check_resources("encoding", [
         ("CPU", ec.concurrency * ec.cpus_per_actor, f"encode.concurrency x encode.cpus_per_actor = "
@@ -371,32 +452,18 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
          "set encode.use_gpu=false, or run on a cluster with GPU nodes"),
     ], cfg.scaling.address)
     runtime_env = model_runtime_env(model_cfg.model)  # model.kind=custom: its code, on every actor's node
-    parent, prefix = _staging_prefix(out)
-    for stale in storage.listdir(parent):  # leftovers of a killed run: never published, safe to drop
-        if stale.startswith(prefix) or stale.startswith(prefix.replace("staging", "old")):
-            storage.rmtree(storage.join(parent, stale))
-    staging = storage.join(parent, prefix + uuid.uuid4().hex[:8])
     start = time.perf_counter()
-    total_rows = sum(expected.values()) * (len(epoch_list) if epoch_list else 1)
+    total_rows = sum(expected.values()) * copies
     try:
         with RowsDisplay(staging, total_rows, echo=echo) as display, warnings.catch_warnings(), \
                 gpu_and_cpu_warning_dropped():
             # max_restarts has no named map_batches parameter in Ray 2.60; passing it the old way
             # warns that such arguments go in 2.64.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            (ray.data.from_items(shards, override_num_blocks=len(shards))
-                # max_restarts=0: Ray Data hands its actors their constructor through the object
-                # store, and Ray 2.60 cannot reliably restart such an actor (ray-project/ray#53727;
-                # it logs an ERROR line for each, #57733). A lost actor fails the job instead, which
-                # then publishes nothing, and a rerun encodes again.
-                .map_batches(LatentEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
-                             num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
-                             runtime_env=runtime_env or None,
-                             fn_constructor_kwargs=encoder_kwargs(cfg, [st["path"] for st in states], shards_dir,
-                                                                  info.to_manifest(), lineage, epoch_list))
-                # The write tasks only move bytes; without a CPU of their own they write files as the
-                # actors produce rows, instead of queueing behind the actors until the end.
-                .write_parquet(staging, min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": 0}))
+            if todo:
+                run_job(ray, todo, ec, runtime_env, staging,
+                        encoder_kwargs(cfg, [st["path"] for st in states], shards_dir, info.to_manifest(), lineage,
+                                       epoch_list))
     except Exception as e:
         failure = f"{type(e).__name__}: {e}"
     else:
@@ -406,7 +473,9 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
         # them the encoder actors and their CPUs, for as long as the caller keeps the error (a
         # notebook keeps the last one), so a retry in the same process would wait for CPUs.
         gc.collect()
-        raise EncodeError(f"the encode job failed; {out} was left as it was. {failure}")
+        kept = sum(1 for name in storage.listdir(staging) if name.endswith(".parquet"))
+        raise EncodeError(f"the encode job failed; {_left(out)}; {kept} of {len(plan)} files are finished in "
+                          f"{staging}: the same command again encodes only the rest. {failure}")
     seconds = time.perf_counter() - start
     rows = verify_table(staging, expected, epoch_list)
     # _lineage.json also says which job wrote the table (the Parquet files' copy does not, so that the
@@ -414,7 +483,30 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     lineage = {**lineage, "rows": rows, "job": job}
     storage.write_bytes(storage.join(staging, schema.LINEAGE_FILE), (json.dumps(lineage, indent=2, sort_keys=True) + "\n").encode())
     storage.write_bytes(storage.join(staging, schema.SUCCESS_FILE), b"")
-    publish(staging, out)
+    tables.publish(staging, out)
+    tables.drop_unfinished(out)  # other jobs' leftovers: given up on once a table is published
     log.debug("published %s: %s rows in %.1f s", out, rows, seconds)  # the CLI prints the summary
     log_encode(tracking_uri, out, experiment=cfg.tracking.experiment)
-    return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history)
+    return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history,
+                        files_reused=len(plan) - len(todo), files_encoded=len(todo))
+
+
+def _left(out: str) -> str:
+    """What a failed job left at `out`, as found (not as hoped)."""
+    if tables.is_complete(out):
+        return f"{out} still holds the table published before"
+    return f"no table is published at {out}"
+
+
+def run_job(ray: Any, todo: list[dict[str, Any]], ec: Any, runtime_env: dict, staging: str,
+            kwargs: dict[str, Any]) -> None:
+    """The Ray Data job: a TableFileWriter actor pool over the files still to write."""
+    (ray.data.from_items(todo, override_num_blocks=len(todo))
+        # max_restarts=0: Ray Data hands its actors their constructor through the object store, and
+        # Ray 2.60 cannot reliably restart such an actor (ray-project/ray#53727; it logs an ERROR line
+        # for each, #57733). A lost actor fails the job instead, which then publishes nothing; a
+        # rerun keeps the files finished and encodes the rest.
+        .map_batches(TableFileWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
+                     num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
+                     runtime_env=runtime_env or None, fn_constructor_kwargs={"staging": staging, **kwargs})
+        .take_all())

@@ -92,27 +92,36 @@ def test_benchmark_baseline_writes_the_same_table_as_the_job(published, tmp_path
     assert plain.replace_schema_metadata(None).equals(read_sorted(enc.path).replace_schema_metadata(None))
 
 
-def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_completes(published, tmp_path):
+def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_resumes_it(published, tmp_path):
     cfg, result, enc = published
     out = str(tmp_path / "table")
     first = encode(encode_cfg(cfg, "encode.splits=[test]"), checkpoint=result.latest_checkpoint, out=out)
     before, listing = read_sorted(out), sorted(storage.listdir(out))
-    # The real thing: a job process (its own embedded Ray) whose encoder dies after writing began.
+    # The real thing: a job process (its own embedded Ray) whose encoder dies after writing began:
+    # one actor, 8 batches a file (a 1,000-datapoint shard each), so two files are finished first.
     overrides = [f"--set={o}" for o in (f"data.shards_dir={cfg.data.shards_dir}", "encode.concurrency=1",
                                         "encode.num_samples_iw=8", "scaling.address=local")]
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, FAIL_ENV: "3"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, FAIL_ENV: "20"}
     job = subprocess.run([sys.executable, str(REPO / "jobs" / "encode.py"), "--config", str(REPO / "configs/debug.yaml"),
                           *overrides, "--checkpoint", result.latest_checkpoint, "--out", out],
                          env=env, capture_output=True, text=True, timeout=900)
     assert job.returncode != 0 and "injected fault" in job.stdout + job.stderr, job.stderr[-2000:]
-    # The published path still holds the earlier, complete table; the partial files stayed in staging.
+    assert f"{out} still holds the table published before" in job.stdout + job.stderr
+    # The published path still holds the earlier, complete table; the finished files stayed in staging.
     assert first.rows == {"test": 4000}
     assert read_sorted(out).equals(before) and sorted(storage.listdir(out)) == listing
-    assert any(n.startswith(".table.staging-") for n in storage.listdir(str(tmp_path)))
+    staging, = [n for n in storage.listdir(str(tmp_path)) if n.startswith(".table.staging-")]
+    assert len([n for n in storage.listdir(str(tmp_path / staging)) if n.endswith(".parquet")]) >= 2
+    # The same job again (here with two actors: the number of actors is not part of its identity)
+    # keeps the finished files and encodes the rest; the table is byte for byte an uninterrupted run's.
     done = encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=out)
-    table = read_sorted(out)
-    assert done.rows == {"train": 4000, "test": 4000} and table.num_rows == 8000
-    assert len(set(table["key"].to_pylist())) == 8000
+    assert done.files_reused >= 2 and done.files_reused + done.files_encoded == 8, (done.files_reused,
+                                                                                   done.files_encoded)
+    assert done.rows == {"train": 4000, "test": 4000}
+    names = sorted(n for n in storage.listdir(out) if n.endswith(".parquet"))
+    assert names == sorted(n for n in storage.listdir(enc.path) if n.endswith(".parquet")) and len(names) == 8
+    for name in names:
+        assert storage.read_bytes(f"{out}/{name}") == storage.read_bytes(f"{enc.path}/{name}"), name
     assert not any(n.startswith(".table.") for n in storage.listdir(str(tmp_path)))  # staging cleaned
 
 
