@@ -29,9 +29,11 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
+import traceback
 import uuid
 import warnings
 from datetime import datetime, timezone
@@ -465,7 +467,8 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
                         encoder_kwargs(cfg, [st["path"] for st in states], shards_dir, info.to_manifest(), lineage,
                                        epoch_list))
     except Exception as e:
-        failure = f"{type(e).__name__}: {e}"
+        log.debug("the encode job's error, in full: %s: %s", type(e).__name__, e)
+        failure = root_cause(e)
     else:
         failure = None
     if failure is not None:
@@ -474,8 +477,8 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
         # notebook keeps the last one), so a retry in the same process would wait for CPUs.
         gc.collect()
         kept = sum(1 for name in storage.listdir(staging) if name.endswith(".parquet"))
-        raise EncodeError(f"the encode job failed; {_left(out)}; {kept} of {len(plan)} files are finished in "
-                          f"{staging}: the same command again encodes only the rest. {failure}")
+        raise EncodeError(f"the encode job failed: {failure}. {_left(out)[0].upper()}{_left(out)[1:]}; {kept} of "
+                          f"{len(plan)} files are finished in {staging}: the same command again encodes only the rest")
     seconds = time.perf_counter() - start
     rows = verify_table(staging, expected, epoch_list)
     # _lineage.json also says which job wrote the table (the Parquet files' copy does not, so that the
@@ -489,6 +492,28 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     log_encode(tracking_uri, out, experiment=cfg.tracking.experiment)
     return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history,
                         files_reused=len(plan) - len(todo), files_encoded=len(todo))
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def root_cause(error: BaseException) -> str:
+    """What an encode actor raised, in one line: the original exception (Ray wraps it, with its
+    traceback as text and its own retry advice) and where, the innermost frame outside the Python
+    installation's packages (the model's or vaedist's code) when there is one."""
+    root = error
+    while getattr(root, "cause", None) is not None and root.cause is not root:  # RayTaskError's original
+        root = root.cause
+    frames = _FRAME.findall(str(error)) or [(f.filename, str(f.lineno), f.name)
+                                             for f in traceback.extract_tb(root.__traceback__)]
+    ours = [f for f in frames if "site-packages" not in f[0] and "/lib/python" not in f[0]]
+    where = (ours or frames)[-1:]
+    message = (str(root).strip().splitlines() or [""])[0]
+    text = f"{type(root).__name__}: {message}" if message else type(root).__name__
+    if where:
+        path, line, name = where[0]
+        text += f" (in {name}, {path}:{line})"
+    return text
 
 
 def _left(out: str) -> str:
