@@ -49,7 +49,7 @@ from vaedist.checkpoint import (CheckpointError, best_checkpoint_dir, check_data
                                 config_of, kept_checkpoint_dirs, load_checkpoint, load_model,
                                 run_dir_of)
 from vaedist.config import Config
-from vaedist.console import RowsDisplay
+from vaedist.console import RowsDisplay, is_verbose
 from vaedist.data import (DataError, DatasetInfo, key_for, manifest_dataset, manifest_hash,
                           read_checked_shard, read_manifest, read_sources)
 from vaedist.data.shards import decode_shard_bytes
@@ -467,7 +467,8 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
                         encoder_kwargs(cfg, [st["path"] for st in states], shards_dir, info.to_manifest(), lineage,
                                        epoch_list))
     except Exception as e:
-        log.debug("the encode job's error, in full: %s: %s", type(e).__name__, e)
+        log.log(logging.INFO if is_verbose() else logging.DEBUG, "the encode job's error, in full: %s: %s",
+                type(e).__name__, e)
         failure = root_cause(e)
     else:
         failure = None

@@ -171,7 +171,8 @@ def publish(staging: str, out: str) -> None:
 
 
 def recover(out: str) -> list[str]:
-    """Finish what an interrupted publish left (module docstring); returns a line per thing done."""
+    """Finish what an interrupted publish left (module docstring); returns a line per thing done, for
+    the caller to show."""
     done = []
     found = siblings(out)
     for s in found:
@@ -198,8 +199,6 @@ def recover(out: str) -> list[str]:
         for s in olds:
             discard(s.path)
             done.append(f"removed {s.path}: {out} is complete")
-    for line in done:
-        log.info("%s", line)
     return done
 
 

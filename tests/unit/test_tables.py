@@ -155,15 +155,23 @@ def test_a_publish_killed_after_any_storage_call_loses_nothing(root, forker):
 
 
 def test_a_recovery_killed_after_any_storage_call_loses_nothing(root, forker):
-    half = kill_points(forker, root, "publish", staged) // 2
+    # The state to recover from: a publish killed where `out` itself is not a complete table (local:
+    # moved aside; S3: emptied), the first such kill point from the middle of the publish on.
+    calls = kill_points(forker, root, "publish", staged)
+    for mid in range(calls // 2, calls):
+        out, args = staged(f"{root}/mid-{mid}")
+        assert run(forker, "publish", *args, fault=mid)[0] == storage.FAULT_EXIT_CODE
+        if not tables.is_complete(out):
+            break
+    assert not tables.is_complete(out)
 
     def killed_mid_publish(base: str) -> tuple[str, tuple[str]]:
         out, args = staged(base)
-        assert run(forker, "publish", *args, fault=half)[0] == storage.FAULT_EXIT_CODE
+        assert run(forker, "publish", *args, fault=mid)[0] == storage.FAULT_EXIT_CODE
         return out, (out,)
 
     calls = kill_points(forker, f"{root}/r", "recover", killed_mid_publish)
-    assert calls >= 3
+    assert calls >= 4
     for n in range(1, calls + 1):
         out, args = killed_mid_publish(f"{root}/rkill-{n}")
         assert run(forker, "recover", *args, fault=n)[0] == storage.FAULT_EXIT_CODE
