@@ -214,15 +214,25 @@ def write_file(path: str, table: "pa.Table") -> None:
     """Write one Parquet file so that it appears whole or not at all: on a local disk a hidden
     temporary renamed into place; on an object store the upload, whose object appears only when it
     completes. Bytes depend on the rows alone, so a file rewritten by a rerun is identical."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, p = storage.resolve(path)
-    if storage.is_uri(path):
-        with fs.open_output_stream(p) as f:
-            pq.write_table(table, f)
-        return
-    parent, name = p.rsplit("/", 1)
-    fs.create_dir(parent, recursive=True)
-    temporary = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, temporary, filesystem=fs)
-    fs.move(temporary, p)
+    temporary = None
+    try:
+        if storage.is_uri(path):
+            with fs.open_output_stream(p) as f:
+                pq.write_table(table, f)
+            return
+        parent, name = p.rsplit("/", 1)
+        fs.create_dir(parent, recursive=True)
+        temporary = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        pq.write_table(table, temporary, filesystem=fs)
+        fs.move(temporary, p)
+    except (OSError, pa.ArrowException) as e:  # e.g. a full disk: say which file, leave no partial one
+        if temporary is not None:
+            try:
+                fs.delete_file(temporary)
+            except OSError:
+                pass
+        raise OSError(f"writing {path} failed: {e}") from None

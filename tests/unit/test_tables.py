@@ -215,3 +215,34 @@ def test_a_path_holding_something_else_is_never_replaced(tmp_path):
     with pytest.raises(tables.TableError, match="holds something else"):
         tables.recover(str(out))
     assert (out / "thesis.tex").read_text() == "do not delete" and tables.is_complete(staging)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, mounted for the test (root only; skipped elsewhere) and unmounted after."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_fails_one_file_with_its_path_and_leaves_the_table_and_no_partial_file(small_disk):
+    out = write_table(f"{small_disk}/table", OLD_ROWS, "old")
+    staging = tables.staging_path(out, "ee")
+    rows = 40_000  # ~2 MB of Parquet: more than the disk holds
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((rows, 2)).astype(np.float32)
+    big = schema.to_table({"key": [f"test-{i:06d}" for i in range(rows)], "split": ["test"] * rows,
+                           "index": np.arange(rows), "label": np.zeros(rows, int), "shard": ["s"] * rows,
+                           "source": ["x"] * rows, "mu": vectors, "logvar": vectors, "z": vectors,
+                           "recon_nll": rng.random(rows), "kl": rng.random(rows), "loss": rng.random(rows),
+                           "bpd": rng.random(rows)}, 2)
+    with pytest.raises(OSError, match=rf"writing {staging}/test-00000\.parquet failed: .*[Nn]o space left on device"):
+        tables.write_file(f"{staging}/test-00000.parquet", big)
+    assert storage.listdir(staging) == []  # no partial or temporary file
+    assert count(out) == OLD_ROWS and tables.recover(out) == [] and count(out) == OLD_ROWS
