@@ -345,6 +345,41 @@ def gpu_and_cpu_warning_dropped() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def ray_data_errors_to_its_log_only() -> Iterator[None]:
+    """During the job, Ray Data's ERROR records (a failed actor's traceback, twice, and its retry
+    advice: ~140 lines) go to its log file only, not to the console, unless --verbose: the job's
+    error then ends the output in one line (root_cause), naming that log."""
+    import ray.data  # noqa: F401  (sets up Ray Data's handlers)
+
+    consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)] if not is_verbose() else []
+    drop = _BelowError()
+    for handler in consoles:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(drop)
+
+
+def ray_data_log() -> str | None:
+    """Where Ray Data writes its log for this Ray session (None when Ray is not running here)."""
+    try:
+        from ray.data._internal.logging import get_log_directory
+
+        directory = get_log_directory()
+    except Exception:  # a private Ray helper: its absence must not hide the job's own error
+        return None
+    return storage.join(directory, "ray-data.log") if directory else None
+
+
 @dataclass
 class EncodeResult:
     path: str
@@ -458,7 +493,7 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     total_rows = sum(expected.values()) * copies
     try:
         with RowsDisplay(staging, total_rows, echo=echo) as display, warnings.catch_warnings(), \
-                gpu_and_cpu_warning_dropped():
+                gpu_and_cpu_warning_dropped(), ray_data_errors_to_its_log_only():
             # max_restarts has no named map_batches parameter in Ray 2.60; passing it the old way
             # warns that such arguments go in 2.64.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
@@ -470,6 +505,8 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
         log.log(logging.INFO if is_verbose() else logging.DEBUG, "the encode job's error, in full: %s: %s",
                 type(e).__name__, e)
         failure = root_cause(e)
+        if ray_data_log() and not is_verbose():
+            failure += f" (Ray's traceback: {ray_data_log()})"
     else:
         failure = None
     if failure is not None:

@@ -137,7 +137,8 @@ def test_a_failed_encode_gives_its_cpus_back_for_a_retry_in_the_same_process(pub
     # The error says what the actor raised and where, and what is at the path, as found; not Ray's
     # traceback and retry advice.
     assert re.fullmatch(rf"the encode job failed: RuntimeError: injected fault after 1 batches \({FAIL_ENV}\) "
-                        rf"\(in encode_rows, \S+encode\.py:\d+\)\. No table is published at {out}; 0 of 8 files are "
+                        rf"\(in encode_rows, \S+encode\.py:\d+\) \(Ray's traceback: \S+/ray-data\.log\)\. No table is "
+                        rf"published at {out}; 0 of 8 files are "
                         r"finished in \S+: the same command again encodes only the rest", str(failed.value)), failed.value
     # While the caller holds the error (here `failed`; a notebook keeps its last one), the failed
     # job's actors must not keep their CPUs: they used to, through the original error's traceback.
