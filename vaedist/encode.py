@@ -212,22 +212,17 @@ def file_plan(manifest: dict, splits: list[str], rows_per_file: int) -> list[dic
     manifest alone (not by the cluster), so a rerun plans the same files."""
     total = sum(manifest["splits"][split]["num_samples"] for split in splits)
     least = max(1, min(rows_per_file, math.ceil(total / MIN_FILES)))
-    plan = []
+    files: list[dict[str, Any]] = []
     for split in splits:
-        group: list[dict] = []
+        groups, group = [], []
         for shard in manifest["splits"][split]["shards"]:
             group.append(shard)
             if sum(s["num_samples"] for s in group) >= least:
-                plan.append(group)
+                groups.append(group)
                 group = []
-        if group:
-            plan.append(group)
-    files, counters = [], {}
-    for group in plan:
-        split = next(s for s in splits if group[0] in manifest["splits"][s]["shards"])
-        n = counters[split] = counters.get(split, -1) + 1
-        files.append({"file": f"{split}-{n:05d}.parquet", "split": split, "entries": json.dumps(group, sort_keys=True),
-                      "datapoints": sum(s["num_samples"] for s in group)})
+        groups += [group] if group else []
+        files += [{"file": f"{split}-{n:05d}.parquet", "split": split, "entries": json.dumps(g, sort_keys=True),
+                   "datapoints": sum(s["num_samples"] for s in g)} for n, g in enumerate(groups)]
     return files
 
 
@@ -391,6 +386,7 @@ class EncodeResult:
     files_reused: int = 0
     """Files a killed run of the same job had finished, kept after their check."""
     files_encoded: int = 0
+    """Files this run encoded (the rest of the plan)."""
 
     @property
     def rows_per_s(self) -> float:
