@@ -387,10 +387,12 @@ class EncodeResult:
     """Files a killed run of the same job had finished, kept after their check."""
     files_encoded: int = 0
     """Files this run encoded (the rest of the plan)."""
+    rows_reused: int = 0
 
     @property
     def rows_per_s(self) -> float:
-        return sum(self.rows.values()) / self.seconds
+        """Rows this run encoded per second (a resumed run's kept files are not counted)."""
+        return (sum(self.rows.values()) - self.rows_reused) / self.seconds
 
 
 def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, epochs: list[int] | None = None,
@@ -525,7 +527,8 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     log.debug("published %s: %s rows in %.1f s", out, rows, seconds)  # the CLI prints the summary
     log_encode(tracking_uri, out, experiment=cfg.tracking.experiment)
     return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history,
-                        files_reused=len(plan) - len(todo), files_encoded=len(todo))
+                        files_reused=len(plan) - len(todo), files_encoded=len(todo),
+                        rows_reused=sum(f["datapoints"] for f in plan if f not in todo) * copies)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

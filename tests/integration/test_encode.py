@@ -118,7 +118,7 @@ def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_resumes_it(publ
     done = encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=out)
     assert done.files_reused >= 2 and done.files_reused + done.files_encoded == 8, (done.files_reused,
                                                                                    done.files_encoded)
-    assert done.rows == {"train": 4000, "test": 4000}
+    assert done.rows == {"train": 4000, "test": 4000} and done.rows_reused == 1000 * done.files_reused
     names = sorted(n for n in storage.listdir(out) if n.endswith(".parquet"))
     assert names == sorted(n for n in storage.listdir(enc.path) if n.endswith(".parquet")) and len(names) == 8
     for name in names:
