@@ -556,7 +556,7 @@ def root_cause(error: BaseException) -> str:
 def _left(out: str) -> str:
     """What a failed job left at `out`, as found (not as hoped)."""
     if tables.is_complete(out):
-        return f"{out} still holds the table published before"
+        return f"the path {out} still holds the table published before"
     return f"no table is published at {out}"
 
 
