@@ -1,7 +1,8 @@
 """S3 that answers errors: a fault-injecting proxy (tests/s3_faults.py) between vaedist and moto's
 S3 server. Transient faults (500 InternalError, 503 SlowDown, a reset connection) are retried by
 pyarrow's S3 client (its standard retry strategy: three attempts); lasting ones end in one error
-naming the object and the operation, and nothing published is lost. No Ray."""
+naming the object and the operation, and nothing published is lost. The publish and the reads run
+here; the encode job's actors write through the same proxy on a local Ray."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from vaedist import storage, tables
 from vaedist.query import QueryError, run_sql
 
-from conftest import moto_s3
+from conftest import debug_config, moto_s3, start_local_ray
 from s3_faults import FaultProxy, Rule
 from unit.test_tables import NEW_ROWS, OLD_ROWS, leftovers, staged
 
@@ -69,3 +70,48 @@ def test_lasting_errors_end_in_one_clear_error_and_lose_nothing(faulty, request)
     tables.recover(out)  # what the next encode does first
     assert count(out) == NEW_ROWS and leftovers(out) == []
     assert OLD_ROWS != NEW_ROWS
+
+
+@pytest.fixture(scope="module")
+def proxied_ray(proxy):
+    """A 2-CPU local Ray whose workers reach S3 through the proxy (they inherit the endpoint when Ray
+    starts); the variable is restored and Ray stopped afterwards."""
+    saved = storage.os.environ["AWS_ENDPOINT_URL"]
+    storage.os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+    ray = start_local_ray()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        storage.os.environ["AWS_ENDPOINT_URL"] = saved
+
+
+def test_an_encode_on_s3_retries_transient_faults_and_names_a_lasting_one(proxied_ray, faulty, mnist_dir):
+    from vaedist.checkpoint import save_checkpoint
+    from vaedist.data import manifest_hash, prepare_shards
+    from vaedist.encode import EncodeError, encode
+    from vaedist.model import VAE
+
+    shards, checkpoint, out = (f"s3://{BUCKET}/{name}" for name in ("shards", "checkpoint", "latents"))
+    prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=500, limit_per_split=500, progress=False)
+    cfg = debug_config(shards, f"s3://{BUCKET}/runs", "faults", "encode.num_samples_iw=0", "encode.concurrency=2")
+    save_checkpoint(checkpoint, model_state=VAE(cfg.model).state_dict(), optimizer_state=None, epoch=0,
+                    global_step=0, config=cfg, manifest_hash=manifest_hash(shards), history=[])
+    # The actors' uploads into staging (multipart: start, part, complete) each meet one fault.
+    staged_file = r"/\.latents\.staging-\w+/{}\.parquet\?{}"
+    rules = [Rule("POST", staged_file.format("train-00000", "uploads"), 503),
+             Rule("PUT", staged_file.format("test-00000", "partNumber"), 500),
+             Rule("POST", staged_file.format("train-00000", "uploadId"), "reset")]
+    faulty.add(*rules)
+    first = encode(cfg, checkpoint=checkpoint, out=out)
+    assert first.rows == {"train": 500, "test": 500} and count(out) == 1000
+    assert [r.served for r in rules] == [1, 1, 1]
+    # Every part upload fails: one line names the file, the operation and the error, and the table
+    # published before is still the one at the path.
+    faulty.add(Rule("PUT", r"/\.latents\.staging-\w+/.*\?partNumber", 500, times=None))
+    with pytest.raises(EncodeError, match=rf"the encode job failed: OSError: writing s3://{BUCKET}/\.latents\.staging-\w+/"
+                                          r"(train|test)-0000\d\.parquet failed: .*INTERNAL_FAILURE during UploadPart"
+                                          rf".* The path {out} still holds the table published before"):
+        encode(cfg, checkpoint=checkpoint, out=out)
+    faulty.clear()
+    assert count(out) == 1000
