@@ -143,7 +143,8 @@ def _unfinished(fs: pafs.FileSystem, root: str) -> str:
         why += f"{written}, encoding checkpoint {lineage.get('checkpoint', '?')}"
     except (OSError, ValueError, AttributeError):
         why += "; written by an encode job that had not yet written its lineage"
-    return why + ". Wait for that job, or run `vaedist encode` again (it republishes the table whole)"
+    return why + (". Wait for that job, or run the same `vaedist encode` again (it keeps the files finished and "
+                  "publishes the table whole)")
 
 
 def _hive(root: str, files: list[str]) -> bool:

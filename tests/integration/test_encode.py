@@ -139,7 +139,8 @@ def test_a_failed_encode_gives_its_cpus_back_for_a_retry_in_the_same_process(pub
     assert re.fullmatch(rf"the encode job failed: RuntimeError: injected fault after 1 batches \({FAIL_ENV}\) "
                         rf"\(in encode_rows, \S+encode\.py:\d+\) \(Ray's traceback: \S+/ray-data\.log\)\. No table is "
                         rf"published at {out}; 0 of 8 files are "
-                        r"finished in \S+: the same command again encodes only the rest", str(failed.value)), failed.value
+                        r"finished in \S+: the same command again encodes only the rest",
+                        str(failed.value)), failed.value
     # While the caller holds the error (here `failed`; a notebook keeps its last one), the failed
     # job's actors must not keep their CPUs: they used to, through the original error's traceback.
     # The resource view takes a moment to catch up.

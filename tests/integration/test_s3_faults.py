@@ -109,8 +109,9 @@ def test_an_encode_on_s3_retries_transient_faults_and_names_a_lasting_one(proxie
     # Every part upload fails: one line names the file, the operation and the error, and the table
     # published before is still the one at the path.
     faulty.add(Rule("PUT", r"/\.latents\.staging-\w+/.*\?partNumber", 500, times=None))
-    with pytest.raises(EncodeError, match=rf"the encode job failed: OSError: writing s3://{BUCKET}/\.latents\.staging-\w+/"
-                                          r"(train|test)-0000\d\.parquet failed: .*INTERNAL_FAILURE during UploadPart"
+    with pytest.raises(EncodeError, match=rf"the encode job failed: OSError: writing s3://{BUCKET}/"
+                                          r"\.latents\.staging-\w+/(train|test)-0000\d\.parquet failed: "
+                                          r".*INTERNAL_FAILURE during UploadPart"
                                           rf".* The path {out} still holds the table published before"):
         encode(cfg, checkpoint=checkpoint, out=out)
     faulty.clear()

@@ -40,7 +40,8 @@ def write_table(path: str, rows: int, version: str) -> str:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         storage.write_bytes(storage.join(path, f"{split}-{part:05d}.parquet"), buf.getvalue())
-    storage.write_bytes(storage.join(path, schema.LINEAGE_FILE), json.dumps({**lineage, "job": {"id": version}}).encode())
+    storage.write_bytes(storage.join(path, schema.LINEAGE_FILE),
+                        json.dumps({**lineage, "job": {"id": version}}).encode())
     storage.write_bytes(storage.join(path, schema.SUCCESS_FILE), b"")
     return path
 
