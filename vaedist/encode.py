@@ -5,22 +5,35 @@
     vaedist encode --checkpoint outputs/runs/vae-fashion-mnist --shards outputs/shards   # other data that fits
     ray job submit --working-dir . -- python jobs/encode.py --config configs/debug.yaml
 
-shards (one row each) -> map_batches(LatentEncoder actors: read a shard, check its sha256, encode it
-batch by batch with each checkpoint) -> write_parquet into a hidden staging directory -> verify one
-row per datapoint (per checkpoint) -> lineage + _SUCCESS -> publish by rename.
-A crash at any point leaves the published path as it was; a rerun starts a fresh staging directory.
+files to write (a row each: a group of consecutive shards of one split) -> map_batches(TableFileWriter
+actors: read each shard, check its sha256, encode it batch by batch with each checkpoint, write the
+group's Parquet file whole) into a hidden staging directory -> verify one row per datapoint (per
+checkpoint) -> lineage + _SUCCESS -> publish (vaedist.tables).
+
+A crash at any point leaves a complete table at the published path or, for the instant of a local
+swap or the span of an object store's copy, beside it, where readers find it and the next encode
+puts it back (vaedist.tables); a table verified in staging is published, never thrown away.
+The staging directory is named by a hash of the job's identity (checkpoints and their weights,
+manifest, lineage, settings that change a bit of the output) and each file by its shards, so a
+rerun of the same job after its driver or cluster died keeps the files the killed job finished,
+checked file by file, and encodes only the rest: the table is byte-identical to an uninterrupted
+run's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
+import math
 import os
+import re
 import socket
 import sys
 import time
+import traceback
 import uuid
 import warnings
 from datetime import datetime, timezone
@@ -31,12 +44,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vaedist import __version__, schema, storage
+from vaedist import __version__, schema, storage, tables
 from vaedist.checkpoint import (CheckpointError, CheckpointState, best_checkpoint_dir, check_data_compatible,
                                 checkpoint_for_epoch, config_of, kept_checkpoint_dirs, load_checkpoint, load_model,
                                 run_dir_of)
 from vaedist.config import Config, EncodeConfig
-from vaedist.console import RowsDisplay
+from vaedist.console import RowsDisplay, is_verbose
 from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, key_for, manifest_hash, read_checked_shard,
                           read_manifest, read_sources)
 from vaedist.data.shards import decode_shard_bytes
@@ -50,6 +63,7 @@ from vaedist.tracking import check_uri, log_encode, resolve_uri
 log = logging.getLogger("vaedist.encode")
 FAIL_ENV = "VAEDIST_ENCODE_FAIL_AFTER_BATCHES"
 ROWS_PER_FILE = 20_000  # ~13 MB files for 50 latents: a handful of files, not thousands
+MIN_FILES = 8  # a small table still gives as many actors work (a file is one actor's task)
 
 
 class EncodeError(ValueError):
@@ -136,6 +150,23 @@ class LatentEncoder:
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
+class TableFileWriter:
+    """An encode actor: called with a batch of file rows (file_plan), it encodes each file's shards
+    with a LatentEncoder and writes the file into the staging directory whole (tables.write_file),
+    so a file there is finished; yields (file, rows) per file."""
+
+    def __init__(self, staging: str, **encoder_kwargs: Any):
+        self.staging, self.encoder = staging, LatentEncoder(**encoder_kwargs)
+
+    def __call__(self, files: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for name, split, entries in zip(files["file"], files["split"], files["entries"]):
+            parts = [table for entry in json.loads(entries)
+                     for table in self.encoder({"entry": [json.dumps(entry, sort_keys=True)], "split": [split]})]
+            table = pa.concat_tables(parts)
+            tables.write_file(storage.join(self.staging, str(name)), table)
+            yield {"file": np.array([name], dtype=object), "rows": np.array([table.num_rows])}
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks before any work, verification and publication after.
 
@@ -170,20 +201,80 @@ def resolve_epoch_checkpoints(cfg: Config, checkpoint: str | None, epochs: list[
 
 def check_output_path(out: str) -> None:
     """The published path may be absent, empty, or an earlier vaedist table; nothing else is overwritten."""
-    if not storage.exists(out):
-        return
-    if not storage.is_dir(out):
-        raise EncodeError(f"output path {out} is a file, not a latent table directory; choose another --out")
-    entries = storage.listdir(out)
-    if entries and schema.LINEAGE_FILE not in entries:
-        raise EncodeError(f"output path {out} holds something else ({', '.join(entries[:5])}); "
-                          "refusing to replace it; choose another --out or remove it")
+    try:
+        tables.check_replaceable(out)
+    except tables.TableError as e:
+        raise EncodeError(str(e)) from None
 
 
-def _staging_prefix(out: str) -> tuple[str, str]:
-    out = out.rstrip("/")
-    parent, name = out.rsplit("/", 1) if "/" in out else (".", out)
-    return parent, f".{name}.staging-"
+def file_plan(manifest: Manifest, splits: list[str], rows_per_file: int) -> list[dict[str, Any]]:
+    """The table's files: consecutive shards of one split, grouped until a file holds at least
+    min(rows_per_file, all rows / MIN_FILES) datapoints, named `<split>-<n>.parquet`. Fixed by the
+    manifest alone (not by the cluster), so a rerun plans the same files."""
+    total = sum(manifest.split(split).num_samples for split in splits)
+    least = max(1, min(rows_per_file, math.ceil(total / MIN_FILES)))
+    files: list[dict[str, Any]] = []
+    for split in splits:
+        groups, group = [], []
+        for shard in manifest.split(split).shards:
+            group.append(shard)
+            if sum(s.num_samples for s in group) >= least:
+                groups.append(group)
+                group = []
+        groups += [group] if group else []
+        files += [{"file": f"{split}-{n:05d}.parquet", "split": split,
+                   "entries": json.dumps([s.to_dict() for s in g], sort_keys=True),
+                   "datapoints": sum(s.num_samples for s in g)} for n, g in enumerate(groups)]
+    return files
+
+
+def job_key(lineage: Lineage, states: list[CheckpointState], cfg: Config, plan: list[dict[str, Any]]) -> str:
+    """A hash of what decides every byte of the table: the lineage (checkpoints, data, seeds, sample
+    counts, versions), the checkpoints' weights, the file plan and the settings that change floating
+    point results (batch size, IW chunk, CPU threads per actor, GPU). Not the number of actors."""
+    ec = cfg.encode
+    h = hashlib.sha256(json.dumps({
+        "lineage": lineage.to_dict(), "plan": [(f["file"], f["entries"]) for f in plan], "batch_size": ec.batch_size,
+        "iw_chunk_size": ec.iw_chunk_size, "cpus_per_actor": ec.cpus_per_actor, "use_gpu": ec.use_gpu,
+    }, sort_keys=True, default=str).encode())
+    for st in states:
+        for name, tensor in sorted(st.model.items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def reuse_finished(staging: str, plan: list[dict[str, Any]], lineage: Lineage,
+                   copies: int) -> list[dict[str, Any]]:
+    """The files of `plan` still to encode: a file a killed run of the same job left in `staging` is
+    kept when its footer shows the planned rows and this job's lineage; anything else there (a
+    file that does not check, a half-written temporary) is deleted."""
+    import pyarrow.parquet as pq
+
+    planned = {f["file"]: f for f in plan}
+    todo = {f["file"] for f in plan}
+    want = json.loads(json.dumps(lineage.to_dict(), sort_keys=True, default=str))
+    fs, root = storage.resolve(staging)
+    for name in storage.listdir(staging):
+        path = storage.join(staging, name)
+        if name in planned:
+            try:
+                with fs.open_input_file(f"{root.rstrip('/')}/{name}") as f:
+                    footer = pq.ParquetFile(f)
+                    ok = (footer.metadata.num_rows == planned[name]["datapoints"] * copies
+                          and _as_json(schema.lineage_of(footer.schema_arrow)) == want)
+            except (OSError, pa.ArrowException):
+                ok = False
+            if ok:
+                todo.discard(name)
+                continue
+        storage.rmtree(path)
+    return [f for f in plan if f["file"] in todo]
+
+
+def _as_json(lineage: Lineage | None) -> Any:
+    """A lineage as its JSON reads back, for comparing one written into a file with this job's."""
+    return None if lineage is None else json.loads(json.dumps(lineage.to_dict(), sort_keys=True, default=str))
 
 
 def verify_table(path: str, expected: dict[str, int], epochs: list[int] | None = None) -> dict[str, int]:
@@ -215,28 +306,6 @@ def verify_table(path: str, expected: dict[str, int], epochs: list[int] | None =
         if found != sorted(epochs):
             raise EncodeError(f"{path}: epochs {found} in the table, expected {sorted(epochs)}")
     return counts
-
-
-def publish(staging: str, out: str) -> None:
-    """Make the verified staging directory the published table. Locally: rename (atomic), with the
-    previous table moved aside first. Object stores have no rename: copy, with _SUCCESS written last
-    (readers require it)."""
-    if not storage.is_uri(out):
-        old = None
-        if storage.exists(out):
-            parent, prefix = _staging_prefix(out)
-            old = storage.join(parent, prefix.replace("staging", "old") + uuid.uuid4().hex[:8])
-            storage.move(out, old)
-        storage.move(staging, out)
-        if old:
-            storage.rmtree(old)
-        return
-    storage.rmtree(out)
-    names = [n for n in storage.listdir(staging) if n not in (schema.LINEAGE_FILE, schema.SUCCESS_FILE)]
-    # The lineage first (it names the job, for readers of a half-copied table), _SUCCESS last.
-    for name in [schema.LINEAGE_FILE, *names, schema.SUCCESS_FILE]:
-        storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(staging, name)))
-    storage.rmtree(staging)
 
 
 def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset: dict, lineage: Lineage | None,
@@ -276,6 +345,41 @@ def gpu_and_cpu_warning_dropped() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(drop)
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def ray_data_errors_to_its_log_only() -> Iterator[None]:
+    """During the job, Ray Data's ERROR records (a failed actor's traceback, twice, and its retry
+    advice: ~140 lines) go to its log file only, not to the console, unless --verbose: the job's
+    error then ends the output in one line (root_cause), naming that log."""
+    import ray.data  # noqa: F401  (sets up Ray Data's handlers)
+
+    consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)] if not is_verbose() else []
+    drop = _BelowError()
+    for handler in consoles:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(drop)
+
+
+def ray_data_log() -> str | None:
+    """Where Ray Data writes its log for this Ray session (None when Ray is not running here)."""
+    try:
+        from ray.data._internal.logging import get_log_directory
+
+        directory = get_log_directory()
+    except Exception:  # a private Ray helper: its absence must not hide the job's own error
+        return None
+    return storage.join(directory, "ray-data.log") if directory else None
 
 
 def check_checkpoints_fit(states: list[CheckpointState], info: DatasetInfo, shards_dir: str) -> None:
@@ -333,10 +437,16 @@ class EncodeResult:
     lineage: Lineage
     written: list[tuple[float, int]] = field(default_factory=list)
     """(seconds after the job started, rows in finished Parquet files by then), as the files appeared."""
+    files_reused: int = 0
+    """Files a killed run of the same job had finished, kept after their check."""
+    files_encoded: int = 0
+    """Files this run encoded (the rest of the plan)."""
+    rows_reused: int = 0
 
     @property
     def rows_per_s(self) -> float:
-        return sum(self.rows.values()) / self.seconds
+        """Rows this run encoded per second (a resumed run's kept files are not counted)."""
+        return (sum(self.rows.values()) - self.rows_reused) / self.seconds
 
 
 def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, epochs: list[int] | None = None,
@@ -373,14 +483,26 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
         check_uri(tracking_uri, cfg.tracking.experiment)
     ec = cfg.encode
     check_shard_sizes(manifest, shards_dir, ec.splits)
-    shards = shard_rows(manifest, list(ec.splits))
     expected = {split: manifest.split(split).num_samples for split in ec.splits}
     epoch_list = [e for e, _ in chosen] if chosen[0][0] is not None else None
     lineage = build_lineage(states, model_cfg, ec, info, digest, shards_dir, epoch_list)
 
     job = {"command": " ".join(["vaedist encode" if os.path.basename(sys.argv[0]) == "vaedist" else sys.argv[0],
                                 *sys.argv[1:]]),
-           "host": socket.gethostname(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "host": socket.gethostname(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "id": uuid.uuid4().hex}  # tells this table from an identical one by another run (vaedist.tables)
+    plan = file_plan(manifest, list(ec.splits), rows_per_file)
+    copies = len(epoch_list) if epoch_list else 1
+    staging = tables.staging_path(out, job_key(lineage, states, cfg, plan))
+    try:
+        for line in tables.recover(out):  # an interrupted publish's table goes back to `out` first
+            (echo or log.info)(line)
+    except tables.TableError as e:
+        raise EncodeError(str(e)) from None
+    todo = reuse_finished(staging, plan, lineage, copies)
+    if len(todo) < len(plan):
+        (echo or log.info)(f"resuming: {len(plan) - len(todo)} of {len(plan)} files of this job were finished "
+                           f"by an earlier run and are kept ({staging})")
     init_ray(cfg.scaling.address)
     check_resources("encoding", [
         ("CPU", ec.concurrency * ec.cpus_per_actor, f"encode.concurrency x encode.cpus_per_actor = "
@@ -389,34 +511,24 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
          "set encode.use_gpu=false, or run on a cluster with GPU nodes"),
     ], cfg.scaling.address)
     runtime_env = model_runtime_env(model_cfg.model)  # model.kind=custom: its code, on every actor's node
-    parent, prefix = _staging_prefix(out)
-    for stale in storage.listdir(parent):  # leftovers of a killed run: never published, safe to drop
-        if stale.startswith(prefix) or stale.startswith(prefix.replace("staging", "old")):
-            storage.rmtree(storage.join(parent, stale))
-    staging = storage.join(parent, prefix + uuid.uuid4().hex[:8])
     start = time.perf_counter()
-    total_rows = sum(expected.values()) * (len(epoch_list) if epoch_list else 1)
+    total_rows = sum(expected.values()) * copies
     try:
         with RowsDisplay(staging, total_rows, echo=echo) as display, warnings.catch_warnings(), \
-                gpu_and_cpu_warning_dropped():
+                gpu_and_cpu_warning_dropped(), ray_data_errors_to_its_log_only():
             # max_restarts has no named map_batches parameter in Ray 2.60; passing it the old way
             # warns that such arguments go in 2.64.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            (ray.data.from_items(shards, override_num_blocks=len(shards))
-                # max_restarts=0: Ray Data hands its actors their constructor through the object
-                # store, and Ray 2.60 cannot reliably restart such an actor (ray-project/ray#53727;
-                # it logs an ERROR line for each, #57733). A lost actor fails the job instead, which
-                # then publishes nothing, and a rerun encodes again.
-                .map_batches(LatentEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
-                             num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
-                             runtime_env=runtime_env or None,
-                             fn_constructor_kwargs=encoder_kwargs(cfg, [st.path for st in states], shards_dir,
-                                                                  info.to_manifest(), lineage, epoch_list))
-                # The write tasks only move bytes; without a CPU of their own they write files as the
-                # actors produce rows, instead of queueing behind the actors until the end.
-                .write_parquet(staging, min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": 0}))
+            if todo:
+                run_job(ray, todo, ec, runtime_env, staging,
+                        encoder_kwargs(cfg, [st.path for st in states], shards_dir, info.to_manifest(), lineage,
+                                       epoch_list))
     except Exception as e:
-        failure = f"{type(e).__name__}: {e}"
+        log.log(logging.INFO if is_verbose() else logging.DEBUG, "the encode job's error, in full: %s: %s",
+                type(e).__name__, e)
+        failure = root_cause(e)
+        if ray_data_log() and not is_verbose():
+            failure += f" (Ray's traceback: {ray_data_log()})"
     else:
         failure = None
     if failure is not None:
@@ -424,7 +536,9 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
         # them the encoder actors and their CPUs, for as long as the caller keeps the error (a
         # notebook keeps the last one), so a retry in the same process would wait for CPUs.
         gc.collect()
-        raise EncodeError(f"the encode job failed; {out} was left as it was. {failure}")
+        kept = sum(1 for name in storage.listdir(staging) if name.endswith(".parquet"))
+        raise EncodeError(f"the encode job failed: {failure}. {_left(out)[0].upper()}{_left(out)[1:]}; {kept} of "
+                          f"{len(plan)} files are finished in {staging}: the same command again encodes only the rest")
     seconds = time.perf_counter() - start
     rows = verify_table(staging, expected, epoch_list)
     # _lineage.json also says which job wrote the table (the Parquet files' copy does not, so that the
@@ -432,7 +546,53 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     lineage = lineage.replace(rows=rows, job=job)
     write_lineage(staging, lineage)
     storage.write_bytes(storage.join(staging, schema.SUCCESS_FILE), b"")
-    publish(staging, out)
+    tables.publish(staging, out)
+    tables.drop_unfinished(out)  # other jobs' leftovers: given up on once a table is published
     log.debug("published %s: %s rows in %.1f s", out, rows, seconds)  # the CLI prints the summary
     log_encode(tracking_uri, out, experiment=cfg.tracking.experiment)
-    return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history)
+    return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history,
+                        files_reused=len(plan) - len(todo), files_encoded=len(todo),
+                        rows_reused=sum(f["datapoints"] for f in plan if f not in todo) * copies)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def root_cause(error: BaseException) -> str:
+    """What an encode actor raised, in one line: the original exception (Ray wraps it, with its
+    traceback as text and its own retry advice) and where, the innermost frame outside the Python
+    installation's packages (the model's or vaedist's code) when there is one."""
+    root = error
+    while getattr(root, "cause", None) is not None and root.cause is not root:  # RayTaskError's original
+        root = root.cause
+    frames = _FRAME.findall(str(error)) or [(f.filename, str(f.lineno), f.name)
+                                             for f in traceback.extract_tb(root.__traceback__)]
+    ours = [f for f in frames if "site-packages" not in f[0] and "/lib/python" not in f[0]]
+    where = (ours or frames)[-1:]
+    message = (str(root).strip().splitlines() or [""])[0]
+    text = f"{type(root).__name__}: {message}" if message else type(root).__name__
+    if where:
+        path, line, name = where[0]
+        text += f" (in {name}, {path}:{line})"
+    return text
+
+
+def _left(out: str) -> str:
+    """What a failed job left at `out`, as found (not as hoped)."""
+    if tables.is_complete(out):
+        return f"the path {out} still holds the table published before"
+    return f"no table is published at {out}"
+
+
+def run_job(ray: Any, todo: list[dict[str, Any]], ec: Any, runtime_env: dict, staging: str,
+            kwargs: dict[str, Any]) -> None:
+    """The Ray Data job: a TableFileWriter actor pool over the files still to write."""
+    (ray.data.from_items(todo, override_num_blocks=len(todo))
+        # max_restarts=0: Ray Data hands its actors their constructor through the object store, and
+        # Ray 2.60 cannot reliably restart such an actor (ray-project/ray#53727; it logs an ERROR line
+        # for each, #57733). A lost actor fails the job instead, which then publishes nothing; a
+        # rerun keeps the files finished and encodes the rest.
+        .map_batches(TableFileWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
+                     num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
+                     runtime_env=runtime_env or None, fn_constructor_kwargs={"staging": staging, **kwargs})
+        .take_all())

@@ -8,16 +8,40 @@ from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, whose scheme picks http or https (
 AWS_ENDPOINT_URL=http://127.0.0.1:9000). pyarrow.fs.S3FileSystem() built directly ignores the
 endpoint variables: always go through resolve(). Each process reads the variables itself, so they
 must be set on every Ray node, or passed as the job's runtime_env env_vars, not only on the driver.
+
+Fault injection for tests: with VAEDIST_FAULT_AFTER_STORAGE_CALLS=n set, the process exits (os._exit,
+no cleanup, as a killed driver) right after the n-th call of this module's functions that touch
+storage returns. The publish tests kill a publish after each of its calls in turn (vaedist.tables).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 import pyarrow.fs as pafs
+
+
+FAULT_ENV = "VAEDIST_FAULT_AFTER_STORAGE_CALLS"
+FAULT_EXIT_CODE = 86
+calls = 0
+"""How many storage calls this process has made (what FAULT_ENV counts)."""
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _storage_call(fn: _F) -> _F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global calls
+        result = fn(*args, **kwargs)
+        calls += 1
+        if calls == int(os.environ.get(FAULT_ENV) or 0):
+            os._exit(FAULT_EXIT_CODE)
+        return result
+    return wrapper  # type: ignore[return-value]
 
 
 def is_uri(path: str) -> bool:
@@ -44,16 +68,19 @@ def absolute(path: str) -> str:
     return str(path) if is_uri(path) else os.path.abspath(path)
 
 
+@_storage_call
 def exists(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+@_storage_call
 def is_dir(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
+@_storage_call
 def size(path: str) -> int:
     fs, p = resolve(path)
     info = fs.get_file_info(p)
@@ -62,6 +89,7 @@ def size(path: str) -> int:
     return info.size
 
 
+@_storage_call
 def listdir(path: str) -> list[str]:
     """Names (not paths) directly under a directory, sorted; [] if it does not exist."""
     fs, p = resolve(path)
@@ -71,11 +99,13 @@ def listdir(path: str) -> list[str]:
     return sorted(info.base_name for info in infos)
 
 
+@_storage_call
 def makedirs(path: str) -> None:
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)
 
 
+@_storage_call
 def rmtree(path: str) -> None:
     fs, p = resolve(path)
     info = fs.get_file_info(p)
@@ -85,11 +115,43 @@ def rmtree(path: str) -> None:
         fs.delete_file(p)
 
 
+@_storage_call
 def move(src: str, dst: str) -> None:
     """Rename; atomic for a local directory on one filesystem, a copy-then-delete on S3."""
     fs, s = resolve(src)
     _, d = resolve(dst)
     fs.move(s, d)
+
+
+@_storage_call
+def copy_file(src: str, dst: str) -> None:
+    """Copy one file within a filesystem; on S3 a server-side copy (the bytes do not pass through here)."""
+    fs, s = resolve(src)
+    _, d = resolve(dst)
+    parent = d.rsplit("/", 1)[0] if "/" in d else ""
+    if parent and not is_uri(dst):
+        fs.create_dir(parent, recursive=True)
+    fs.copy_file(s, d)
+
+
+@_storage_call
+def delete_file(path: str) -> None:
+    """Delete one file; nothing if it is not there."""
+    fs, p = resolve(path)
+    try:
+        fs.delete_file(p)
+    except FileNotFoundError:
+        pass
+
+
+@_storage_call
+def mtime_ns(path: str) -> int:
+    """A file's modification time in nanoseconds (0 where the storage gives none)."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    return info.mtime_ns or 0
 
 
 @contextmanager
@@ -109,6 +171,7 @@ def open_output(path: str) -> Iterator[IO[bytes]]:
         yield f
 
 
+@_storage_call
 def read_bytes(path: str) -> bytes:
     with open_input(path) as f:
         return f.read()
@@ -125,6 +188,7 @@ def read_json_object(path: str, error: type[Exception], hint: str = "") -> dict:
     return value
 
 
+@_storage_call
 def write_bytes(path: str, data: bytes) -> None:
     with open_output(path) as f:
         f.write(data)

@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -114,27 +115,36 @@ def test_benchmark_baseline_writes_the_same_table_as_the_job(published, tmp_path
     assert_tables_close(read_sorted(str(tmp_path / "lower")).replace_schema_metadata(None), job)
 
 
-def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_completes(published, tmp_path):
+def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_resumes_it(published, tmp_path):
     cfg, result, enc = published
     out = str(tmp_path / "table")
     first = encode(encode_cfg(cfg, "encode.splits=[test]"), checkpoint=result.latest_checkpoint, out=out)
     before, listing = read_sorted(out), sorted(storage.listdir(out))
-    # The real thing: a job process (its own embedded Ray) whose encoder dies after writing began.
+    # The real thing: a job process (its own embedded Ray) whose encoder dies after writing began:
+    # one actor, 8 batches a file (a 1,000-datapoint shard each), so two files are finished first.
     overrides = [f"--set={o}" for o in (f"data.shards_dir={cfg.data.shards_dir}", "encode.concurrency=1",
                                         "encode.num_samples_iw=8", "scaling.address=local")]
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, FAIL_ENV: "3"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, FAIL_ENV: "20"}
     job = subprocess.run([sys.executable, str(REPO / "jobs" / "encode.py"), "--config", str(REPO / "configs/debug.yaml"),
                           *overrides, "--checkpoint", result.latest_checkpoint, "--out", out],
                          env=env, capture_output=True, text=True, timeout=900)
     assert job.returncode != 0 and "injected fault" in job.stdout + job.stderr, job.stderr[-2000:]
-    # The published path still holds the earlier, complete table; the partial files stayed in staging.
+    assert f"{out} still holds the table published before" in job.stdout + job.stderr
+    # The published path still holds the earlier, complete table; the finished files stayed in staging.
     assert first.rows == {"test": 4000}
     assert read_sorted(out).equals(before) and sorted(storage.listdir(out)) == listing
-    assert any(n.startswith(".table.staging-") for n in storage.listdir(str(tmp_path)))
+    staging, = [n for n in storage.listdir(str(tmp_path)) if n.startswith(".table.staging-")]
+    assert len([n for n in storage.listdir(str(tmp_path / staging)) if n.endswith(".parquet")]) >= 2
+    # The same job again (here with two actors: the number of actors is not part of its identity)
+    # keeps the finished files and encodes the rest; the table is byte for byte an uninterrupted run's.
     done = encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=out)
-    table = read_sorted(out)
-    assert done.rows == {"train": 4000, "test": 4000} and table.num_rows == 8000
-    assert len(set(table["key"].to_pylist())) == 8000
+    assert done.files_reused >= 2 and done.files_reused + done.files_encoded == 8, (done.files_reused,
+                                                                                   done.files_encoded)
+    assert done.rows == {"train": 4000, "test": 4000} and done.rows_reused == 1000 * done.files_reused
+    names = sorted(n for n in storage.listdir(out) if n.endswith(".parquet"))
+    assert names == sorted(n for n in storage.listdir(enc.path) if n.endswith(".parquet")) and len(names) == 8
+    for name in names:
+        assert storage.read_bytes(f"{out}/{name}") == storage.read_bytes(f"{enc.path}/{name}"), name
     assert not any(n.startswith(".table.") for n in storage.listdir(str(tmp_path)))  # staging cleaned
 
 
@@ -146,6 +156,13 @@ def test_a_failed_encode_gives_its_cpus_back_for_a_retry_in_the_same_process(pub
     monkeypatch.setenv(FAIL_ENV, "1")
     with pytest.raises(EncodeError, match="injected fault") as failed:
         encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=out)
+    # The error says what the actor raised and where, and what is at the path, as found; not Ray's
+    # traceback and retry advice.
+    assert re.fullmatch(rf"the encode job failed: RuntimeError: injected fault after 1 batches \({FAIL_ENV}\) "
+                        rf"\(in encode_rows, \S+encode\.py:\d+\) \(Ray's traceback: \S+/ray-data\.log\)\. No table is "
+                        rf"published at {out}; 0 of 8 files are "
+                        r"finished in \S+: the same command again encodes only the rest",
+                        str(failed.value)), failed.value
     # While the caller holds the error (here `failed`; a notebook keeps its last one), the failed
     # job's actors must not keep their CPUs: they used to, through the original error's traceback.
     # The resource view takes a moment to catch up.

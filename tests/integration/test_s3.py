@@ -46,7 +46,7 @@ def keys_under(client, prefix: str) -> list[str]:
 def test_prepare_train_encode_query_on_s3(s3, s3_ray, mnist_dir, tmp_path, monkeypatch):
     from vaedist import schema
     from vaedist.data import prepare_shards, verify_shards
-    from vaedist.encode import encode
+    from vaedist.encode import FAIL_ENV, EncodeError, encode
     from vaedist.analyses import loss_by_digit, read_lineage
     from vaedist.train import train
 
@@ -85,6 +85,7 @@ def test_prepare_train_encode_query_on_s3(s3, s3_ray, mnist_dir, tmp_path, monke
     table_keys = keys_under(s3, "latents/")
     assert f"latents/{schema.SUCCESS_FILE}" in table_keys and f"latents/{schema.LINEAGE_FILE}" in table_keys
     assert any(k.endswith(".parquet") for k in table_keys)
+    parquet = {k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in table_keys if k.endswith(".parquet")}
     assert not [k for k in keys_under(s3, "") if k.startswith(".latents.")], "staging left behind"
     assert read_lineage(out).checkpoint == f"{again.latest_checkpoint}/checkpoint.pt"
     by_digit = loss_by_digit(out, split="test").to_pylist()
@@ -92,9 +93,19 @@ def test_prepare_train_encode_query_on_s3(s3, s3_ray, mnist_dir, tmp_path, monke
     assert sum(r["count"] for r in by_digit) == 1000
     assert all(0 < r["loss_mean"] < 1000 and r["gap_mean"] is not None for r in by_digit)
 
-    # Publishing again over an existing table on S3 replaces it: still one row per datapoint.
+    # Publishing again over an existing table on S3 replaces it: still one row per datapoint. The job
+    # dies first (each actor after 5 batches: its second file); the rerun keeps the files finished in
+    # the bucket and writes the same bytes as the first job.
+    monkeypatch.setenv(FAIL_ENV, "5")
+    with pytest.raises(EncodeError, match=rf"injected fault.* {out} still holds the table published before"):
+        encode(cfg, checkpoint=again.latest_checkpoint, out=out)
+    monkeypatch.delenv(FAIL_ENV)
     again_enc = encode(cfg, checkpoint=again.latest_checkpoint, out=out)
     assert again_enc.rows == {"train": 1000, "test": 1000}
+    assert again_enc.files_reused >= 1 and again_enc.files_reused + again_enc.files_encoded == 4
     assert sum(r["count"] for r in loss_by_digit(out, split=None).to_pylist()) == 2000
+    assert keys_under(s3, "latents/") == table_keys
+    for key in (k for k in table_keys if k.endswith(".parquet")):
+        assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == parquet[key], key
 
     assert os.listdir(tmp_path) == [], "something was written to a local path instead of the bucket"

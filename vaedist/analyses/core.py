@@ -25,7 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vaedist import schema, storage
+from vaedist import schema, storage, tables
 from vaedist.lineage import Lineage, LineageError
 from vaedist.lineage import read_lineage as _read_lineage_file
 
@@ -56,8 +56,15 @@ def _is_hidden(name: str) -> bool:
 
 def table_files(latents_dir: str) -> tuple[pafs.FileSystem, list[str]]:
     """(filesystem, sorted Parquet file paths) of a published table, checked for `_SUCCESS`."""
+    fs, _, files = _table_files(latents_dir)
+    return fs, files
+
+
+def _table_files(latents_dir: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(filesystem, root, files): the table found at latents_dir (vaedist.tables.find: a publish that
+    was interrupted is read from the complete table it left beside)."""
     latents_dir = str(latents_dir)
-    fs, root = storage.resolve(latents_dir)
+    fs, root = storage.resolve(tables.find(latents_dir) or latents_dir)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise _not_published(latents_dir, "it does not exist")
@@ -73,7 +80,7 @@ def table_files(latents_dir: str) -> tuple[pafs.FileSystem, list[str]]:
         raise _not_published(latents_dir, "it holds no .parquet files")
     if fs.get_file_info(f"{root}/{schema.SUCCESS_FILE}").type != pafs.FileType.File:
         raise _not_published(latents_dir, _unfinished(fs, root))
-    return fs, sorted(files)
+    return fs, root, sorted(files)
 
 
 def _unfinished(fs: pafs.FileSystem, root: str) -> str:
@@ -92,7 +99,8 @@ def _unfinished(fs: pafs.FileSystem, root: str) -> str:
         why += f"{written}, encoding checkpoint {record.checkpoint or '?'}"
     except (OSError, ValueError, AttributeError):
         why += "; written by an encode job that had not yet written its lineage"
-    return why + ". Wait for that job, or run `vaedist encode` again (it republishes the table whole)"
+    return why + (". Wait for that job, or run the same `vaedist encode` again (it keeps the files finished and "
+                  "publishes the table whole)")
 
 
 def _hive(root: str, files: list[str]) -> bool:
@@ -136,8 +144,7 @@ def connect(latents_dir: str, *, view: str = schema.VIEW_NAME,
     view names the view otherwise; con adds it to that connection (e.g. two tables side by side).
     A table written before the `source` column existed reads with source NULL."""
     latents_dir = str(latents_dir)
-    fs, files = table_files(latents_dir)
-    root = storage.resolve(latents_dir)[1].rstrip("/")
+    fs, root, files = _table_files(latents_dir)
     hive = _hive(root, files)
     own = con is None
     con = cursor() if own else con
@@ -171,7 +178,7 @@ def connect(latents_dir: str, *, view: str = schema.VIEW_NAME,
 def read_lineage(latents_dir: str) -> Lineage:
     """The table's `_lineage.json` (checkpoint, shards_dir, latent_dim, seeds, config, ...)."""
     try:
-        return _read_lineage_file(latents_dir)
+        return _read_lineage_file(tables.find(str(latents_dir)) or str(latents_dir))
     except LineageError as e:
         raise QueryError(str(e)) from None
 

@@ -1,0 +1,54 @@
+"""The encode job's plan of files (what makes a rerun find the files a killed run finished) and its
+one-line account of an actor's error. No Ray."""
+
+from __future__ import annotations
+
+import json
+
+from vaedist.encode import MIN_FILES, file_plan, root_cause
+
+
+def manifest(shards_per_split: dict[str, list[int]]) -> dict:
+    return {"splits": {split: {"num_samples": sum(sizes), "shards": [
+        {"path": f"{split}/{split}-{i:06d}.tar", "num_samples": n} for i, n in enumerate(sizes)]}
+        for split, sizes in shards_per_split.items()}}
+
+
+def test_files_group_consecutive_shards_of_one_split_and_depend_on_the_manifest_only():
+    m = manifest({"train": [2500] * 24, "test": [2500] * 4})
+    plan = file_plan(m, ["train", "test"], rows_per_file=20_000)
+    # 70,000 rows: files of at least 70,000 / MIN_FILES = 8,750 rows, so 4 shards each.
+    assert MIN_FILES == 8
+    assert [f["file"] for f in plan] == [f"train-{i:05d}.parquet" for i in range(6)] + ["test-00000.parquet"]
+    assert [f["datapoints"] for f in plan] == [10_000] * 7
+    shards = [s["path"] for f in plan for s in json.loads(f["entries"])]
+    assert shards == [s["path"] for split in ("train", "test") for s in m["splits"][split]["shards"]]
+    assert file_plan(m, ["train", "test"], 20_000) == plan
+    # Large tables: files of rows_per_file; a short last group keeps the split's remainder.
+    big = file_plan(manifest({"train": [2500] * 1000 + [100]}), ["train"], rows_per_file=20_000)
+    assert [f["datapoints"] for f in big] == [20_000] * 125 + [100]
+    assert file_plan(m, ["test"], 2500) == [
+        {"file": f"test-{i:05d}.parquet", "split": "test", "datapoints": 2500,
+         "entries": json.dumps([m["splits"]["test"]["shards"][i]], sort_keys=True)} for i in range(4)]
+
+
+class RayTaskErrorLike(RuntimeError):
+    """What Ray raises for an actor's error: its message holds the remote traceback and retry advice;
+    `cause` the original exception."""
+
+
+def test_an_actors_error_is_told_as_the_original_exception_and_its_frame():
+    error = RayTaskErrorLike(
+        "ray::MapBatches(TableFileWriter)() (pid=1)\n"
+        '  File "/venv/lib/python3.11/site-packages/ray/data/_internal/util.py", line 1675, in iterate_with_retry\n'
+        '  File "/home/me/mymodel.py", line 42, in forward\n'
+        '  File "/venv/lib/python3.11/site-packages/torch/nn/functional.py", line 9, in linear\n'
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x10 and 20x5)\n"
+        "To change retry attempts, backoff, or which errors are retried, configure ...")
+    error.cause = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x10 and 20x5)")
+    assert root_cause(error) == ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x10 and 20x5) "
+                                 "(in forward, /home/me/mymodel.py:42)")
+    try:
+        raise ValueError("bad input\nsecond line")
+    except ValueError as plain:
+        assert root_cause(plain).startswith("ValueError: bad input (in test_an_actors_error_is_told")
