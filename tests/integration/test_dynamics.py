@@ -95,7 +95,7 @@ def test_the_weights_of_the_still_run_do_not_change(still):
     kept = kept_checkpoint_dirs(result.run_dir)
     assert [epoch for epoch, _ in kept] == EPOCHS
     states = [load_checkpoint(path) for _, path in kept]
-    assert [s["epoch"] for s in states] == EPOCHS
+    assert [s.epoch for s in states] == EPOCHS
     assert states[-1].global_step > 0  # the optimiser did step
     for state in states[1:]:
         for name, weights in states[0].model.items():

@@ -65,7 +65,9 @@ def test_bench_gpu_runs_to_the_end_there(gpu_like, mnist_dir, tmp_path):
     tests = doc["parts"]["gpu_tests"]
     assert tests["exit_code"] == 0 and tests["skipped"] > 0 and tests["failed"] == tests["errors"] == 0, tests
     assert doc["parts"]["train"]["fp32"]["ratio"] > 0 and "bf16" not in doc["parts"]["train"]
-    assert all(b["test_loss"] > 0 for b in doc["parts"]["batch_sweep"]["batches"].values())
+    sweep = doc["parts"]["batch_sweep"]
+    assert sweep["modes"] == ["eager"] and all(b["eager"]["test_loss"] > 0 for b in sweep["batches"].values())
+    assert doc["parts"]["quality"]["epochs_run"] >= 1 and doc["parts"]["quality"]["test_neg_elbo"] > 0
     assert {"S=16 K=0", "S=1 K=100"} <= set(doc["parts"]["encode"])
     assert doc["parts"]["cpu_scaling"]["train"]["1"]["speedup"] == 1.0
     assert doc["parts"]["cpu_scaling"]["encode"]["1"]["rows"] > 0
