@@ -502,5 +502,5 @@ def test_multinode_encode_spreads_over_nodes_one_row_per_datapoint(cluster, node
     keys = pads.dataset(files, format="parquet").to_table(columns=["key"])["key"].to_pylist()
     assert len(keys) == 8000 and len(set(keys)) == 8000
     encoders = [a for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
-                if "LatentEncoder" in a.class_name]
+                if "TableFileWriter" in a.class_name]  # the encode job's actors (vaedist.encode)
     assert {a.node_id for a in encoders} == worker_node_ids(cluster), [(a.class_name, a.node_id) for a in encoders]
