@@ -40,14 +40,17 @@ chromium:
 run: $(STAMP)  ## the whole pipeline on an embedded local Ray
 	$(BIN)/vaedist run --config $(CONFIG)
 
+# The suite's test files run TEST_WORKERS at a time (pytest-xdist, a file per worker so that module
+# fixtures are built once): most of its time is Ray starting processes, which overlaps.
+TEST_WORKERS ?= 3
 test: $(STAMP) chromium  ## unit and integration tiers
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -m "not integration"
 
 test-integration: $(STAMP) chromium
-	$(BIN)/pytest -q -m integration
+	$(BIN)/pytest -q -m integration -n $(TEST_WORKERS) --dist loadfile
 
 # The main commands where only vaedist's required dependencies are installed (no extras); part of `test`.
 test-minimal: $(STAMP)
