@@ -42,7 +42,7 @@ run: $(STAMP)  ## the whole pipeline on an embedded local Ray
 
 # The suite's test files run TEST_WORKERS at a time (pytest-xdist, a file per worker so that module
 # fixtures are built once): most of its time is Ray starting processes, which overlaps.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium  ## unit and integration tiers
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
