@@ -15,9 +15,10 @@ from torch import nn
 
 from vaedist.config import ConfigError, ModelConfig
 from vaedist.custom_model import CHECK_BATCH, build_custom, check_protocol
+from vaedist.layers import ACTIVATIONS as _ACTIVATIONS, mlp as _mlp
 from vaedist.likelihoods import Likelihood, get_likelihood
+from vaedist.losses import GaussianPosterior, SampleTerms, gaussian_terms_of_forward
 
-_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
 MNIST_SHAPE = (28, 28, 1)
 
 
@@ -39,13 +40,6 @@ class FromImage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1).flatten(1)
-
-
-def _mlp(widths: list[int], activation: str) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for w_in, w_out in zip(widths, widths[1:]):
-        layers += [nn.Linear(w_in, w_out), _ACTIVATIONS[activation]()]
-    return nn.Sequential(*layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +139,7 @@ class VAE(nn.Module):
         self.num_params = self.likelihood.num_params(self.image_shape)
         out_channels = self.likelihood.params_per_pixel(channels)
         self.latent_dim = cfg.latent_dim
+        self.latent_groups = (cfg.latent_dim,)  # one group (vaedist/hierarchical.py has several)
         act = cfg.activation
         self.net: nn.Module | None = None
         if cfg.kind == "mlp":
@@ -164,6 +159,16 @@ class VAE(nn.Module):
             return self.net.encode(x)
         mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=-1)
         return mu, logvar
+
+    def posterior(self, x: torch.Tensor) -> GaussianPosterior:
+        """q(z|x), encoded once: evaluation draws the ELBO's, the importance weights' and the table's
+        samples from it (losses.GaussianPosterior)."""
+        return GaussianPosterior(self, x, *self.encode(x))
+
+    def terms_of_forward(self, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor,
+                         eps: torch.Tensor) -> SampleTerms:
+        """The training pass's terms from forward(x, eps)'s output (losses.sample_terms calls it)."""
+        return gaussian_terms_of_forward(self, out, x, eps)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood's parameters of p(x|z) for z of shape [..., latent_dim] -> [..., num_params]."""

@@ -16,6 +16,10 @@ latent dimension j:
                                                                                (Burda et al. 2016)
     free-bits  mean_i [ -1/S sum_s log p(x_i|z_s) ] + w sum_j max(lambda, mean_i KL_ij)
                                                                                (Kingma et al. 2016)
+
+With several latent groups (vaedist/hierarchical.py) nothing here changes: KL_i is the sum of the
+groups' terms, log p(z_s) - log q(z_s|x_i) the joint over all groups, and free bits floors every
+dimension of every group (so group l's floor is lambda * D_l).
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ import torch
 
 from vaedist import registry
 from vaedist.config import TrainConfig
-from vaedist.losses import (SampleTerms, batch_loss, gaussian_kl_per_dim, gaussian_log_prob,
-                            standard_normal_log_prob)
+from vaedist.losses import GroupedTerms, SampleTerms, batch_loss
 from vaedist.registry import check_registry
 
 
@@ -44,7 +47,7 @@ class Objective:
     def from_config(cls, cfg: TrainConfig) -> "Objective":
         raise NotImplementedError
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         """The minibatch's value to minimise: a scalar, the mean per datapoint, nats."""
         raise NotImplementedError
 
@@ -60,7 +63,7 @@ class ELBO(Objective):
     def from_config(cls, cfg: TrainConfig) -> "ELBO":
         return cls(cfg.num_samples_mc)
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         return batch_loss(terms.parts(), kl_weight)
 
 
@@ -76,7 +79,7 @@ class Beta(Objective):
     def from_config(cls, cfg: TrainConfig) -> "Beta":
         return cls(beta=cfg.beta, num_samples=cfg.num_samples_mc)
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         return batch_loss(terms.parts(), kl_weight * self.beta)
 
 
@@ -100,13 +103,11 @@ class IWAE(Objective):
     def from_config(cls, cfg: TrainConfig) -> "IWAE":
         return cls(cfg.iwae_samples)
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         if kl_weight == 1.0:
             log_w = terms.log_weights()
         else:
-            prior_minus_posterior = (standard_normal_log_prob(terms.z)
-                                     - gaussian_log_prob(terms.z, terms.mu.unsqueeze(1), terms.logvar.unsqueeze(1)))
-            log_w = terms.log_px_z + kl_weight * prior_minus_posterior
+            log_w = terms.log_px_z + kl_weight * terms.log_prior_ratio()
         k = log_w.shape[1]
         return -(torch.logsumexp(log_w, dim=1) - math.log(k)).mean()
 
@@ -127,8 +128,8 @@ class FreeBits(Objective):
     def from_config(cls, cfg: TrainConfig) -> "FreeBits":
         return cls(free_bits=cfg.free_bits, num_samples=cfg.num_samples_mc)
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
-        kl_per_dim = gaussian_kl_per_dim(terms.mu, terms.logvar)   # [B, D]
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
+        kl_per_dim = terms.kl_per_dim()   # [B, D]
         kl = torch.clamp(kl_per_dim.mean(dim=0), min=self.free_bits).sum()
         return -terms.log_px_z.mean() + kl_weight * kl
 
