@@ -159,15 +159,30 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["mlp", "conv", "custom"] = "mlp"
-    """Encoder/decoder family: mlp; conv (stride-2 stages, any image size they divide); custom (the
+    kind: Literal["mlp", "conv", "hierarchical", "custom"] = "mlp"
+    """Encoder/decoder family: mlp; conv (stride-2 stages, any image size they divide); hierarchical
+    (several groups of latents, MLP stages between them: vaedist/hierarchical.py); custom (the
     nn.Module that model.factory returns, see vaedist/custom_model.py)."""
     latent_dim: int = 32
-    """Dimension of z, the bottleneck."""
+    """Dimension of z, the bottleneck (hierarchical: of all groups together, sum(latent_groups))."""
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
     """MLP: widths of the encoder's hidden layers; the decoder mirrors them.
     conv: channels of each stride-2 stage, one entry per stage (its length is the depth: height and
-    width must be divisible by 2^len); the decoder mirrors them. custom: unused."""
+    width must be divisible by 2^len); the decoder mirrors them. hierarchical: the widths of the
+    deterministic layers below every group, unless group_hidden_dims gives each its own. custom: unused."""
+    latent_groups: list[int] = field(default_factory=list)
+    """hierarchical (and required there): the sizes of the latent groups, bottom first: z_1 (next to
+    x) first, the top group z_L last, e.g. [100, 50] for Burda et al.'s two stochastic layers. Their
+    sum must equal latent_dim."""
+    group_hidden_dims: list[list[int]] = field(default_factory=list)
+    """hierarchical: the widths of the deterministic layers below each group, one list per group in
+    latent_groups' order: entry l lies between z_l and the level below it (x for z_1); the
+    generative path mirrors each (Burda et al.: [[200, 200], [100, 100]] with activation tanh).
+    Empty: hidden_dims for every group."""
+    hierarchy: Literal["top-down", "bottom-up"] = "top-down"
+    """hierarchical: how q conditions each group. top-down: q(z_l | z_>l, x) from a deterministic
+    bottom-up pass over x merged with the generative path's state at level l (Ladder VAE, NVAE);
+    bottom-up: q(z_1|x) q(z_2|z_1) ... (Burda et al. 2016's IWAE architecture)."""
     res_blocks_per_stage: int = 0
     """conv: residual blocks (two 3x3 convolutions, pre-activation) after each encoder stage and
     before each decoder stage, at that stage's resolution and channels."""
@@ -207,6 +222,11 @@ class ModelConfig:
         for name, default in (("res_blocks_per_stage", 0), ("norm", "none")):
             _check(self.kind == "conv" or getattr(self, name) == default, f"model.{name}",
                    f"only model.kind=conv uses it (kind is {self.kind}); leave it unset")
+        for name, default in (("latent_groups", []), ("group_hidden_dims", []), ("hierarchy", "top-down")):
+            _check(self.kind == "hierarchical" or getattr(self, name) == default, f"model.{name}",
+                   f"only model.kind=hierarchical uses it (kind is {self.kind}); leave it unset")
+        if self.kind == "hierarchical":
+            self._check_hierarchical()
         for name, default in (("factory", None), ("kwargs", {})):
             _check(self.kind == "custom" or getattr(self, name) == default, f"model.{name}",
                    f"only model.kind=custom uses it (kind is {self.kind}); set model.kind=custom or leave it unset")
@@ -216,6 +236,29 @@ class ModelConfig:
             module, _, function = self.factory.partition(":")
             _check(all(part.isidentifier() for part in module.split(".")) and function.isidentifier(),
                    "model.factory", f'must be "package.module:function" (Python names), got {self.factory!r}')
+
+    def _check_hierarchical(self) -> None:
+        groups = self.latent_groups
+        _check(len(groups) > 0, "model.latent_groups",
+               "model.kind=hierarchical needs the group sizes, bottom first, e.g. --set 'model.latent_groups=[100, 50]'")
+        for i, size in enumerate(groups):
+            _check(size > 0, f"model.latent_groups[{i}]", f"must be > 0, got {size}")
+        _check(sum(groups) == self.latent_dim, "model.latent_dim",
+               f"must equal the sum of model.latent_groups {groups} = {sum(groups)} (the dimension of all groups "
+               f"together), got {self.latent_dim}; set model.latent_dim={sum(groups)}")
+        if self.group_hidden_dims:
+            _check(len(self.group_hidden_dims) == len(groups), "model.group_hidden_dims",
+                   f"needs one list of widths per latent group ({len(groups)}: model.latent_groups {groups}), "
+                   f"got {len(self.group_hidden_dims)}")
+            _check(self.hidden_dims == ModelConfig.__dataclass_fields__["hidden_dims"].default_factory(),
+                   "model.hidden_dims", "model.group_hidden_dims gives every group's widths; leave hidden_dims unset")
+            for i, widths in enumerate(self.group_hidden_dims):
+                _check(len(widths) > 0 and min(widths) > 0, f"model.group_hidden_dims[{i}]",
+                       f"must list at least one width, each > 0, got {widths}")
+
+    def stage_widths(self) -> list[list[int]]:
+        """hierarchical: the deterministic widths below each latent group, bottom first."""
+        return [list(w) for w in self.group_hidden_dims] or [list(self.hidden_dims) for _ in self.latent_groups]
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The VAE: encoder q(z|x) (diagonal Gaussian), decoder p(x|z) (the likelihood `model.likelihood` names).
 
-Single-device model code: it knows nothing of Ray, ranks or files (Kingma & Welling, 2014). Three
+Single-device model code: it knows nothing of Ray, ranks or files (Kingma & Welling, 2014). Four
 families (`model.kind`): an MLP, a conv family of stride-2 stages with optional residual blocks and
-normalisation, and the user's own module (vaedist/custom_model.py), all behind one interface.
+normalisation, the user's own module (vaedist/custom_model.py), and several groups of latents
+(vaedist/hierarchical.py), all behind one interface; build_model builds the one the config names.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from vaedist.config import ConfigError, ModelConfig
 from vaedist.custom_model import CHECK_BATCH, build_custom, check_protocol
+from vaedist.hierarchical import HierarchicalVAE
 from vaedist.layers import ACTIVATIONS as _ACTIVATIONS, mlp as _mlp
 from vaedist.likelihoods import Likelihood, get_likelihood
 from vaedist.losses import GaussianPosterior, SampleTerms, gaussian_terms_of_forward
@@ -205,6 +207,13 @@ class VAE(nn.Module):
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
 
 
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int] = MNIST_SHAPE,
+                likelihood: Likelihood | None = None) -> VAE | HierarchicalVAE:
+    """The model model.kind names, for images of image_shape (height, width, channels)."""
+    family = HierarchicalVAE if cfg.kind == "hierarchical" else VAE
+    return family(cfg, image_shape, likelihood)
+
+
 def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int],
                 batch: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0) -> None:
     """Before any cluster work: build the model for these images (the conv geometry, the factory)
@@ -212,7 +221,7 @@ def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int],
     CHECK_BATCH datapoints of batch = (indices [N], images [N, H*W*C] uint8), which it then needs.
     Raises ConfigError (FactoryError) naming the key or factory."""
     torch.manual_seed(seed)
-    model = VAE(cfg, image_shape)
+    model = build_model(cfg, image_shape)
     if cfg.kind != "custom":
         return
     indices, images_u8 = batch

@@ -1,0 +1,219 @@
+"""Hierarchical VAEs (`model.kind: hierarchical`): L groups of latents z = (z_1, ..., z_L), z_1
+next to x and z_L at the top, with MLP stages between them. Torch only.
+
+Generative path (both arrangements), a Markov chain from the top:
+    p(z_L) = N(0, I),   p(z_l | z_l+1) = N(mu_p, diag e^logvar_p) from an MLP of z_l+1,
+    p(x | z_1) the likelihood's parameters from an MLP of z_1.
+Inference (model.hierarchy):
+    top-down   a deterministic bottom-up pass d_l = MLP_l(d_l-1), d_0 = x; q(z_L | x) from d_L; below
+               the top q(z_l | z_>l, x) = N(mu_p + dmu, diag e^(logvar_p + dlogvar)), (dmu, dlogvar) a
+               linear map of [d_l, t_l], where t_l is the generative path's state from which p(z_l | z_l+1)
+               is read: the Ladder VAE's arrangement (Sønderby et al. 2016) with NVAE's posterior
+               relative to the prior (Vahdat & Kautz 2020, eq. 2).
+    bottom-up  q(z_1 | x) from MLP_1(x), q(z_l | z_l-1) from MLP_l(z_l-1): Burda et al. (2016)'s
+               architecture (latent_groups [100, 50], group_hidden_dims [[200, 200], [100, 100]], tanh).
+Each stage's MLP has model.group_hidden_dims[l] (else hidden_dims) widths; the generative MLP above
+a level mirrors the inference MLP below it.
+
+The KL splits into one term per group (losses.GroupedTerms). Top-down: every group's term is the
+analytic KL(q(z_l | z_>l, x) || p(z_l | z_l+1)) given the sampled parents, the lower-variance choice.
+Bottom-up: the top group's is analytic given the sampled z_L-1; a lower group's prior depends on the
+group above, itself sampled from z_l, so its term is log q - log p at the sample (Monte Carlo).
+
+One group is the mlp family of vaedist/model.py: the same layers in the same parameter order, so
+the same weights give the same loss (a test checks it). The noise of S samples is [B, S, latent_dim],
+split into the groups in latent_groups' order, z_1 first, as is every concatenation of groups here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vaedist.config import ModelConfig
+from vaedist.layers import mlp
+from vaedist.likelihoods import Likelihood, get_likelihood
+from vaedist.losses import (GroupedTerms, gaussian_kl_between_per_dim, gaussian_kl_per_dim, gaussian_log_prob,
+                            gaussian_log_prob_per_dim, log_px_given_z, standard_normal_log_prob)
+
+
+class Chain:
+    """One pass down the groups for S samples: z, q's parameters ([B, S or 1, D], groups concatenated),
+    each group's KL term per dimension and log p(z) - log q(z|x) at the samples [B, S]."""
+
+    def __init__(self, z, mu, logvar, kl_per_dim_groups, log_ratio):
+        self.z, self.mu, self.logvar = z, mu, logvar
+        self.kl_per_dim_groups, self.log_ratio = kl_per_dim_groups, log_ratio
+
+
+class HierarchicalPosterior:
+    """q(z_1..L | x) for a batch: the deterministic pass over x is done once; terms(eps) and sample(eps)
+    run the groups' chain for given noise. mu, logvar: every group's q parameters along the mean path
+    (each parent group at its posterior mean), z_1 first; in the top-down arrangement the top group's
+    are exactly q(z_L | x)'s, in the bottom-up one the bottom group's are exactly q(z_1 | x)'s."""
+
+    def __init__(self, model: "HierarchicalVAE", x: torch.Tensor):
+        self.model, self.x = model, x
+        self.features = model.features(x)
+        mean_path = model.chain(self.features, torch.zeros(x.shape[0], 1, model.latent_dim, device=x.device,
+                                                           dtype=x.dtype))
+        self.mu, self.logvar = mean_path.mu[:, 0], mean_path.logvar[:, 0]
+
+    def sample(self, eps: torch.Tensor) -> torch.Tensor:
+        """One joint sample of all groups [B, D] for noise eps [B, D]."""
+        return self.model.chain(self.features, eps.unsqueeze(1)).z[:, 0]
+
+    def terms(self, eps: torch.Tensor) -> GroupedTerms:
+        """The terms of S joint samples per datapoint, eps [B, S, D]."""
+        chain = self.model.chain(self.features, eps)
+        params = self.model.decode(chain.z)
+        return GroupedTerms(log_px_z=log_px_given_z(self.model, params, self.x),
+                            kl_per_dim_groups=chain.kl_per_dim_groups, log_ratio=chain.log_ratio, z=chain.z)
+
+
+class HierarchicalVAE(nn.Module):
+    """The protocol of vaedist.model.VAE (encode, decode, posterior, terms_of_forward, sample;
+    latent_dim, latent_groups, likelihood, image_shape, num_params) for L groups of latents."""
+
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int],
+                 likelihood: Likelihood | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.image_shape = tuple(int(d) for d in image_shape)
+        height, width, channels = self.image_shape
+        self.num_pixels = height * width * channels
+        self.likelihood = likelihood if likelihood is not None else get_likelihood(cfg, channels)
+        self.num_params = self.likelihood.num_params(self.image_shape)
+        self.latent_groups = tuple(cfg.latent_groups)
+        self.latent_dim = sum(self.latent_groups)
+        self.top_down = cfg.hierarchy == "top-down"
+        self.net = None  # not a custom model
+        groups, widths, act = self.latent_groups, cfg.stage_widths(), cfg.activation
+        num = len(groups)
+        # What each inference stage reads: x, then the stage below's features (top-down) or the group below.
+        inputs = [self.num_pixels] + [widths[l - 1][-1] if self.top_down else groups[l - 1] for l in range(1, num)]
+        # Registered in this order so that one group's parameters come in the mlp family's order.
+        self.encoder = nn.ModuleList(mlp([inputs[l], *widths[l]], act) for l in range(num))
+        # q's head per group: below the top (top-down), it also reads the generative state t_l.
+        head_in = [widths[l][-1] + (widths[l + 1][0] if self.top_down and l < num - 1 else 0) for l in range(num)]
+        self.to_posterior = nn.ModuleList(nn.Linear(head_in[l], 2 * groups[l]) for l in range(num))
+        self.decoder = nn.Sequential(mlp([groups[0], *reversed(widths[0])], act), nn.Linear(widths[0][0], self.num_params))
+        # p(z_l | z_l+1) for l < L: the state t_l from z_l+1 (mirroring stage l+1), then its head.
+        self.prior_state = nn.ModuleList(mlp([groups[l + 1], *reversed(widths[l + 1])], act) for l in range(num - 1))
+        self.to_prior = nn.ModuleList(nn.Linear(widths[l + 1][0], 2 * groups[l]) for l in range(num - 1))
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What of q depends on x alone. top-down: the bottom-up pass d_1..d_L, each [B, width];
+        bottom-up: the first stage's features (q(z_1 | x) is read from them)."""
+        if not self.top_down:
+            return [self.encoder[0](x)]
+        feats, h = [], x
+        for stage in self.encoder:
+            h = stage(h)
+            feats.append(h)
+        return feats
+
+    def chain(self, features: list[torch.Tensor], eps: torch.Tensor) -> Chain:
+        """z and its terms for noise eps [B, S, D]; features from self.features(x)."""
+        return (self._top_down if self.top_down else self._bottom_up)(features, eps)
+
+    def _top_down(self, feats: list[torch.Tensor], eps: torch.Tensor) -> Chain:
+        num, eps_groups = len(self.latent_groups), eps.split(self.latent_groups, dim=-1)
+        zs, mus, logvars, kls = [None] * num, [None] * num, [None] * num, [None] * num
+        mu, logvar = self.to_posterior[-1](feats[-1]).unsqueeze(1).chunk(2, dim=-1)   # q(z_L | x), [B, 1, D_L]
+        z = mu + torch.exp(0.5 * logvar) * eps_groups[-1]
+        kls[-1] = gaussian_kl_per_dim(mu, logvar)
+        log_ratio = standard_normal_log_prob(z) - gaussian_log_prob(z, mu, logvar)
+        zs[-1], mus[-1], logvars[-1] = z, mu, logvar
+        for l in range(num - 2, -1, -1):
+            state = self.prior_state[l](z)                                              # t_l, [B, S, width]
+            mu_p, logvar_p = self.to_prior[l](state).chunk(2, dim=-1)
+            d = feats[l].unsqueeze(1).expand(-1, state.shape[1], -1)
+            d_mu, d_logvar = self.to_posterior[l](torch.cat([d, state], dim=-1)).chunk(2, dim=-1)
+            mu, logvar = mu_p + d_mu, logvar_p + d_logvar
+            z = mu + torch.exp(0.5 * logvar) * eps_groups[l]
+            kls[l] = gaussian_kl_between_per_dim(mu, logvar, mu_p, logvar_p)
+            log_ratio = log_ratio + gaussian_log_prob(z, mu_p, logvar_p) - gaussian_log_prob(z, mu, logvar)
+            zs[l], mus[l], logvars[l] = z, mu, logvar
+        return self._chain_of(zs, mus, logvars, kls, log_ratio)
+
+    def _bottom_up(self, feats: list[torch.Tensor], eps: torch.Tensor) -> Chain:
+        num, eps_groups = len(self.latent_groups), eps.split(self.latent_groups, dim=-1)
+        zs, mus, logvars, kls = [], [], [], [None] * num
+        h = feats[0].unsqueeze(1)                                                       # [B, 1, width]
+        for l in range(num):
+            if l > 0:
+                h = self.encoder[l](zs[-1])                                             # q(z_l | z_l-1)
+            mu, logvar = self.to_posterior[l](h).chunk(2, dim=-1)
+            zs.append(mu + torch.exp(0.5 * logvar) * eps_groups[l])
+            mus.append(mu)
+            logvars.append(logvar)
+        kls[-1] = gaussian_kl_per_dim(mus[-1], logvars[-1])
+        log_ratio = standard_normal_log_prob(zs[-1]) - gaussian_log_prob(zs[-1], mus[-1], logvars[-1])
+        for l in range(num - 2, -1, -1):
+            mu_p, logvar_p = self.to_prior[l](self.prior_state[l](zs[l + 1])).chunk(2, dim=-1)
+            log_p = gaussian_log_prob_per_dim(zs[l], mu_p, logvar_p)
+            log_q = gaussian_log_prob_per_dim(zs[l], mus[l], logvars[l])
+            kls[l] = log_q - log_p
+            log_ratio = log_ratio + (log_p - log_q).sum(dim=-1)
+        return self._chain_of(zs, mus, logvars, kls, log_ratio)
+
+    @staticmethod
+    def _chain_of(zs, mus, logvars, kls, log_ratio) -> Chain:
+        samples = zs[0].shape[1]
+        same = [t.expand(-1, samples, -1) for t in (*mus, *logvars)]
+        num = len(zs)
+        return Chain(torch.cat(zs, dim=-1), torch.cat(same[:num], dim=-1), torch.cat(same[num:], dim=-1),
+                     tuple(kls), log_ratio)
+
+    def posterior(self, x: torch.Tensor) -> HierarchicalPosterior:
+        return HierarchicalPosterior(self, x)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) [B, latent_dim] of every group along the mean path (HierarchicalPosterior)."""
+        posterior = self.posterior(x)
+        return posterior.mu, posterior.logvar
+
+    # -- generation --------------------------------------------------------------------------
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's parameters of p(x | z_1) for z [..., latent_dim] (all groups; p(x | z)
+        reads only z_1) -> [..., num_params]."""
+        return self.decoder(z[..., :self.latent_groups[0]])
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> GroupedTerms:
+        """The training pass: S joint samples per datapoint (eps [B, S, D]; None: one fresh sample)
+        and every term the objectives ask for, computed here so that DDP, which hooks forward,
+        synchronises the gradients of the priors' layers too."""
+        if eps is None:
+            eps = torch.randn(x.shape[0], 1, self.latent_dim, device=x.device, dtype=x.dtype)
+        return self.posterior(x).terms(eps)
+
+    def terms_of_forward(self, out: GroupedTerms, x: torch.Tensor, eps: torch.Tensor) -> GroupedTerms:
+        return out
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None,
+               mean: bool = False) -> torch.Tensor:
+        """Ancestral sampling: z_L ~ N(0, I), z_l ~ p(z_l | z_l+1), x ~ p(x | z_1), as images in [0, 1]
+        [num_samples, num_pixels]. mean=True returns the mean of p(x | z_1) instead."""
+        device = next(self.parameters()).device
+        eps = torch.randn(num_samples, self.latent_dim, generator=generator, device=device)
+        return self.decode_prior_sample(eps, mean, generator)
+
+    def prior_chain(self, eps: torch.Tensor) -> torch.Tensor:
+        """z of all groups [N, latent_dim] from noise eps [N, latent_dim] through the generative path."""
+        eps_groups = eps.split(self.latent_groups, dim=-1)
+        zs = [None] * len(self.latent_groups)
+        zs[-1] = eps_groups[-1]
+        for l in range(len(zs) - 2, -1, -1):
+            mu_p, logvar_p = self.to_prior[l](self.prior_state[l](zs[l + 1])).chunk(2, dim=-1)
+            zs[l] = mu_p + torch.exp(0.5 * logvar_p) * eps_groups[l]
+        return torch.cat(zs, dim=-1)
+
+    def decode_prior_sample(self, eps: torch.Tensor, mean: bool = False,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        params = self.decode(self.prior_chain(eps))
+        return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
