@@ -132,7 +132,7 @@ class LatentEncoder:
             columns.update({name: rows[name] for name in ("key", "split", "index", "label", "shard", "source")})
             if self.epochs is not None:
                 columns["epoch"] = np.full(len(rows["key"]), self.epochs[i], np.int64)
-            tables.append(schema.to_table(columns, model.latent_dim, self.lineage))
+            tables.append(schema.to_table(columns, model.latent_dim, self.lineage, model.latent_groups))
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
@@ -318,6 +318,7 @@ def build_lineage(states: list[CheckpointState], model_cfg: Config, ec: EncodeCo
         class_names=list(info.class_names) if info.class_names else None,
         num_samples_mc=ec.num_samples_mc, num_samples_iw=ec.num_samples_iw, seed=ec.seed,
         binarize_seed=model_cfg.train.seed, latent_dim=model_cfg.model.latent_dim,
+        latent_groups=list(model_cfg.model.latent_groups) if len(model_cfg.model.latent_groups) > 1 else None,
         # What p(x|z) models: binarised draws or the 8-bit pixels (compare refuses to mix them).
         likelihood=model_cfg.model.likelihood, binarised=get_likelihood(model_cfg.model).binarised,
         noise_scheme=NOISE_SCHEME, schema_version=schema.SCHEMA_VERSION, vaedist_version=__version__,

@@ -293,3 +293,49 @@ def test_without_group_widths_every_stage_takes_hidden_dims():
     assert cfg.model.stage_widths() == [[64, 32], [64, 32]]
     model = build_model(cfg.model)
     assert model.latent_groups == (4, 2) and model.latent_dim == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# The latent table.
+
+def table_of(model, x: torch.Tensor, lineage: dict | None = None):
+    from vaedist import schema
+
+    n = x.shape[0]
+    rows = evaluate_batch(model.eval(), x, np.arange(n), "test", 0, num_samples_mc=2, num_samples_iw=4)
+    columns = {name: value.numpy() for name, value in rows.items()}
+    columns.update(key=[f"test-{i:05d}" for i in range(n)], split=["test"] * n, index=np.arange(n),
+                   label=np.zeros(n, np.int64), shard=["s"] * n, source=["f"] * n)
+    return schema.to_table(columns, model.latent_dim, lineage, model.latent_groups)
+
+
+def test_a_table_of_several_groups_has_kl_groups_and_duckdb_sums_them_to_the_loss():
+    import duckdb
+
+    from vaedist import schema
+
+    model = hier("top-down", groups=(3, 2, 2), widths=((16,), (12,), (8,)))
+    table = table_of(model, binary_batch(6))
+    assert table.schema.field("kl_groups").type == schema.pa.list_(schema.pa.float64(), 3)
+    assert schema.num_groups_of(table.schema) == 3 and schema.latent_dim_of(table.schema) == 7
+    con = duckdb.connect()
+    con.register("latents", table)
+    bad = con.sql("SELECT count(*) FROM latents WHERE loss != recon_nll + list_sum(kl_groups::DOUBLE[]) "
+                  "OR kl != kl_groups[1] + kl_groups[2] + kl_groups[3] OR kl_groups[3] <= 0").fetchall()[0][0]
+    assert bad == 0
+
+
+def test_a_one_group_table_is_what_it_was():
+    """A one-group model's rows (evaluation now also returns kl_groups) make the same table as
+    before the column existed, and its lineage has no latent_groups key."""
+    from vaedist import schema
+    from vaedist.lineage import Lineage
+
+    torch.manual_seed(0)
+    lineage = Lineage(latent_dim=4, config={"model": {"latent_dim": 4}})
+    assert "latent_groups" not in lineage.to_dict()
+    for model in (VAE(ModelConfig(latent_dim=4, hidden_dims=[16])), hier(groups=(4,), widths=((16,),))):
+        table = table_of(model, binary_batch(3), lineage)
+        assert table.schema == schema.arrow_schema(4, lineage)
+        assert table.schema.names == [c for c in schema.COLUMNS if c not in ("epoch", "kl_groups")]
+        assert table.schema.metadata == schema.arrow_schema(4, lineage).metadata
