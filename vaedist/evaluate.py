@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vaedist.likelihoods import bits_per_dim
-from vaedist.losses import importance_log_px
+from vaedist.losses import importance_log_px, posterior_of
 from vaedist.rng import STREAM_IW, STREAM_MC, STREAM_Z, keyed_normal
 
 
@@ -36,7 +36,7 @@ def evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_s
         return keyed_normal(index, seed=seed, split=split, stream=stream, num_samples=num_samples, dim=latent_dim,
                             first_sample=first_sample)
 
-    posterior = model.posterior(x)  # once: the ELBO, z and the importance weights all reuse it
+    posterior = posterior_of(model, x)  # once: the ELBO, z and the importance weights all reuse it
     parts = posterior.terms(noise(STREAM_MC, num_samples_mc)).parts()
     eps_z = noise(STREAM_Z, 1)[:, 0]
     # float64 sums, so that kl == kl_1 + ... + kl_L (left to right), loss == recon_nll + kl and

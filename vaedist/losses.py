@@ -12,9 +12,10 @@ decode(z [.., D]) -> params [.., F], and attributes latent_dim and likelihood (v
 whose log_prob(params, x) is log p(x|z). Noise `eps` may be passed ([B, S, D]) so callers can make
 it per-datapoint reproducible.
 
-Several latent groups (vaedist/hierarchical.py) fit the same functions through two methods every
-model has: `terms_of_forward(forward's output, x, eps)` -> the pass's terms, and `posterior(x)` -> a
-posterior that draws terms for given noise. The terms object (SampleTerms for one Gaussian group
+Several latent groups (vaedist/hierarchical.py) fit the same functions through two methods a model
+may have: `terms_of_forward(forward's output, x, eps)` -> the pass's terms, and `posterior(x)` -> a
+posterior that draws terms for given noise; without them, a model is read as one Gaussian group
+(forward's (params, mu, logvar), encode's (mu, logvar)). The terms object (SampleTerms for one Gaussian group
 with prior N(0, I), GroupedTerms for L groups) answers what the ELBO, the importance weights and the
 objectives ask: parts() (with the KL of each group), log_weights(), log_prior_ratio(), kl_per_dim().
 """
@@ -200,13 +201,24 @@ class GaussianPosterior:
         return _terms(self.model, self.model.decode(z), self.x, z, mu, logvar)
 
 
+def posterior_of(model, x: torch.Tensor):
+    """model.posterior(x), or for a model without one, the Gaussian of its encode(x)."""
+    if hasattr(model, "posterior"):
+        return model.posterior(x)
+    return GaussianPosterior(model, x, *model.encode(x))
+
+
 def sample_terms(model, x: torch.Tensor, num_samples: int = 1, eps: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> SampleTerms | GroupedTerms:
     """One forward pass with `num_samples` draws of z per datapoint. Calls model(x, eps), so a
     DDP-wrapped model syncs gradients, and the model's terms_of_forward on what it returned."""
     shape_ref = torch.empty(x.shape[0], latent_dim_of(model), device=x.device, dtype=x.dtype)
     noise = _noise(shape_ref, num_samples, eps, generator)
-    return getattr(model, "module", model).terms_of_forward(model(x, noise), x, noise)
+    module = getattr(model, "module", model)
+    out = model(x, noise)
+    if hasattr(module, "terms_of_forward"):
+        return module.terms_of_forward(out, x, noise)
+    return gaussian_terms_of_forward(module, out, x, noise)
 
 
 def negative_elbo(model, x: torch.Tensor, num_samples: int = 1, eps: torch.Tensor | None = None,
@@ -245,7 +257,7 @@ def importance_log_px(model, x: torch.Tensor, num_samples: int, chunk_size: int 
     if num_samples <= 0:
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
     if posterior is None:
-        posterior = model.posterior(x)
+        posterior = posterior_of(model, x)
     elif isinstance(posterior, tuple):
         posterior = GaussianPosterior(model, x, *(_acc(t) for t in posterior))
     mu = _acc(posterior.mu)

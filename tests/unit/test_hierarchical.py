@@ -339,3 +339,46 @@ def test_a_one_group_table_is_what_it_was():
         assert table.schema == schema.arrow_schema(4, lineage)
         assert table.schema.names == [c for c in schema.COLUMNS if c not in ("epoch", "kl_groups")]
         assert table.schema.metadata == schema.arrow_schema(4, lineage).metadata
+
+
+def test_per_group_analyses(tmp_path):
+    """Active units, KL by group and by group and class over a published two-group table; a one-group
+    table is refused by name."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from vaedist import schema
+    from vaedist.group_analysis import active_units_by_group, kl_by_group, kl_by_group_and_class
+    from vaedist.lineage import Lineage
+    from vaedist.query import QueryError
+
+    def publish(model, name: str) -> str:
+        groups = list(model.latent_groups) if len(model.latent_groups) > 1 else None
+        lineage = Lineage(latent_dim=model.latent_dim, latent_groups=groups)
+        table = table_of(model, binary_batch(40, seed=5), lineage)
+        table = table.set_column(table.schema.get_field_index("label"), "label",
+                                 schema.pa.array(np.arange(40) % 2, schema.pa.int64()))
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "test_000000.parquet")
+        (tmp_path / name / schema.LINEAGE_FILE).write_text(json.dumps(lineage.to_dict()))
+        (tmp_path / name / schema.SUCCESS_FILE).write_text("")
+        return str(tmp_path / name)
+
+    model = hier("top-down", groups=(3, 2))
+    with torch.no_grad():   # the top group's mean ignores x: no active unit there
+        model.to_posterior[1].weight[:2].zero_()
+    two = publish(model, "two")
+    kl = kl_by_group(two).to_pylist()
+    assert [r["group"] for r in kl] == [1, 2] and all(r["count"] == 40 for r in kl)
+    assert sum(r["kl_share_of_total"] for r in kl) == pytest.approx(1.0)
+    assert sum(r["kl_share_mean"] for r in kl) == pytest.approx(1.0)
+    rows = evaluate_batch(model.eval(), binary_batch(40, seed=5), np.arange(40), "test", 0, num_samples_mc=2)
+    assert [r["kl_mean"] for r in kl] == pytest.approx(rows["kl_groups"].mean(0).tolist())
+    by_class = kl_by_group_and_class(two).to_pylist()
+    assert [(r["label"], r["group"]) for r in by_class] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    units = active_units_by_group(two, threshold=1e-6).to_pylist()
+    assert units == [{"group": 1, "units": 3, "active_units": 3}, {"group": 2, "units": 2, "active_units": 0}]
+    one = publish(hier(groups=(4,), widths=((16,),)), "one")
+    with pytest.raises(QueryError, match="one latent group"):
+        kl_by_group(one)
