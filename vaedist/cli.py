@@ -706,6 +706,25 @@ def bench_models(config_path, overrides, mnist_dir, epochs, steps, shapes) -> No
         shapes=tuple(shapes) or SHAPES, echo=click.echo)
 
 
+@bench.command("hierarchy")
+@config_options
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Steps per epoch.")
+@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Epochs per variant and round (the first warms up).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds.")
+@guarded
+def bench_hierarchy(config_path, overrides, mnist_dir, steps, epochs, rounds) -> None:
+    """Burda et al.'s two-stochastic-layer model vs their one-layer model: ms per training step with the
+    ELBO and with IWAE k = 5, and the ratio.
+
+    vaedist bench hierarchy --config configs/hier-mnist.yaml --steps 50 --rounds 3
+    """
+    from vaedist.bench.hierarchy import bench_hierarchy as run
+
+    run(resolve_config(config_path or "configs/hier-mnist.yaml", overrides, mnist_dir), steps=steps, rounds=rounds,
+        epochs=epochs, echo=click.echo)
+
+
 @bench.command("sweep")
 @config_options
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),

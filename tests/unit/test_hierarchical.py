@@ -382,3 +382,12 @@ def test_per_group_analyses(tmp_path):
     one = publish(hier(groups=(4,), widths=((16,),)), "one")
     with pytest.raises(QueryError, match="one latent group"):
         kl_by_group(one)
+
+
+def test_the_cost_per_step_benchmark_is_a_command():
+    from click.testing import CliRunner
+
+    from vaedist.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "hierarchy", "--help"])
+    assert result.exit_code == 0 and "vaedist bench hierarchy --config configs/hier-mnist.yaml" in result.output
