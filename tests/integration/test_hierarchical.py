@@ -1,5 +1,5 @@
 """A model of several latent groups through the pipeline: Ray Train on 2 workers, the encode job,
-and the per-group KL queried with DuckDB."""
+the per-group KL queried with DuckDB, and the report."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from vaedist.config import config_from_dict
 from vaedist.encode import encode
 from vaedist.query import read_lineage, run_sql
+from vaedist.report import write_report
 
 from conftest import debug_config
 
@@ -36,3 +37,7 @@ def test_train_encode_and_query_a_two_group_model(ray_cluster, small_shards, tmp
     assert row["n"] == 4000 and row["inexact"] == 0 and row["misshapen"] == 0
     assert row["loss"] == pytest.approx(result.epochs[-1]["test_loss"], rel=1e-9)
     assert row["kl_1"] > 0 and row["kl_2"] >= 0 and row["gap"] > 0
+    page = write_report(out, str(tmp_path / "report"))
+    text = open(page).read()
+    assert "KL by latent group" in text and "samples_by_group.png" in text
+    assert (tmp_path / "report" / "samples_by_group.png").stat().st_size > 0
