@@ -23,6 +23,8 @@ group above, itself sampled from z_l, so its term is log q - log p at the sample
 One group is the mlp family of vaedist/model.py: the same layers in the same parameter order, so
 the same weights give the same loss (a test checks it). The noise of S samples is [B, S, latent_dim],
 split into the groups in latent_groups' order, z_1 first, as is every concatenation of groups here.
+Under autocast the layers run in half precision and the densities in float32 (q's and p's parameters
+are cast up, as the one-layer losses do).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 from vaedist.config import ModelConfig
 from vaedist.layers import mlp
 from vaedist.likelihoods import Likelihood, get_likelihood
-from vaedist.losses import (GroupedTerms, gaussian_kl_between_per_dim, gaussian_kl_per_dim, gaussian_log_prob,
+from vaedist.losses import (GroupedTerms, _acc, gaussian_kl_between_per_dim, gaussian_kl_per_dim, gaussian_log_prob,
                             gaussian_log_prob_per_dim, log_px_given_z, standard_normal_log_prob)
 
 
@@ -122,16 +124,16 @@ class HierarchicalVAE(nn.Module):
     def _top_down(self, feats: list[torch.Tensor], eps: torch.Tensor) -> Chain:
         num, eps_groups = len(self.latent_groups), eps.split(self.latent_groups, dim=-1)
         zs, mus, logvars, kls = [None] * num, [None] * num, [None] * num, [None] * num
-        mu, logvar = self.to_posterior[-1](feats[-1]).unsqueeze(1).chunk(2, dim=-1)   # q(z_L | x), [B, 1, D_L]
+        mu, logvar = _acc(self.to_posterior[-1](feats[-1])).unsqueeze(1).chunk(2, dim=-1)   # q(z_L | x), [B, 1, D_L]
         z = mu + torch.exp(0.5 * logvar) * eps_groups[-1]
         kls[-1] = gaussian_kl_per_dim(mu, logvar)
         log_ratio = standard_normal_log_prob(z) - gaussian_log_prob(z, mu, logvar)
         zs[-1], mus[-1], logvars[-1] = z, mu, logvar
         for l in range(num - 2, -1, -1):
             state = self.prior_state[l](z)                                              # t_l, [B, S, width]
-            mu_p, logvar_p = self.to_prior[l](state).chunk(2, dim=-1)
+            mu_p, logvar_p = _acc(self.to_prior[l](state)).chunk(2, dim=-1)
             d = feats[l].unsqueeze(1).expand(-1, state.shape[1], -1)
-            d_mu, d_logvar = self.to_posterior[l](torch.cat([d, state], dim=-1)).chunk(2, dim=-1)
+            d_mu, d_logvar = _acc(self.to_posterior[l](torch.cat([d, state], dim=-1))).chunk(2, dim=-1)
             mu, logvar = mu_p + d_mu, logvar_p + d_logvar
             z = mu + torch.exp(0.5 * logvar) * eps_groups[l]
             kls[l] = gaussian_kl_between_per_dim(mu, logvar, mu_p, logvar_p)
@@ -146,14 +148,14 @@ class HierarchicalVAE(nn.Module):
         for l in range(num):
             if l > 0:
                 h = self.encoder[l](zs[-1])                                             # q(z_l | z_l-1)
-            mu, logvar = self.to_posterior[l](h).chunk(2, dim=-1)
+            mu, logvar = _acc(self.to_posterior[l](h)).chunk(2, dim=-1)
             zs.append(mu + torch.exp(0.5 * logvar) * eps_groups[l])
             mus.append(mu)
             logvars.append(logvar)
         kls[-1] = gaussian_kl_per_dim(mus[-1], logvars[-1])
         log_ratio = standard_normal_log_prob(zs[-1]) - gaussian_log_prob(zs[-1], mus[-1], logvars[-1])
         for l in range(num - 2, -1, -1):
-            mu_p, logvar_p = self.to_prior[l](self.prior_state[l](zs[l + 1])).chunk(2, dim=-1)
+            mu_p, logvar_p = _acc(self.to_prior[l](self.prior_state[l](zs[l + 1]))).chunk(2, dim=-1)
             log_p = gaussian_log_prob_per_dim(zs[l], mu_p, logvar_p)
             log_q = gaussian_log_prob_per_dim(zs[l], mus[l], logvars[l])
             kls[l] = log_q - log_p
