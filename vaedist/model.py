@@ -8,7 +8,6 @@ normalisation, the user's own module (vaedist/custom_model.py), and several grou
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch import nn
