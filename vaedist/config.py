@@ -179,6 +179,13 @@ class ModelConfig:
     latent_groups' order: entry l lies between z_l and the level below it (x for z_1); the
     generative path mirrors each (Burda et al.: [[200, 200], [100, 100]] with activation tanh).
     Empty: hidden_dims for every group."""
+    group_stage: Literal["mlp", "conv"] = "mlp"
+    """hierarchical: the deterministic stages between the groups. mlp: Linear layers of those widths.
+    conv (top-down only): per group, one 4x4 stride-2 convolution per entry of its widths (the entry
+    is its channels), each followed by res_blocks_per_stage residual blocks and model.norm: residual
+    cells at a resolution per stage, halving it each time (height and width must be divisible by 2^
+    the number of entries over all groups); the generative path mirrors them with transposed
+    convolutions, and each group is a vector read from, and written into, its stage's feature map."""
     hierarchy: Literal["top-down", "bottom-up"] = "top-down"
     """hierarchical: how q conditions each group. top-down: q(z_l | z_>l, x) from a deterministic
     bottom-up pass over x merged with the generative path's state at level l (Ladder VAE, NVAE);
@@ -219,10 +226,12 @@ class ModelConfig:
         _check(self.res_blocks_per_stage >= 0, "model.res_blocks_per_stage",
                f"must be >= 0, got {self.res_blocks_per_stage}")
         # Settings another kind would silently ignore are errors, naming the kind that uses them.
+        convolutional = self.kind == "conv" or (self.kind == "hierarchical" and self.group_stage == "conv")
         for name, default in (("res_blocks_per_stage", 0), ("norm", "none")):
-            _check(self.kind == "conv" or getattr(self, name) == default, f"model.{name}",
-                   f"only model.kind=conv uses it (kind is {self.kind}); leave it unset")
-        for name, default in (("latent_groups", []), ("group_hidden_dims", []), ("hierarchy", "top-down")):
+            _check(convolutional or getattr(self, name) == default, f"model.{name}",
+                   f"only model.kind=conv and model.group_stage=conv use it (kind is {self.kind}); leave it unset")
+        for name, default in (("latent_groups", []), ("group_hidden_dims", []), ("hierarchy", "top-down"),
+                              ("group_stage", "mlp")):
             _check(self.kind == "hierarchical" or getattr(self, name) == default, f"model.{name}",
                    f"only model.kind=hierarchical uses it (kind is {self.kind}); leave it unset")
         if self.kind == "hierarchical":
@@ -246,6 +255,8 @@ class ModelConfig:
         _check(sum(groups) == self.latent_dim, "model.latent_dim",
                f"must equal the sum of model.latent_groups {groups} = {sum(groups)} (the dimension of all groups "
                f"together), got {self.latent_dim}; set model.latent_dim={sum(groups)}")
+        _check(self.group_stage == "mlp" or self.hierarchy == "top-down", "model.group_stage",
+               "conv stages need model.hierarchy=top-down (bottom-up reads each group from the group below, a vector)")
         if self.group_hidden_dims:
             _check(len(self.group_hidden_dims) == len(groups), "model.group_hidden_dims",
                    f"needs one list of widths per latent group ({len(groups)}: model.latent_groups {groups}), "

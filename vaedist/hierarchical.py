@@ -1,5 +1,5 @@
 """Hierarchical VAEs (`model.kind: hierarchical`): L groups of latents z = (z_1, ..., z_L), z_1
-next to x and z_L at the top, with MLP stages between them. Torch only.
+next to x and z_L at the top, with MLP or conv stages between them (model.group_stage). Torch only.
 
 Generative path (both arrangements), a Markov chain from the top:
     p(z_L) = N(0, I),   p(z_l | z_l+1) = N(mu_p, diag e^logvar_p) from an MLP of z_l+1,
@@ -12,16 +12,18 @@ Inference (model.hierarchy):
                relative to the prior (Vahdat & Kautz 2020, eq. 2).
     bottom-up  q(z_1 | x) from MLP_1(x), q(z_l | z_l-1) from MLP_l(z_l-1): Burda et al. (2016)'s
                architecture (latent_groups [100, 50], group_hidden_dims [[200, 200], [100, 100]], tanh).
-Each stage's MLP has model.group_hidden_dims[l] (else hidden_dims) widths; the generative MLP above
-a level mirrors the inference MLP below it.
+Each stage has model.group_hidden_dims[l] (else hidden_dims) widths: an MLP's, or the channels of a
+conv stage's stride-2 convolutions with residual blocks (top-down only: each group is a vector read
+from its stage's feature map, one resolution per stage); the generative stage above a level mirrors
+the inference stage below it.
 
 The KL splits into one term per group (losses.GroupedTerms). Top-down: every group's term is the
 analytic KL(q(z_l | z_>l, x) || p(z_l | z_l+1)) given the sampled parents, the lower-variance choice.
 Bottom-up: the top group's is analytic given the sampled z_L-1; a lower group's prior depends on the
 group above, itself sampled from z_l, so its term is log q - log p at the sample (Monte Carlo).
 
-One group is the mlp family of vaedist/model.py: the same layers in the same parameter order, so
-the same weights give the same loss (a test checks it). The noise of S samples is [B, S, latent_dim],
+One group is the mlp (or conv) family of vaedist/model.py: the same layers in the same parameter
+order, so the same weights give the same loss (a test checks it). The noise of S samples is [B, S, latent_dim],
 split into the groups in latent_groups' order, z_1 first, as is every concatenation of groups here.
 Under autocast the layers run in half precision and the densities in float32 (q's and p's parameters
 are cast up, as the one-layer losses do).
@@ -29,14 +31,95 @@ are cast up, as the one-layer losses do).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from vaedist.config import ModelConfig
-from vaedist.layers import mlp
+from vaedist.config import ConfigError, ModelConfig
+from vaedist.layers import ACTIVATIONS, FromImage, ResBlock, ToImage, mlp, norm
 from vaedist.likelihoods import Likelihood, get_likelihood
 from vaedist.losses import (GroupedTerms, _acc, gaussian_kl_between_per_dim, gaussian_kl_per_dim, gaussian_log_prob,
                             gaussian_log_prob_per_dim, log_px_given_z, standard_normal_log_prob)
+
+
+Stages = tuple[list[nn.Module], list[int], nn.Module, list[nn.Module], list[int]]
+
+
+def _mlp_stages(cfg: ModelConfig, image_shape: tuple[int, int, int], num_params: int, params_per_pixel: int) -> Stages:
+    """(inference stages, their output widths, p(x|z_1)'s network, the prior states' networks, the
+    prior states' widths) of MLP stages: stage l reads x (l = 0), else the stage below's features
+    (top-down) or the group below (bottom-up)."""
+    groups, widths, act = cfg.latent_groups, cfg.stage_widths(), cfg.activation
+    num, top_down = len(groups), cfg.hierarchy == "top-down"
+    inputs = [math.prod(image_shape)] + [widths[l - 1][-1] if top_down else groups[l - 1] for l in range(1, num)]
+    encoder = [mlp([inputs[l], *widths[l]], act) for l in range(num)]
+    decoder = nn.Sequential(mlp([groups[0], *reversed(widths[0])], act), nn.Linear(widths[0][0], num_params))
+    prior_state = [mlp([groups[l + 1], *reversed(widths[l + 1])], act) for l in range(num - 1)]
+    return encoder, [w[-1] for w in widths], decoder, prior_state, [widths[l + 1][0] for l in range(num - 1)]
+
+
+class OnVectors(nn.Module):
+    """A network of [N, in] applied to [..., in] (leading dimensions flattened into N and restored)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        out = self.net(v.reshape(-1, v.shape[-1]))
+        return out.reshape(*v.shape[:-1], out.shape[-1])
+
+
+def _down(c_in: int, channels: list[int], act: str, norm_kind: str, blocks: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for c_prev, c in zip([c_in, *channels], channels):
+        layers += [nn.Conv2d(c_prev, c, 4, stride=2, padding=1), *norm(norm_kind, c), ACTIVATIONS[act]()]
+        layers += [ResBlock(c, act, norm_kind) for _ in range(blocks)]
+    return layers
+
+
+def _up(c_out: int, channels: list[int], act: str, norm_kind: str, blocks: int, to_params: bool) -> list[nn.Module]:
+    """_down's mirror, to c_out channels; to_params: the last layer emits the likelihood's parameters."""
+    dims = [c_out, *channels]
+    layers: list[nn.Module] = []
+    for i in reversed(range(1, len(dims))):
+        layers += [ResBlock(dims[i], act, norm_kind) for _ in range(blocks)]
+        layers.append(nn.ConvTranspose2d(dims[i], dims[i - 1], 4, stride=2, padding=1))
+        if i > 1 or not to_params:
+            layers += [*norm(norm_kind, dims[i - 1]), ACTIVATIONS[act]()]
+    return layers
+
+
+def _conv_stages(cfg: ModelConfig, image_shape: tuple[int, int, int], num_params: int, params_per_pixel: int
+                 ) -> Stages:
+    """_mlp_stages' five for conv stages (top-down only): stage l maps the feature map below (the
+    image for l = 0) through its stride-2 convolutions and residual blocks, and hands on its map
+    flattened; a group's prior state is the mirror of the stage above it, from the group above,
+    flattened at the resolution of the group's own stage."""
+    height, width, channels = image_shape
+    widths, act, norm_kind, blocks = cfg.stage_widths(), cfg.activation, cfg.norm, cfg.res_blocks_per_stage
+    groups, num = cfg.latent_groups, len(cfg.latent_groups)
+    total = sum(len(w) for w in widths)
+    if height % 2 ** total or width % 2 ** total:
+        raise ConfigError(f"model.group_hidden_dims: conv stages halve height and width once per entry ({total} in "
+                          f"{widths}), which needs images divisible by 2^{total} = {2 ** total}, but they are "
+                          f"{height}x{width}; use fewer entries or resize the images (data.image_size)")
+    shapes, h, w = [], height, width      # each stage's output (channels, height, width)
+    for stage in widths:
+        h, w = h // 2 ** len(stage), w // 2 ** len(stage)
+        shapes.append((stage[-1], h, w))
+    ins = [channels] + [shapes[l - 1][0] for l in range(1, num)]
+    encoder = [nn.Sequential(ToImage(image_shape) if l == 0 else nn.Unflatten(1, shapes[l - 1]),
+                             *_down(ins[l], widths[l], act, norm_kind, blocks), nn.Flatten()) for l in range(num)]
+    decoder = OnVectors(nn.Sequential(
+        nn.Linear(groups[0], math.prod(shapes[0])), ACTIVATIONS[act](), nn.Unflatten(1, shapes[0]),
+        *_up(params_per_pixel, widths[0], act, norm_kind, blocks, to_params=True), FromImage()))
+    prior_state = [OnVectors(nn.Sequential(
+        nn.Linear(groups[l + 1], math.prod(shapes[l + 1])), ACTIVATIONS[act](), nn.Unflatten(1, shapes[l + 1]),
+        *_up(shapes[l][0], widths[l + 1], act, norm_kind, blocks, to_params=False), nn.Flatten())) for l in range(num - 1)]
+    sizes = [math.prod(s) for s in shapes]
+    return encoder, sizes, decoder, prior_state, sizes[:-1]
 
 
 class Chain:
@@ -90,19 +173,20 @@ class HierarchicalVAE(nn.Module):
         self.latent_dim = sum(self.latent_groups)
         self.top_down = cfg.hierarchy == "top-down"
         self.net = None  # not a custom model
-        groups, widths, act = self.latent_groups, cfg.stage_widths(), cfg.activation
-        num = len(groups)
-        # What each inference stage reads: x, then the stage below's features (top-down) or the group below.
-        inputs = [self.num_pixels] + [widths[l - 1][-1] if self.top_down else groups[l - 1] for l in range(1, num)]
-        # Registered in this order so that one group's parameters come in the mlp family's order.
-        self.encoder = nn.ModuleList(mlp([inputs[l], *widths[l]], act) for l in range(num))
+        build = _conv_stages if cfg.group_stage == "conv" else _mlp_stages
+        stages = build(cfg, self.image_shape, self.num_params, self.likelihood.params_per_pixel(channels))
+        encoder, feature_widths, decoder, prior_state, state_widths = stages
+        groups, num = self.latent_groups, len(self.latent_groups)
+        # Registered in this order so that one group's parameters come in the order of the one-group
+        # family (mlp or conv) it extends.
+        self.encoder = nn.ModuleList(encoder)
         # q's head per group: below the top (top-down), it also reads the generative state t_l.
-        head_in = [widths[l][-1] + (widths[l + 1][0] if self.top_down and l < num - 1 else 0) for l in range(num)]
+        head_in = [feature_widths[l] + (state_widths[l] if self.top_down and l < num - 1 else 0) for l in range(num)]
         self.to_posterior = nn.ModuleList(nn.Linear(head_in[l], 2 * groups[l]) for l in range(num))
-        self.decoder = nn.Sequential(mlp([groups[0], *reversed(widths[0])], act), nn.Linear(widths[0][0], self.num_params))
+        self.decoder = decoder
         # p(z_l | z_l+1) for l < L: the state t_l from z_l+1 (mirroring stage l+1), then its head.
-        self.prior_state = nn.ModuleList(mlp([groups[l + 1], *reversed(widths[l + 1])], act) for l in range(num - 1))
-        self.to_prior = nn.ModuleList(nn.Linear(widths[l + 1][0], 2 * groups[l]) for l in range(num - 1))
+        self.prior_state = nn.ModuleList(prior_state)
+        self.to_prior = nn.ModuleList(nn.Linear(state_widths[l], 2 * groups[l]) for l in range(num - 1))
 
     # -- inference ---------------------------------------------------------------------------
 

@@ -21,13 +21,20 @@ from vaedist.objectives import OBJECTIVES
 from vaedist.data import fixed_binarize
 
 ARRANGEMENTS = ["top-down", "bottom-up"]
+VARIANTS = ["top-down", "bottom-up", "conv"]  # the arrangements with MLP stages, and conv stages (top-down)
 
 
 def hier(hierarchy: str = "top-down", groups=(3, 2), widths=((16, 12), (10, 8)), image_shape=(28, 28, 1),
-         seed: int = 0, activation: str = "tanh") -> HierarchicalVAE:
+         seed: int = 0, activation: str = "tanh", **conv) -> HierarchicalVAE:
+    """hierarchy "conv": top-down with conv stages (widths then default to one stride-2 convolution
+    of 8 channels per group, with a residual block and group norm)."""
     torch.manual_seed(seed)
+    if hierarchy == "conv":
+        hierarchy, widths = "top-down", (widths if widths != ((16, 12), (10, 8)) else ((8,), (8,)))
+        conv = {"group_stage": "conv", "res_blocks_per_stage": 1, "norm": "group", **conv}
     model_cfg = ModelConfig(kind="hierarchical", latent_groups=list(groups), latent_dim=sum(groups),
-                            group_hidden_dims=[list(w) for w in widths], hierarchy=hierarchy, activation=activation)
+                            group_hidden_dims=[list(w) for w in widths], hierarchy=hierarchy, activation=activation,
+                            **conv)
     return build_model(model_cfg, image_shape)
 
 
@@ -47,13 +54,13 @@ def copy_parameters(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 # Numerics.
 
-@pytest.mark.parametrize("hierarchy", ARRANGEMENTS)
+@pytest.mark.parametrize("hierarchy", VARIANTS)
 def test_each_groups_kl_term_matches_its_monte_carlo_estimate(hierarchy):
     """The analytic KL of each group given its sampled parents, averaged over the parents' samples,
     against the mean of log q(z_l | ...) - log p(z_l | ...) at samples of z_l (the definition)."""
     model = hier(hierarchy).double()
     x = binary_batch(2).double()
-    samples = 5000
+    samples = 1000 if hierarchy == "conv" else 5000  # conv stages cost more per sample; the bound widens to fit
     eps = torch.randn(2, samples, model.latent_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
         posterior = model.posterior(x)
@@ -115,12 +122,16 @@ def test_importance_estimate_of_log_px_against_exact_quadrature(hierarchy):
     assert torch.all(elbo < exact + 1e-3)
 
 
-@pytest.mark.parametrize("hierarchy", ARRANGEMENTS)
+@pytest.mark.parametrize("hierarchy", VARIANTS)
 def test_one_group_is_the_one_layer_vae(hierarchy):
-    """The same weights, the same noise: the same loss and parts, importance weights and evaluation rows."""
+    """The same weights, the same noise: the same loss and parts, importance weights and evaluation rows
+    (conv stages: the conv family's)."""
     torch.manual_seed(0)
-    vae = VAE(ModelConfig(latent_dim=5, hidden_dims=[32, 16]))
-    model = hier(hierarchy, groups=(5,), widths=((32, 16),), activation="elu")
+    if hierarchy == "conv":
+        vae = VAE(ModelConfig(kind="conv", latent_dim=5, hidden_dims=[8, 16], res_blocks_per_stage=1, norm="group"))
+    else:
+        vae = VAE(ModelConfig(latent_dim=5, hidden_dims=[32, 16]))
+    model = hier(hierarchy, groups=(5,), widths=((8, 16),) if hierarchy == "conv" else ((32, 16),), activation="elu")
     copy_parameters(vae, model)
     x = binary_batch(6)
     eps = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(0))
@@ -165,7 +176,7 @@ def test_a_top_group_that_carries_nothing_leaves_the_one_layer_model():
     assert torch.allclose(a.log_weights(), b.log_weights(), rtol=1e-6, atol=1e-4)
 
 
-@pytest.mark.parametrize("hierarchy", ARRANGEMENTS)
+@pytest.mark.parametrize("hierarchy", VARIANTS)
 @pytest.mark.parametrize("objective", ["elbo", "beta", "iwae", "free-bits"])
 def test_every_objective_trains_every_layer(hierarchy, objective):
     """Each objective is finite and its gradient reaches every parameter (the priors' layers included:
@@ -190,7 +201,7 @@ def test_iwae_with_one_sample_is_the_elbo_with_the_sampled_kl():
     assert torch.allclose(iwae, -(terms.log_px_z[:, 0] + terms.log_ratio[:, 0]).mean())
 
 
-@pytest.mark.parametrize("hierarchy", ARRANGEMENTS)
+@pytest.mark.parametrize("hierarchy", VARIANTS)
 def test_evaluation_rows_split_the_kl_by_group_exactly(hierarchy):
     """loss = recon_nll + (kl_1 + kl_2) and kl = kl_1 + kl_2 exactly (float64), the same in any batch."""
     model = hier(hierarchy).eval()
@@ -207,7 +218,7 @@ def test_evaluation_rows_split_the_kl_by_group_exactly(hierarchy):
         assert torch.allclose(rows[name][3:], half[name], atol=1e-5), name
 
 
-@pytest.mark.parametrize("hierarchy", ARRANGEMENTS)
+@pytest.mark.parametrize("hierarchy", VARIANTS)
 def test_mean_path_and_samples(hierarchy):
     """encode's mu is the chain at zero noise; a top-down model's top group is q(z_L|x) itself;
     ancestral samples are images in [0, 1]."""
@@ -217,7 +228,7 @@ def test_mean_path_and_samples(hierarchy):
         mu, logvar = model.encode(x)
         posterior = model.posterior(x)
         assert torch.equal(posterior.sample(torch.zeros(3, model.latent_dim)), mu)
-        if hierarchy == "top-down":
+        if hierarchy != "bottom-up":
             top_mu, _ = model.to_posterior[-1](model.features(x)[-1]).chunk(2, dim=-1)
             assert torch.allclose(mu[:, 3:], top_mu)
         images = model.sample(5, torch.Generator().manual_seed(0))
@@ -281,10 +292,22 @@ def test_a_few_steps_on_real_mnist_reduce_the_loss(mnist_dir):
       "model.group_hidden_dims=[[8], [8]]"], "model.hidden_dims"),
     (["model.kind=hierarchical", "model.latent_groups=[4, 4]", "model.latent_dim=8", "model.hierarchy=sideways"],
      "model.hierarchy"),
+    (["model.kind=hierarchical", "model.latent_groups=[4, 4]", "model.latent_dim=8", "model.group_stage=conv",
+      "model.hierarchy=bottom-up"], "model.group_stage"),
+    (["model.kind=hierarchical", "model.latent_groups=[4, 4]", "model.latent_dim=8", "model.norm=group"], "model.norm"),
+    (["model.group_stage=conv"], "model.group_stage"),
 ])
 def test_bad_hierarchical_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match="^" + re.escape(key) + ":"):
         load_config(None, overrides)
+
+
+def test_conv_stages_need_images_their_strides_divide():
+    cfg = ModelConfig(kind="hierarchical", latent_groups=[4, 2, 2], latent_dim=8, group_stage="conv",
+                      group_hidden_dims=[[8], [8], [8]])
+    with pytest.raises(ConfigError, match=r"^model.group_hidden_dims: .* 2\^3 = 8, but they are 28x28"):
+        build_model(cfg)
+    assert build_model(cfg, (32, 32, 3)).sample(2).shape == (2, 32 * 32 * 3)
 
 
 def test_without_group_widths_every_stage_takes_hidden_dims():
