@@ -321,6 +321,10 @@ class TrainConfig:
     free_bits: float | None = None
     """objective=free-bits only (and required there): λ, the nats of KL each latent dimension gets
     free, floored on the minibatch average of that dimension's KL (0: the ELBO)."""
+    free_bits_per: Literal["dimension", "group"] = "dimension"
+    """objective=free-bits: what each floor of λ nats applies to: every latent dimension, or every
+    latent group's KL as a whole (model.latent_groups; a one-group model: its whole KL), as the Ladder
+    VAE and NVAE apply it."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this (0: no clipping)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -379,6 +383,8 @@ class TrainConfig:
             _check(self.iwae_samples >= 1, "train.iwae_samples", f"must be >= 1, got {self.iwae_samples}")
         if self.free_bits is not None:
             _check(self.free_bits >= 0, "train.free_bits", f"must be >= 0, got {self.free_bits}")
+        _check(self.objective == "free-bits" or self.free_bits_per == "dimension", "train.free_bits_per",
+               f"only train.objective=free-bits uses it (objective is {self.objective}); leave it unset")
         _check(self.objective != "iwae" or self.num_samples_mc == 1, "train.num_samples_mc",
                f"is {self.num_samples_mc}, but train.objective=iwae draws train.iwae_samples samples per "
                "datapoint instead; leave train.num_samples_mc at 1 and set train.iwae_samples")

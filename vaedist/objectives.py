@@ -16,10 +16,11 @@ latent dimension j:
                                                                                (Burda et al. 2016)
     free-bits  mean_i [ -1/S sum_s log p(x_i|z_s) ] + w sum_j max(lambda, mean_i KL_ij)
                                                                                (Kingma et al. 2016)
+               with j a latent dimension, or with train.free_bits_per=group a latent group
 
 With several latent groups (vaedist/hierarchical.py) nothing here changes: KL_i is the sum of the
 groups' terms, log p(z_s) - log q(z_s|x_i) the joint over all groups, and free bits floors every
-dimension of every group (so group l's floor is lambda * D_l).
+dimension of every group (group l's floor is then lambda * D_l) or, per group, each group's KL.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ class IWAE(Objective):
 
 @dataclass(frozen=True)
 class FreeBits(Objective):
-    """Free bits, the variant of Kingma et al. (2016) with one group per latent dimension: each
-    dimension's analytic KL, averaged over the minibatch, counts as at least `free_bits` nats,
+    """Free bits, the variant of Kingma et al. (2016) with one group per latent dimension (or, with
+    per_group, one per latent group of the model): each dimension's (group's) KL, averaged over the
+    minibatch, counts as at least `free_bits` nats,
     max(lambda, mean_i KL_ij). A dimension below the floor gets no gradient from the KL term (the
     encoder may use those nats for free); one above it is penalised as in the ELBO. The average is
     over this worker's minibatch (under DDP each rank floors its own batch's average)."""
@@ -123,13 +125,17 @@ class FreeBits(Objective):
     name: ClassVar[str] = "free-bits"
     free_bits: float = 0.0
     num_samples: int = 1
+    per_group: bool = False
+    """Floor each latent group's KL (train.free_bits_per=group) instead of each dimension's."""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "FreeBits":
-        return cls(free_bits=cfg.free_bits, num_samples=cfg.num_samples_mc)
+        return cls(free_bits=cfg.free_bits, num_samples=cfg.num_samples_mc, per_group=cfg.free_bits_per == "group")
 
     def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         kl_per_dim = terms.kl_per_dim()   # [B, D]
+        if self.per_group:
+            kl_per_dim = torch.stack([t.sum(dim=-1) for t in kl_per_dim.split(terms.latent_groups, dim=-1)], dim=-1)
         kl = torch.clamp(kl_per_dim.mean(dim=0), min=self.free_bits).sum()
         return -terms.log_px_z.mean() + kl_weight * kl
 

@@ -201,6 +201,23 @@ def test_iwae_with_one_sample_is_the_elbo_with_the_sampled_kl():
     assert torch.allclose(iwae, -(terms.log_px_z[:, 0] + terms.log_ratio[:, 0]).mean())
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.5, 2.0])
+def test_free_bits_per_group_floors_each_groups_batch_mean(floor):
+    cfg = load_config(None, ["train.objective=free-bits", f"train.free_bits={floor}", "train.free_bits_per=group"]).train
+    objective = OBJECTIVES["free-bits"].from_config(cfg)
+    terms = sample_terms(hier("top-down"), binary_batch(8), 1, generator=torch.Generator().manual_seed(0))
+    kl_groups = terms.parts().kl_groups.mean(dim=0)
+    expected = -terms.log_px_z.mean() + torch.clamp(kl_groups, min=floor).sum()
+    assert torch.allclose(objective(terms), expected, rtol=1e-6)
+    if floor == 0.0:   # no floor: the ELBO
+        assert torch.allclose(objective(terms), OBJECTIVES["elbo"]()(terms), rtol=1e-6)
+
+
+def test_free_bits_per_needs_the_free_bits_objective():
+    with pytest.raises(ConfigError, match="^train.free_bits_per: only train.objective=free-bits uses it"):
+        load_config(None, ["train.free_bits_per=group"])
+
+
 @pytest.mark.parametrize("hierarchy", VARIANTS)
 def test_evaluation_rows_split_the_kl_by_group_exactly(hierarchy):
     """loss = recon_nll + (kl_1 + kl_2) and kl = kl_1 + kl_2 exactly (float64), the same in any batch."""
