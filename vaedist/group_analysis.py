@@ -14,7 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from vaedist.analysis import _check_amount, _columns, _one_table, _run
-from vaedist.query import QueryError, read_lineage
+from vaedist.query import QueryError, _check_split, connect, read_lineage
 
 # Each group's share of the KL two ways: of the total (sum kl_l / sum kl) and the mean over datapoints
 # of kl_l / kl (a datapoint with kl = 0 counts in neither share's numerator, nor in the latter at all).
@@ -64,11 +64,30 @@ GROUP BY "group"
 ORDER BY "group\""""
 
 
-def _grouped(latents_dir: str, con: duckdb.DuckDBPyConnection | None, epoch: int | None, split: str | None):
-    con, relation, params = _one_table(latents_dir, con, epoch, split)
-    if "kl_groups" not in _columns(con, latents_dir, "latents"):
+# Collapse over training: a table of several checkpoints (vaedist encode --epochs), each group's mean
+# KL term and share per epoch; a group whose share falls to 0 has collapsed onto its prior.
+KL_BY_GROUP_OVER_EPOCHS_SQL = """\
+WITH terms AS (
+    SELECT l.epoch, g AS "group", l.kl_groups[g] AS kl_group
+    FROM latents AS l, range(1, (SELECT len(kl_groups) FROM latents LIMIT 1) + 1) AS groups(g)
+    WHERE $split IS NULL OR l.split = $split
+)
+SELECT epoch, "group", count(*) AS count, avg(kl_group) AS kl_mean,
+       sum(kl_group) / sum(sum(kl_group)) OVER (PARTITION BY epoch) AS kl_share_of_total
+FROM terms
+GROUP BY epoch, "group"
+ORDER BY epoch, "group\""""
+
+
+def _require_groups(columns: list[str], latents_dir: str) -> None:
+    if "kl_groups" not in columns:
         raise QueryError(f"latent table {latents_dir} is of a model with one latent group (no kl_groups column); "
                          "the per-group analyses need a model of several (model.kind=hierarchical)")
+
+
+def _grouped(latents_dir: str, con: duckdb.DuckDBPyConnection | None, epoch: int | None, split: str | None):
+    con, relation, params = _one_table(latents_dir, con, epoch, split)
+    _require_groups(_columns(con, latents_dir, "latents"), latents_dir)
     return con, relation, params
 
 
@@ -99,3 +118,17 @@ def active_units_by_group(latents_dir: str, threshold: float = 0.01, split: str 
     group_of_dim = [g + 1 for g, size in enumerate(sizes) for _ in range(size)]
     return _run(con, latents_dir, ACTIVE_UNITS_BY_GROUP_SQL.format(latents=relation),
                 {**params, "threshold": threshold, "group_of_dim": group_of_dim})
+
+
+def kl_by_group_over_epochs(latents_dir: str, split: str | None = "test", *,
+                            con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+    """Per checkpoint epoch and latent group of a table of several checkpoints: the mean KL term
+    (nats) and its share of the epoch's total KL."""
+    _check_split(split)
+    con = con or connect(latents_dir)
+    columns = _columns(con, latents_dir, "latents")
+    if "epoch" not in columns:
+        raise QueryError(f"latent table {latents_dir} encodes one checkpoint (no epoch column); encode several "
+                         "with vaedist encode --epochs to follow the groups over training")
+    _require_groups(columns, latents_dir)
+    return _run(con, latents_dir, KL_BY_GROUP_OVER_EPOCHS_SQL, {"split": split})

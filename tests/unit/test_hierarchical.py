@@ -424,6 +424,39 @@ def test_per_group_analyses(tmp_path):
         kl_by_group(one)
 
 
+def test_kl_by_group_over_epochs(tmp_path):
+    """A table of two checkpoints (as vaedist encode --epochs writes it): each epoch's group terms and
+    shares; a table of one checkpoint is refused by name."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vaedist import schema
+    from vaedist.group_analysis import kl_by_group_over_epochs
+    from vaedist.lineage import Lineage
+    from vaedist.query import QueryError
+
+    lineage = Lineage(latent_dim=5, latent_groups=[3, 2], epochs=[0, 4])
+    tables, x = [], binary_batch(10, seed=7)
+    for epoch, seed in ((0, 0), (4, 1)):
+        table = table_of(hier("top-down", seed=seed), x, lineage)
+        tables.append(table.append_column("epoch", pa.array([epoch] * 10, pa.int64())))
+    (tmp_path / "t").mkdir()
+    pq.write_table(pa.concat_tables(tables), tmp_path / "t" / "part.parquet")
+    (tmp_path / "t" / schema.LINEAGE_FILE).write_text(json.dumps(lineage.to_dict()))
+    (tmp_path / "t" / schema.SUCCESS_FILE).write_text("")
+    rows = kl_by_group_over_epochs(str(tmp_path / "t")).to_pylist()
+    assert [(r["epoch"], r["group"]) for r in rows] == [(0, 1), (0, 2), (4, 1), (4, 2)]
+    for i, table in enumerate(tables):
+        means = np.stack(table.column("kl_groups").to_pylist()).mean(0)
+        assert [r["kl_mean"] for r in rows[2 * i:2 * i + 2]] == pytest.approx(means.tolist())
+        assert sum(r["kl_share_of_total"] for r in rows[2 * i:2 * i + 2]) == pytest.approx(1.0)
+    pq.write_table(tables[0].drop_columns(["epoch"]), tmp_path / "t" / "part.parquet")
+    with pytest.raises(QueryError, match="encodes one checkpoint"):
+        kl_by_group_over_epochs(str(tmp_path / "t"))
+
+
 def test_the_cost_per_step_benchmark_is_a_command():
     from click.testing import CliRunner
 
