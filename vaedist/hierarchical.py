@@ -123,12 +123,25 @@ def _conv_stages(cfg: ModelConfig, image_shape: tuple[int, int, int], num_params
 
 
 class Chain:
-    """One pass down the groups for S samples: z, q's parameters ([B, S or 1, D], groups concatenated),
-    each group's KL term per dimension and log p(z) - log q(z|x) at the samples [B, S]."""
+    """One pass down the groups for S samples: z [B, S, D] and q's parameters mu, logvar ([B, S, D],
+    concatenated only when asked: training needs neither), groups concatenated z_1 first; each group's
+    KL term per dimension and log p(z) - log q(z|x) at the samples [B, S]."""
 
-    def __init__(self, z, mu, logvar, kl_per_dim_groups, log_ratio):
-        self.z, self.mu, self.logvar = z, mu, logvar
-        self.kl_per_dim_groups, self.log_ratio = kl_per_dim_groups, log_ratio
+    def __init__(self, zs, mus, logvars, kl_per_dim_groups, log_ratio):
+        self.z = torch.cat(zs, dim=-1)
+        self._mus, self._logvars = mus, logvars
+        self.kl_per_dim_groups, self.log_ratio = tuple(kl_per_dim_groups), log_ratio
+
+    def _joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.expand(-1, self.z.shape[1], -1) for t in parts], dim=-1)
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self._joined(self._mus)
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return self._joined(self._logvars)
 
 
 class HierarchicalPosterior:
@@ -140,9 +153,21 @@ class HierarchicalPosterior:
     def __init__(self, model: "HierarchicalVAE", x: torch.Tensor):
         self.model, self.x = model, x
         self.features = model.features(x)
-        mean_path = model.chain(self.features, torch.zeros(x.shape[0], 1, model.latent_dim, device=x.device,
-                                                           dtype=x.dtype))
-        self.mu, self.logvar = mean_path.mu[:, 0], mean_path.logvar[:, 0]
+        self._mean_path: Chain | None = None  # computed on first use: training never asks for it
+
+    def _mean(self) -> Chain:
+        if self._mean_path is None:
+            zeros = torch.zeros(self.x.shape[0], 1, self.model.latent_dim, device=self.x.device, dtype=self.x.dtype)
+            self._mean_path = self.model.chain(self.features, zeros)
+        return self._mean_path
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self._mean().mu[:, 0]
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return self._mean().logvar[:, 0]
 
     def sample(self, eps: torch.Tensor) -> torch.Tensor:
         """One joint sample of all groups [B, D] for noise eps [B, D]."""
@@ -223,7 +248,7 @@ class HierarchicalVAE(nn.Module):
             kls[l] = gaussian_kl_between_per_dim(mu, logvar, mu_p, logvar_p)
             log_ratio = log_ratio + gaussian_log_prob(z, mu_p, logvar_p) - gaussian_log_prob(z, mu, logvar)
             zs[l], mus[l], logvars[l] = z, mu, logvar
-        return self._chain_of(zs, mus, logvars, kls, log_ratio)
+        return Chain(zs, mus, logvars, kls, log_ratio)
 
     def _bottom_up(self, feats: list[torch.Tensor], eps: torch.Tensor) -> Chain:
         num, eps_groups = len(self.latent_groups), eps.split(self.latent_groups, dim=-1)
@@ -244,15 +269,7 @@ class HierarchicalVAE(nn.Module):
             log_q = gaussian_log_prob_per_dim(zs[l], mus[l], logvars[l])
             kls[l] = log_q - log_p
             log_ratio = log_ratio + (log_p - log_q).sum(dim=-1)
-        return self._chain_of(zs, mus, logvars, kls, log_ratio)
-
-    @staticmethod
-    def _chain_of(zs, mus, logvars, kls, log_ratio) -> Chain:
-        samples = zs[0].shape[1]
-        same = [t.expand(-1, samples, -1) for t in (*mus, *logvars)]
-        num = len(zs)
-        return Chain(torch.cat(zs, dim=-1), torch.cat(same[:num], dim=-1), torch.cat(same[num:], dim=-1),
-                     tuple(kls), log_ratio)
+        return Chain(zs, mus, logvars, kls, log_ratio)
 
     def posterior(self, x: torch.Tensor) -> HierarchicalPosterior:
         return HierarchicalPosterior(self, x)
