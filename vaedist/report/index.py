@@ -186,7 +186,9 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
              _html_table(summary, "loss-by-class")]
     if len(model.latent_groups) > 1:
         body += ["<h2>KL by latent group</h2>\n<p>Each group's KL term (z_1 next to x), its share of the total KL "
-                 f"and the mean of its share per datapoint; {html.escape(split_note)} datapoints, nats</p>",
+                 f"and the mean of its share per datapoint; {html.escape(split_note)} datapoints, nats. The "
+                 "per-dimension KL under Diagnostics compares q with N(0, I), which is a group's prior only at the "
+                 "top; these are the terms of the loss.</p>",
                  _html_table(kl_by_group(latents_dir, split=split, epoch=shown_epoch, con=con), "kl-by-group")]
     body += [*sections, *diagnostics_html,
              _training_html(training_figure, final, no_metrics, run_dir), *_lineage_html(lineage)]
