@@ -431,6 +431,9 @@ class EncodeConfig:
     """One GPU per encoder actor."""
     seed: int = 0
     """Base of the per-key seeds for z samples."""
+    kl_per_dim: bool = False
+    """Add the kl_dims column: each latent dimension's KL term per datapoint (float32[latent_dim]);
+    with several latent groups each group's dimensions sum to its kl_groups entry."""
 
     def __post_init__(self) -> None:
         for i, split in enumerate(self.splits):

@@ -82,7 +82,8 @@ class LatentEncoder:
 
     def __init__(self, checkpoints: list[str], shards_dir: str, dataset: dict, batch_size: int, num_samples_mc: int,
                  num_samples_iw: int, iw_chunk_size: int, seed: int, use_gpu: bool, num_threads: int,
-                 lineage: Lineage | None, epochs: list[int] | None = None, fail_after_batches: int = -1):
+                 lineage: Lineage | None, epochs: list[int] | None = None, fail_after_batches: int = -1,
+                 kl_per_dim: bool = False):
         # A GPU actor whose CUDA does not work must fail, not compute on the CPU holding its GPU.
         self.device = require_cuda("an encode actor (encode.use_gpu)") if use_gpu else torch.device("cpu")
         if self.device.type == "cpu":
@@ -95,6 +96,7 @@ class LatentEncoder:
         self.shards_dir, self.batch_size = shards_dir, batch_size
         self.num_samples_mc, self.num_samples_iw, self.iw_chunk_size = num_samples_mc, num_samples_iw, iw_chunk_size
         self.seed, self.lineage, self.fail_after_batches, self.batches = seed, lineage, fail_after_batches, 0
+        self.kl_per_dim = kl_per_dim
         self.manifest: Manifest | None = None  # read on first use, for the datapoints' sources
         self.sources: dict[str, np.ndarray] = {}
 
@@ -127,7 +129,7 @@ class LatentEncoder:
         tables = []
         for i, model in enumerate(self.models):
             out = evaluate_batch(model, x, rows["index"], split, self.seed, self.num_samples_mc,
-                                 self.num_samples_iw, self.iw_chunk_size)
+                                 self.num_samples_iw, self.iw_chunk_size, kl_per_dim=self.kl_per_dim)
             columns = {name: value.cpu().numpy() for name, value in out.items()}
             columns.update({name: rows[name] for name in ("key", "split", "index", "label", "shard", "source")})
             if self.epochs is not None:
@@ -245,7 +247,7 @@ def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset
     ec = cfg.encode
     return {"checkpoints": checkpoints, "shards_dir": shards_dir, "dataset": dataset, "batch_size": ec.batch_size,
             "num_samples_mc": ec.num_samples_mc, "num_samples_iw": ec.num_samples_iw,
-            "iw_chunk_size": ec.iw_chunk_size, "seed": ec.seed, "use_gpu": ec.use_gpu,
+            "iw_chunk_size": ec.iw_chunk_size, "seed": ec.seed, "use_gpu": ec.use_gpu, "kl_per_dim": ec.kl_per_dim,
             "num_threads": int(ec.cpus_per_actor), "lineage": lineage, "epochs": epochs,
             "fail_after_batches": int(os.environ.get(FAIL_ENV, -1))}
 

@@ -23,12 +23,14 @@ from vaedist.rng import STREAM_IW, STREAM_MC, STREAM_Z, keyed_normal
 
 @torch.no_grad()
 def evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_samples_mc: int = 1,
-                   num_samples_iw: int = 0, iw_chunk_size: int = 100) -> dict[str, torch.Tensor]:
+                   num_samples_iw: int = 0, iw_chunk_size: int = 100, kl_per_dim: bool = False
+                   ) -> dict[str, torch.Tensor]:
     """Per-datapoint results for x [B, P] (the likelihood's eval_input): mu, logvar, z (one posterior sample),
     recon_nll, kl, kl_groups ([B, L]: each latent group's term, kl their sum), loss (= recon_nll + kl),
     bpd (loss in bits per sub-pixel) and, when num_samples_iw > 0, log_px, gap (= log_px + loss) and
     bpd_iw (-log_px in bits per sub-pixel). With several latent groups mu, logvar and z hold every
-    group's, z_1 first (the model's encode and posterior say how)."""
+    group's, z_1 first (the model's encode and posterior say how). kl_per_dim adds kl_dims [B, D],
+    each dimension's KL term (averaged over the S samples where it depends on them)."""
     latent_dim = model.latent_dim
     index = torch.as_tensor(np.asarray(indices), dtype=torch.int64).to(x.device)
 
@@ -37,7 +39,8 @@ def evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_s
                             first_sample=first_sample)
 
     posterior = posterior_of(model, x)  # once: the ELBO, z and the importance weights all reuse it
-    parts = posterior.terms(noise(STREAM_MC, num_samples_mc)).parts()
+    terms = posterior.terms(noise(STREAM_MC, num_samples_mc))
+    parts = terms.parts()
     eps_z = noise(STREAM_Z, 1)[:, 0]
     # float64 sums, so that kl == kl_1 + ... + kl_L (left to right), loss == recon_nll + kl and
     # gap == log_px + loss hold exactly in the table. One group: kl is its one term, unchanged.
@@ -48,6 +51,8 @@ def evaluate_batch(model, x: torch.Tensor, indices, split: str, seed: int, num_s
         "z": posterior.sample(eps_z).float(),
         "recon_nll": recon_nll, "kl": kl, "kl_groups": kl_groups, "loss": recon_nll + kl,
     }
+    if kl_per_dim:
+        out["kl_dims"] = terms.kl_per_dim().float()
     out["bpd"] = bits_per_dim(out["loss"], x.shape[-1])
     if num_samples_iw > 0:
         # Drawn a chunk at a time, as the estimate consumes it: K x D noise is never held at once.

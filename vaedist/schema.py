@@ -48,19 +48,23 @@ COLUMNS: dict[str, str] = {
     "kl_groups": "each latent group's term of kl in nats, float64[L], z_1 first: KL(q(z_l|...) || p(z_l|z_l+1)) "
                  "given the sampled parent groups, over S samples (kl = their sum left to right, exactly); only in "
                  "tables of models with several groups (L = len(latent_groups) in the lineage)",
+    "kl_dims": "each latent dimension's KL term in nats, float32[latent_dim] (several groups: given the sampled "
+               "parent groups, over S samples; a group's dimensions sum to its kl_groups entry); only in tables "
+               "encoded with encode.kl_per_dim",
     "loss": "l_i = recon_nll + kl (the negative ELBO) in nats",
     "log_px": "importance-weighted estimate of log p(x) with K samples, nats (null when K = 0)",
     "gap": "log_px + loss: estimated KL(q(z|x) || p(z|x)), nats (null when K = 0)",
     "bpd": "loss in bits per dimension, loss / (H * W * C * ln 2); absent from tables written before it",
     "bpd_iw": "-log_px in bits per dimension (null when K = 0); absent from tables written before it",
 }
-VECTOR_COLUMNS = ("mu", "logvar", "z")
+VECTOR_COLUMNS = ("mu", "logvar", "z", "kl_dims")
 # The columns a table may lack (written before source or bpd; one checkpoint).
-OPTIONAL_COLUMNS = ("source", "epoch", "bpd", "bpd_iw", "kl_groups")
+OPTIONAL_COLUMNS = ("source", "epoch", "bpd", "bpd_iw", "kl_groups", "kl_dims")
 
 
 def arrow_schema(latent_dim: int, lineage: Lineage | Mapping[str, Any] | None = None, with_epoch: bool = False,
-                 with_source: bool = True, with_bpd: bool = True, num_groups: int = 1) -> pa.Schema:
+                 with_source: bool = True, with_bpd: bool = True, num_groups: int = 1,
+                 with_kl_dims: bool = False) -> pa.Schema:
     """The table's schema; num_groups > 1 (a model of several latent groups) adds kl_groups."""
     vec = pa.list_(pa.float32(), latent_dim)
     fields = [
@@ -77,6 +81,7 @@ def arrow_schema(latent_dim: int, lineage: Lineage | Mapping[str, Any] | None = 
         pa.field("recon_nll", pa.float64(), nullable=False),
         pa.field("kl", pa.float64(), nullable=False),
         pa.field("kl_groups", pa.list_(pa.float64(), max(num_groups, 1)), nullable=False),
+        pa.field("kl_dims", vec, nullable=False),
         pa.field("loss", pa.float64(), nullable=False),
         pa.field("log_px", pa.float64()),
         pa.field("gap", pa.float64()),
@@ -85,7 +90,8 @@ def arrow_schema(latent_dim: int, lineage: Lineage | Mapping[str, Any] | None = 
     ]
     assert [f.name for f in fields] == list(COLUMNS)
     left_out = {name for name, keep in (("epoch", with_epoch), ("source", with_source), ("bpd", with_bpd),
-                                        ("bpd_iw", with_bpd), ("kl_groups", num_groups > 1)) if not keep}
+                                        ("bpd_iw", with_bpd), ("kl_groups", num_groups > 1),
+                                        ("kl_dims", with_kl_dims)) if not keep}
     fields = [f for f in fields if f.name not in left_out]
     if isinstance(lineage, Lineage):
         lineage = lineage.to_dict()
@@ -108,7 +114,7 @@ def to_table(columns: Mapping[str, Any], latent_dim: int,
     if missing:
         raise ValueError(f"latent table is missing columns {sorted(missing)}")
     schema = arrow_schema(latent_dim, lineage, with_epoch="epoch" in columns, with_source="source" in columns,
-                          with_bpd="bpd" in columns, num_groups=len(latent_groups))
+                          with_bpd="bpd" in columns, num_groups=len(latent_groups), with_kl_dims="kl_dims" in columns)
     rows = len(columns["key"])
     arrays = []
     for field in schema:

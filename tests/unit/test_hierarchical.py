@@ -80,7 +80,8 @@ def test_each_groups_kl_term_matches_its_monte_carlo_estimate(hierarchy):
         assert torch.all(term.mean(1) > 0)
     # The groups' terms add up to the sampled KL of the joint, sample by sample in expectation.
     total = sum(t.expand(-1, samples, -1).sum(-1) for t in chain.kl_per_dim_groups)
-    assert torch.allclose(total.mean(1), (-chain.log_ratio).mean(1), atol=4 * float((-chain.log_ratio).std() / math.sqrt(samples)))
+    stderr = float((-chain.log_ratio).std() / math.sqrt(samples))
+    assert torch.allclose(total.mean(1), (-chain.log_ratio).mean(1), atol=4 * stderr)
 
 
 def exact_log_px(model: HierarchicalVAE, x: torch.Tensor, half_width: float = 10.0, points: int = 161) -> torch.Tensor:
@@ -235,6 +236,26 @@ def test_evaluation_rows_split_the_kl_by_group_exactly(hierarchy):
         assert torch.allclose(rows[name][3:], half[name], atol=1e-5), name
 
 
+@pytest.mark.parametrize("hierarchy", ["one layer", *VARIANTS])
+def test_kl_per_dim_column_sums_to_each_groups_term(hierarchy):
+    """encode.kl_per_dim's column: each group's dimensions sum to its kl_groups entry (float32), and the
+    table keeps it as a float32[latent_dim] vector."""
+    from vaedist import schema
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(latent_dim=4, hidden_dims=[16])) if hierarchy == "one layer" else hier(hierarchy)
+    x = binary_batch(5)
+    rows = evaluate_batch(model.eval(), x, np.arange(5), "test", 0, num_samples_mc=3, kl_per_dim=True)
+    sums = torch.stack([t.sum(-1) for t in rows["kl_dims"].split(model.latent_groups, dim=-1)], dim=-1)
+    assert torch.allclose(sums.double(), rows["kl_groups"], rtol=1e-5, atol=1e-5)
+    columns = {name: value.numpy() for name, value in rows.items()}
+    columns.update(key=[f"test-{i}" for i in range(5)], split=["test"] * 5, index=np.arange(5),
+                   label=np.zeros(5, np.int64), shard=["s"] * 5)
+    table = schema.to_table(columns, model.latent_dim, None, model.latent_groups)
+    assert table.schema.field("kl_dims").type == schema.pa.list_(schema.pa.float32(), model.latent_dim)
+    assert "kl_dims" not in evaluate_batch(model, x, np.arange(5), "test", 0)
+
+
 @pytest.mark.parametrize("hierarchy", VARIANTS)
 def test_mean_path_and_samples(hierarchy):
     """encode's mu is the chain at zero noise; a top-down model's top group is q(z_L|x) itself;
@@ -264,8 +285,8 @@ def test_burdas_two_layer_architecture_exactly():
     assert linear(model.encoder[1]) + linear(model.to_posterior[1]) == [(100, 100), (100, 100), (100, 100)]
     assert linear(model.prior_state[0]) + linear(model.to_prior[0]) == [(50, 100), (100, 100), (100, 200)]
     assert linear(model.decoder) == [(100, 200), (200, 200), (200, 784)]
-    assert {type(m) for m in model.modules() if not isinstance(m, (torch.nn.Linear, torch.nn.Sequential,
-                                                                    torch.nn.ModuleList, HierarchicalVAE))} == {torch.nn.Tanh}
+    containers = (torch.nn.Linear, torch.nn.Sequential, torch.nn.ModuleList, HierarchicalVAE)
+    assert {type(m) for m in model.modules() if not isinstance(m, containers)} == {torch.nn.Tanh}
 
 
 def test_a_few_steps_on_real_mnist_reduce_the_loss(mnist_dir):
@@ -377,7 +398,7 @@ def test_a_one_group_table_is_what_it_was():
     for model in (VAE(ModelConfig(latent_dim=4, hidden_dims=[16])), hier(groups=(4,), widths=((16,),))):
         table = table_of(model, binary_batch(3), lineage)
         assert table.schema == schema.arrow_schema(4, lineage)
-        assert table.schema.names == [c for c in schema.COLUMNS if c not in ("epoch", "kl_groups")]
+        assert table.schema.names == [c for c in schema.COLUMNS if c not in ("epoch", "kl_groups", "kl_dims")]
         assert table.schema.metadata == schema.arrow_schema(4, lineage).metadata
 
 
