@@ -15,9 +15,10 @@ it per-datapoint reproducible.
 Several latent groups (vaedist/hierarchical.py) fit the same functions through two methods a model
 may have: `terms_of_forward(forward's output, x, eps)` -> the pass's terms, and `posterior(x)` -> a
 posterior that draws terms for given noise; without them, a model is read as one Gaussian group
-(forward's (params, mu, logvar), encode's (mu, logvar)). The terms object (SampleTerms for one Gaussian group
-with prior N(0, I), GroupedTerms for L groups) answers what the ELBO, the importance weights and the
-objectives ask: parts() (with the KL of each group), log_weights(), log_prior_ratio(), kl_per_dim().
+(forward's (params, mu, logvar), encode's (mu, logvar)). The terms object (SampleTerms for one
+Gaussian group with prior N(0, I), GroupedTerms for L groups) answers what the ELBO, the importance
+weights and the objectives ask: parts() (with the KL of each group), log_weights(),
+log_prior_ratio(), kl_per_dim().
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class SampleTerms:
 
     def log_prior_ratio(self) -> torch.Tensor:
         """log p(z_s) - log q(z_s|x_i), [B, S]: the sampled KL's negative."""
-        return standard_normal_log_prob(self.z) - gaussian_log_prob(self.z, self.mu.unsqueeze(1), self.logvar.unsqueeze(1))
+        return (standard_normal_log_prob(self.z)
+                - gaussian_log_prob(self.z, self.mu.unsqueeze(1), self.logvar.unsqueeze(1)))
 
     def log_weights(self) -> torch.Tensor:
         """log p(x_i|z_s) + log p(z_s) - log q(z_s|x_i), [B, S]: the importance weights of z_s."""
@@ -133,7 +135,7 @@ class SampleTerms:
 class GroupedTerms:
     """SampleTerms of L latent groups z = (z_1, ..., z_L), z_1 next to x, for S samples per datapoint.
 
-    kl_per_dim[l] [B, S or 1, D_l] is group l's term of the KL, per dimension, for each sample of
+    kl_per_dim_groups[l] [B, S or 1, D_l] is group l's term of the KL, per dimension, for each sample of
     the groups it is conditioned on: analytic KL(q(z_l | parents) || p(z_l | z_>l)) where both
     Gaussians are fixed by the sampled parents, else log q - log p at the sampled z_l (a one-sample
     Monte Carlo term); size 1 in the sample axis where it depends on no sample. Their expectation
