@@ -478,7 +478,7 @@ def part_quality(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
              f"({'from ' + format(rate, ',.0f') + ' samples/s' if rate else 'no sweep rate: the most'}), "
              f"step mode {cfg.train.step_mode}, on {device}")
     torch.manual_seed(cfg.train.seed)
-    model = VAE(cfg.model, info.image_shape).to(device)
+    model = build_model(cfg.model, info.image_shape).to(device)
     optimizer = make_optimizer(model, cfg.train, device)
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)
     mode = resolve_step_mode(cfg.train, device, model, cfg.train.mixed_precision)
