@@ -393,6 +393,9 @@ def query(config_path, overrides, mnist_dir, what, sql_text, latents, fmt, split
     vaedist query learned-late --within 1.0 --after 5 --latents outputs/latents-epochs
     vaedist query forgotten --by 2.0 --latents outputs/latents-epochs
     vaedist query kl-by-group --split test --latents outputs/latents-hier-mnist
+    vaedist query kl-by-group-and-class --latents outputs/latents-hier-mnist
+    vaedist query active-units-by-group --threshold 0.01 --latents outputs/latents-hier-mnist
+    vaedist query kl-by-group-over-epochs --latents outputs/latents-hier-epochs
     vaedist query --sweep debug-sweep sql "SELECT name, test_loss FROM sweep ORDER BY test_loss"
     """
     from vaedist import analyses
