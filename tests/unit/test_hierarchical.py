@@ -442,6 +442,17 @@ def test_per_group_analyses(tmp_path):
     one = publish(hier(groups=(4,), widths=((16,),)), "one")
     with pytest.raises(QueryError, match="one latent group"):
         kl_by_group(one)
+    # `vaedist query` runs them by their registered names.
+    from click.testing import CliRunner
+
+    from vaedist.cli import cli
+
+    result = CliRunner().invoke(cli, ["query", "active-units-by-group", "--threshold", "1e-6", "--latents", two,
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in result.output.splitlines()] == units
+    refused = CliRunner().invoke(cli, ["query", "kl-by-group", "--latents", one])
+    assert refused.exit_code == 1 and "one latent group" in refused.output and "Traceback" not in refused.output
 
 
 def test_kl_by_group_over_epochs(tmp_path):
