@@ -176,13 +176,14 @@ def config_page() -> str:
 def latent_table_page() -> str:
     from vaedist import schema
 
-    types = {f.name: str(f.type) for f in schema.arrow_schema(latent_dim=8, with_epoch=True)}
+    types = {f.name: str(f.type) for f in schema.arrow_schema(latent_dim=8, with_epoch=True, num_groups=2,
+                                                               with_kl_dims=True)}
     lines = ["# The latent table", "",
              "Generated from the table's schema at build time. One row per datapoint (per checkpoint, "
              "in a table of several), in Parquet files under the table's directory, beside "
              f"`{schema.LINEAGE_FILE}` and `{schema.SUCCESS_FILE}`. Vectors are Arrow fixed-size lists "
-             "of float32 (shown here for a latent dimension of 8), so the files open as plain arrays in "
-             f"DuckDB, pandas and Ray Data. Schema version {schema.SCHEMA_VERSION}; the lineage is also "
+             "(shown here for a latent dimension of 8 and 2 latent groups), so the files open as plain "
+             f"arrays in DuckDB, pandas and Ray Data. Schema version {schema.SCHEMA_VERSION}; the lineage is also "
              f"in each file's Parquet metadata under `{schema.METADATA_KEY.decode()}`. "
              f"`vaedist query` exposes the table as the view `{schema.VIEW_NAME}`.", "",
              "| column | Arrow type | may be absent | meaning |", "| --- | --- | --- | --- |"]

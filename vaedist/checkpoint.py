@@ -21,7 +21,7 @@ import torch
 
 from vaedist import __version__, storage
 from vaedist.config import Config, ConfigError, config_from_dict
-from vaedist.model import VAE
+from vaedist.model import VAE, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_DIR_RE = re.compile(r"^epoch-(\d{4,})$")
@@ -193,7 +193,7 @@ def load_model(path: str, map_location: str | torch.device = "cpu") -> tuple[VAE
     state = load_checkpoint(path, map_location)
     cfg = config_of(state)
     try:
-        model = VAE(cfg.model, state.image_shape)
+        model = build_model(cfg.model, state.image_shape)
     except ConfigError as e:  # model.kind=custom: its factory must import (and build) here too
         raise CheckpointError(f"checkpoint {state.path}: {e}") from None
     try:

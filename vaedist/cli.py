@@ -342,15 +342,16 @@ def encode(config_path, overrides, mnist_dir, checkpoint, out, shards, epochs, a
 @click.option("--latents", help="The latent table (default: output.latents_dir); table A of compare.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default=None,
-              help="Restrict an analysis to one split (loss-by-digit, gap-by-digit, compare and digit-curves "
-                   "default to test, the others to all).")
+              help="Restrict an analysis to one split (loss-by-digit, gap-by-digit, compare, digit-curves, "
+                   "kl-by-group-and-class and kl-by-group-over-epochs default to test, the others to all).")
 @click.option("--k", "k", default=10, show_default=True,
               help="Rows for worst / gaps / neighbours / outliers / curves / learned-late / forgotten; "
                    "compare-top shows k of each.")
 @click.option("--key", multiple=True, help="The datapoint for neighbours, e.g. test-00042; curves: repeatable.")
 @click.option("--space", type=click.Choice(["mu", "z"]), default="mu", show_default=True)
 @click.option("--threshold", default=0.01, show_default=True,
-              help="active-units: a dimension is active when the variance of mu_d over datapoints exceeds it.")
+              help="active-units, active-units-by-group: a dimension is active when the variance of mu_d over "
+                   "datapoints exceeds it.")
 @click.option("--against", help="compare / compare-top: table B; delta = l_i(A) - l_i(B), negative where A "
                                 "(--latents) explains the datapoint better. ood: the OUT table (--latents is IN).")
 @click.option("--epoch", type=int, help="The checkpoint of a table with an epoch column (compare: of both "
@@ -371,7 +372,9 @@ def query(config_path, overrides, mnist_dir, what, sql_text, latents, fmt, split
     (`vaedist query sql "SELECT ..."`). The analyses: loss-by-digit, worst, gaps, neighbours;
     active-units, kl-per-dim, totals, gap-by-digit, outliers; compare, compare-top of two tables;
     ood of one checkpoint's tables of two data; curves, digit-curves, learned-late, forgotten over a
-    table of several checkpoints, one with an epoch column. An unknown name is an error listing them.
+    table of several checkpoints, one with an epoch column; kl-by-group, kl-by-group-and-class,
+    active-units-by-group, kl-by-group-over-epochs of a model of several latent groups. An unknown
+    name is an error listing them.
 
     \b
     vaedist query sql "SELECT label, avg(loss) FROM latents GROUP BY label ORDER BY label"
@@ -389,6 +392,10 @@ def query(config_path, overrides, mnist_dir, what, sql_text, latents, fmt, split
     vaedist query curves --key test-00042 --key test-00043 --latents outputs/latents-epochs
     vaedist query learned-late --within 1.0 --after 5 --latents outputs/latents-epochs
     vaedist query forgotten --by 2.0 --latents outputs/latents-epochs
+    vaedist query kl-by-group --split test --latents outputs/latents-hier-mnist
+    vaedist query kl-by-group-and-class --latents outputs/latents-hier-mnist
+    vaedist query active-units-by-group --threshold 0.01 --latents outputs/latents-hier-mnist
+    vaedist query kl-by-group-over-epochs --latents outputs/latents-hier-epochs
     vaedist query --sweep debug-sweep sql "SELECT name, test_loss FROM sweep ORDER BY test_loss"
     """
     from vaedist import analyses
@@ -665,6 +672,25 @@ def bench_models(config_path, overrides, mnist_dir, epochs, steps, shapes) -> No
 
     run(resolve_config(config_path or "configs/conv.yaml", overrides, mnist_dir), epochs=epochs, steps=steps,
         shapes=tuple(shapes) or SHAPES, echo=click.echo)
+
+
+@bench.command("hierarchy")
+@config_options
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Steps per epoch.")
+@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Epochs per variant and round (the first warms up).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds.")
+@guarded
+def bench_hierarchy(config_path, overrides, mnist_dir, steps, epochs, rounds) -> None:
+    """Burda et al.'s two-stochastic-layer model vs their one-layer model: ms per training step with the
+    ELBO and with IWAE k = 5, and the ratio.
+
+    vaedist bench hierarchy --config configs/hier-mnist.yaml --steps 50 --rounds 3
+    """
+    from vaedist.bench.hierarchy import bench_hierarchy as run
+
+    run(resolve_config(config_path or "configs/hier-mnist.yaml", overrides, mnist_dir), steps=steps, rounds=rounds,
+        epochs=epochs, echo=click.echo)
 
 
 @bench.command("sweep")

@@ -159,15 +159,37 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["mlp", "conv", "custom"] = "mlp"
-    """Encoder/decoder family: mlp; conv (stride-2 stages, any image size they divide); custom (the
+    kind: Literal["mlp", "conv", "hierarchical", "custom"] = "mlp"
+    """Encoder/decoder family: mlp; conv (stride-2 stages, any image size they divide); hierarchical
+    (several groups of latents, MLP stages between them: vaedist/hierarchical.py); custom (the
     nn.Module that model.factory returns, see vaedist/custom_model.py)."""
     latent_dim: int = 32
-    """Dimension of z, the bottleneck."""
+    """Dimension of z, the bottleneck (hierarchical: of all groups together, sum(latent_groups))."""
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
     """MLP: widths of the encoder's hidden layers; the decoder mirrors them.
     conv: channels of each stride-2 stage, one entry per stage (its length is the depth: height and
-    width must be divisible by 2^len); the decoder mirrors them. custom: unused."""
+    width must be divisible by 2^len); the decoder mirrors them. hierarchical: the widths of the
+    deterministic layers below every group, unless group_hidden_dims gives each its own. custom: unused."""
+    latent_groups: list[int] = field(default_factory=list)
+    """hierarchical (and required there): the sizes of the latent groups, bottom first: z_1 (next to
+    x) first, the top group z_L last, e.g. [100, 50] for Burda et al.'s two stochastic layers. Their
+    sum must equal latent_dim."""
+    group_hidden_dims: list[list[int]] = field(default_factory=list)
+    """hierarchical: the widths of the deterministic layers below each group, one list per group in
+    latent_groups' order: entry l lies between z_l and the level below it (x for z_1); the
+    generative path mirrors each (Burda et al.: [[200, 200], [100, 100]] with activation tanh).
+    Empty: hidden_dims for every group."""
+    group_stage: Literal["mlp", "conv"] = "mlp"
+    """hierarchical: the deterministic stages between the groups. mlp: Linear layers of those widths.
+    conv (top-down only): per group, one 4x4 stride-2 convolution per entry of its widths (the entry
+    is its channels), each followed by res_blocks_per_stage residual blocks and model.norm: residual
+    cells at a resolution per stage, halving it each time (height and width must be divisible by 2^
+    the number of entries over all groups); the generative path mirrors them with transposed
+    convolutions, and each group is a vector read from, and written into, its stage's feature map."""
+    hierarchy: Literal["top-down", "bottom-up"] = "top-down"
+    """hierarchical: how q conditions each group. top-down: q(z_l | z_>l, x) from a deterministic
+    bottom-up pass over x merged with the generative path's state at level l (Ladder VAE, NVAE);
+    bottom-up: q(z_1|x) q(z_2|z_1) ... (Burda et al. 2016's IWAE architecture)."""
     res_blocks_per_stage: int = 0
     """conv: residual blocks (two 3x3 convolutions, pre-activation) after each encoder stage and
     before each decoder stage, at that stage's resolution and channels."""
@@ -204,9 +226,16 @@ class ModelConfig:
         _check(self.res_blocks_per_stage >= 0, "model.res_blocks_per_stage",
                f"must be >= 0, got {self.res_blocks_per_stage}")
         # Settings another kind would silently ignore are errors, naming the kind that uses them.
+        convolutional = self.kind == "conv" or (self.kind == "hierarchical" and self.group_stage == "conv")
         for name, default in (("res_blocks_per_stage", 0), ("norm", "none")):
-            _check(self.kind == "conv" or getattr(self, name) == default, f"model.{name}",
-                   f"only model.kind=conv uses it (kind is {self.kind}); leave it unset")
+            _check(convolutional or getattr(self, name) == default, f"model.{name}",
+                   f"only model.kind=conv and model.group_stage=conv use it (kind is {self.kind}); leave it unset")
+        for name, default in (("latent_groups", []), ("group_hidden_dims", []), ("hierarchy", "top-down"),
+                              ("group_stage", "mlp")):
+            _check(self.kind == "hierarchical" or getattr(self, name) == default, f"model.{name}",
+                   f"only model.kind=hierarchical uses it (kind is {self.kind}); leave it unset")
+        if self.kind == "hierarchical":
+            self._check_hierarchical()
         for name, default in (("factory", None), ("kwargs", {})):
             _check(self.kind == "custom" or getattr(self, name) == default, f"model.{name}",
                    f"only model.kind=custom uses it (kind is {self.kind}); set model.kind=custom or leave it unset")
@@ -216,6 +245,31 @@ class ModelConfig:
             module, _, function = self.factory.partition(":")
             _check(all(part.isidentifier() for part in module.split(".")) and function.isidentifier(),
                    "model.factory", f'must be "package.module:function" (Python names), got {self.factory!r}')
+
+    def _check_hierarchical(self) -> None:
+        groups = self.latent_groups
+        _check(len(groups) > 0, "model.latent_groups",
+               "model.kind=hierarchical needs the group sizes, bottom first, e.g. --set 'model.latent_groups=[100, 50]'")
+        for i, size in enumerate(groups):
+            _check(size > 0, f"model.latent_groups[{i}]", f"must be > 0, got {size}")
+        _check(sum(groups) == self.latent_dim, "model.latent_dim",
+               f"must equal the sum of model.latent_groups {groups} = {sum(groups)} (the dimension of all groups "
+               f"together), got {self.latent_dim}; set model.latent_dim={sum(groups)}")
+        _check(self.group_stage == "mlp" or self.hierarchy == "top-down", "model.group_stage",
+               "conv stages need model.hierarchy=top-down (bottom-up reads each group from the group below, a vector)")
+        if self.group_hidden_dims:
+            _check(len(self.group_hidden_dims) == len(groups), "model.group_hidden_dims",
+                   f"needs one list of widths per latent group ({len(groups)}: model.latent_groups {groups}), "
+                   f"got {len(self.group_hidden_dims)}")
+            _check(self.hidden_dims == ModelConfig.__dataclass_fields__["hidden_dims"].default_factory(),
+                   "model.hidden_dims", "model.group_hidden_dims gives every group's widths; leave hidden_dims unset")
+            for i, widths in enumerate(self.group_hidden_dims):
+                _check(len(widths) > 0 and min(widths) > 0, f"model.group_hidden_dims[{i}]",
+                       f"must list at least one width, each > 0, got {widths}")
+
+    def stage_widths(self) -> list[list[int]]:
+        """hierarchical: the deterministic widths below each latent group, bottom first."""
+        return [list(w) for w in self.group_hidden_dims] or [list(self.hidden_dims) for _ in self.latent_groups]
 
 
 @dataclass
@@ -276,6 +330,10 @@ class TrainConfig:
     free_bits: float | None = None
     """objective=free-bits only (and required there): λ, the nats of KL each latent dimension gets
     free, floored on the minibatch average of that dimension's KL (0: the ELBO)."""
+    free_bits_per: Literal["dimension", "group"] = "dimension"
+    """objective=free-bits: what each floor of λ nats applies to: every latent dimension, or every
+    latent group's KL as a whole (model.latent_groups; a one-group model: its whole KL), as the Ladder
+    VAE and NVAE apply it."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this (0: no clipping)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -339,6 +397,8 @@ class TrainConfig:
             _check(self.iwae_samples >= 1, "train.iwae_samples", f"must be >= 1, got {self.iwae_samples}")
         if self.free_bits is not None:
             _check(self.free_bits >= 0, "train.free_bits", f"must be >= 0, got {self.free_bits}")
+        _check(self.objective == "free-bits" or self.free_bits_per == "dimension", "train.free_bits_per",
+               f"only train.objective=free-bits uses it (objective is {self.objective}); leave it unset")
         _check(self.objective != "iwae" or self.num_samples_mc == 1, "train.num_samples_mc",
                f"is {self.num_samples_mc}, but train.objective=iwae draws train.iwae_samples samples per "
                "datapoint instead; leave train.num_samples_mc at 1 and set train.iwae_samples")
@@ -385,6 +445,9 @@ class EncodeConfig:
     """One GPU per encoder actor."""
     seed: int = 0
     """Base of the per-key seeds for z samples."""
+    kl_per_dim: bool = False
+    """Add the kl_dims column: each latent dimension's KL term per datapoint (float32[latent_dim]);
+    with several latent groups each group's dimensions sum to its kl_groups entry."""
 
     def __post_init__(self) -> None:
         for i, split in enumerate(self.splits):

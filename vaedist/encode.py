@@ -96,7 +96,8 @@ class LatentEncoder:
 
     def __init__(self, checkpoints: list[str], shards_dir: str, dataset: dict, batch_size: int, num_samples_mc: int,
                  num_samples_iw: int, iw_chunk_size: int, seed: int, use_gpu: bool, num_threads: int,
-                 lineage: Lineage | None, epochs: list[int] | None = None, fail_after_batches: int = -1):
+                 lineage: Lineage | None, epochs: list[int] | None = None, fail_after_batches: int = -1,
+                 kl_per_dim: bool = False):
         # A GPU actor whose CUDA does not work must fail, not compute on the CPU holding its GPU.
         self.device = require_cuda("an encode actor (encode.use_gpu)") if use_gpu else torch.device("cpu")
         if self.device.type == "cpu":
@@ -109,6 +110,7 @@ class LatentEncoder:
         self.shards_dir, self.batch_size = shards_dir, batch_size
         self.num_samples_mc, self.num_samples_iw, self.iw_chunk_size = num_samples_mc, num_samples_iw, iw_chunk_size
         self.seed, self.lineage, self.fail_after_batches, self.batches = seed, lineage, fail_after_batches, 0
+        self.kl_per_dim = kl_per_dim
         self.manifest: Manifest | None = None  # read on first use, for the datapoints' sources
         self.sources: dict[str, np.ndarray] = {}
 
@@ -141,12 +143,12 @@ class LatentEncoder:
         tables = []
         for i, model in enumerate(self.models):
             out = evaluate_batch(model, x, rows["index"], split, self.seed, self.num_samples_mc,
-                                 self.num_samples_iw, self.iw_chunk_size)
+                                 self.num_samples_iw, self.iw_chunk_size, kl_per_dim=self.kl_per_dim)
             columns = {name: value.cpu().numpy() for name, value in out.items()}
             columns.update({name: rows[name] for name in ("key", "split", "index", "label", "shard", "source")})
             if self.epochs is not None:
                 columns["epoch"] = np.full(len(rows["key"]), self.epochs[i], np.int64)
-            tables.append(schema.to_table(columns, model.latent_dim, self.lineage))
+            tables.append(schema.to_table(columns, model.latent_dim, self.lineage, model.latent_groups))
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
@@ -231,11 +233,13 @@ def file_plan(manifest: Manifest, splits: list[str], rows_per_file: int) -> list
 def job_key(lineage: Lineage, states: list[CheckpointState], cfg: Config, plan: list[dict[str, Any]]) -> str:
     """A hash of what decides every byte of the table: the lineage (checkpoints, data, seeds, sample
     counts, versions), the checkpoints' weights, the file plan and the settings that change floating
-    point results (batch size, IW chunk, CPU threads per actor, GPU). Not the number of actors."""
+    point results (batch size, IW chunk, CPU threads per actor, GPU), and encode.kl_per_dim, which adds
+    a column (files with and without it must not make one table). Not the number of actors."""
     ec = cfg.encode
     h = hashlib.sha256(json.dumps({
         "lineage": lineage.to_dict(), "plan": [(f["file"], f["entries"]) for f in plan], "batch_size": ec.batch_size,
         "iw_chunk_size": ec.iw_chunk_size, "cpus_per_actor": ec.cpus_per_actor, "use_gpu": ec.use_gpu,
+        "kl_per_dim": ec.kl_per_dim,
     }, sort_keys=True, default=str).encode())
     for st in states:
         for name, tensor in sorted(st.model.items()):
@@ -314,7 +318,7 @@ def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset
     ec = cfg.encode
     return {"checkpoints": checkpoints, "shards_dir": shards_dir, "dataset": dataset, "batch_size": ec.batch_size,
             "num_samples_mc": ec.num_samples_mc, "num_samples_iw": ec.num_samples_iw,
-            "iw_chunk_size": ec.iw_chunk_size, "seed": ec.seed, "use_gpu": ec.use_gpu,
+            "iw_chunk_size": ec.iw_chunk_size, "seed": ec.seed, "use_gpu": ec.use_gpu, "kl_per_dim": ec.kl_per_dim,
             "num_threads": int(ec.cpus_per_actor), "lineage": lineage, "epochs": epochs,
             "fail_after_batches": int(os.environ.get(FAIL_ENV, -1))}
 
@@ -422,6 +426,7 @@ def build_lineage(states: list[CheckpointState], model_cfg: Config, ec: EncodeCo
         class_names=list(info.class_names) if info.class_names else None,
         num_samples_mc=ec.num_samples_mc, num_samples_iw=ec.num_samples_iw, seed=ec.seed,
         binarize_seed=model_cfg.train.seed, latent_dim=model_cfg.model.latent_dim,
+        latent_groups=list(model_cfg.model.latent_groups) if len(model_cfg.model.latent_groups) > 1 else None,
         # What p(x|z) models: binarised draws or the 8-bit pixels (compare refuses to mix them).
         likelihood=model_cfg.model.likelihood, binarised=get_likelihood(model_cfg.model).binarised,
         noise_scheme=NOISE_SCHEME, schema_version=schema.SCHEMA_VERSION, vaedist_version=__version__,

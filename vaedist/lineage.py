@@ -23,7 +23,7 @@ from vaedist import storage
 LINEAGE_FILE = "_lineage.json"
 # 1: the record says its version.
 LINEAGE_VERSION = 1
-_ABSENT_UNLESS_SET = ("epochs", "checkpoints", "rows", "job")  # written only when they say something
+_ABSENT_UNLESS_SET = ("epochs", "checkpoints", "rows", "job", "latent_groups")  # written only when they say something
 
 
 class LineageError(ValueError):
@@ -56,6 +56,9 @@ class Lineage:
     """encode.seed: the keyed noise of z and the importance samples."""
     binarize_seed: int | None = None
     latent_dim: int | None = None
+    latent_groups: list[int] | None = None
+    """The sizes of the model's latent groups, z_1 (next to x) first, summing to latent_dim; only for
+    a model of several groups (its table has kl_groups, and mu/logvar/z hold every group's)."""
     likelihood: str | None = None
     binarised: bool = True
     """Whether p(x|z) modelled binarised draws (compare refuses to mix them with 8-bit pixels)."""

@@ -1,13 +1,12 @@
 """The VAE: encoder q(z|x) (diagonal Gaussian), decoder p(x|z) (the likelihood `model.likelihood` names).
 
-Single-device model code: it knows nothing of Ray, ranks or files (Kingma & Welling, 2014). Three
+Single-device model code: it knows nothing of Ray, ranks or files (Kingma & Welling, 2014). Four
 families (`model.kind`): an MLP, a conv family of stride-2 stages with optional residual blocks and
-normalisation, and the user's own module (vaedist/custom_model.py), all behind one interface.
+normalisation, the user's own module (vaedist/custom_model.py), and several groups of latents
+(vaedist/hierarchical.py), all behind one interface; build_model builds the one the config names.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -15,83 +14,17 @@ from torch import nn
 
 from vaedist.config import ConfigError, ModelConfig
 from vaedist.custom_model import CHECK_BATCH, build_custom, check_protocol
+from vaedist.hierarchical import HierarchicalVAE
+from vaedist.layers import (ACTIVATIONS as _ACTIVATIONS, FromImage, ResBlock, ToImage, ToParameters,
+                            mlp as _mlp, norm as _norm)
 from vaedist.likelihoods import Likelihood, get_likelihood
+from vaedist.losses import GaussianPosterior, SampleTerms, gaussian_terms_of_forward
 
-_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
 MNIST_SHAPE = (28, 28, 1)
-
-
-class ToImage(nn.Module):
-    """[B, H*W*C] flattened channels last (the shards' layout) -> [B, C, H, W] (what Conv2d takes).
-    One module in the place of the Unflatten it replaced, so earlier checkpoints keep their keys."""
-
-    def __init__(self, image_shape: tuple[int, int, int]):
-        super().__init__()
-        self.image_shape = tuple(image_shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], *self.image_shape).permute(0, 3, 1, 2)
-
-
-class FromImage(nn.Module):
-    """[B, K, H, W] -> [B, H*W*K] channels last: ToImage's inverse, and the layout the likelihood
-    reads its K parameters per position in."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1).flatten(1)
-
-
-class ToParameters(nn.ConvTranspose2d):
-    """The conv decoder's last transposed convolution, whose output is the likelihood's parameters.
-    With many of them per position (the mixture's 10K for colour) it runs channels-last on the CPU:
-    its output is then already in the [B, H, W, K] order FromImage flattens (a view, not a copy of
-    the largest tensor of the model), and oneDNN's kernel measured 2.4x faster forward for K = 100
-    and 2.5x for 50, with bit-identical values (`python benchmarks/likelihoods.py --encode`).
-    For a few channels (Bernoulli's 1, a logistic's 6) it stays as it was: channels-last measured no
-    faster forward and slower backward there. Same parameters, so checkpoints load either way."""
-
-    MIN_CHANNELS_LAST = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.out_channels >= self.MIN_CHANNELS_LAST:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
-
-
-def _mlp(widths: list[int], activation: str) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for w_in, w_out in zip(widths, widths[1:]):
-        layers += [nn.Linear(w_in, w_out), _ACTIVATIONS[activation]()]
-    return nn.Sequential(*layers)
 
 
 # ---------------------------------------------------------------------------------------------
 # The conv family.
-
-def _norm(kind: str, channels: int) -> list[nn.Module]:
-    """model.norm for a hidden feature map; [] for none. group: gcd(channels, 32) groups (Wu & He
-    2018's 32 where the channels allow); layer: one group, i.e. LayerNorm over (C, H, W) with a
-    per-channel affine. Both normalise each datapoint alone; batch couples a training batch."""
-    if kind == "none":
-        return []
-    if kind == "batch":
-        return [nn.BatchNorm2d(channels)]
-    return [nn.GroupNorm(math.gcd(channels, 32) if kind == "group" else 1, channels)]
-
-
-class ResBlock(nn.Module):
-    """x + conv3x3(act(norm(conv3x3(act(norm(x)))))): a pre-activation residual block (He et al.
-    2016) that keeps the resolution and channels."""
-
-    def __init__(self, channels: int, activation: str, norm: str):
-        super().__init__()
-        self.body = nn.Sequential(
-            *_norm(norm, channels), _ACTIVATIONS[activation](), nn.Conv2d(channels, channels, 3, padding=1),
-            *_norm(norm, channels), _ACTIVATIONS[activation](), nn.Conv2d(channels, channels, 3, padding=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
 
 def check_conv_geometry(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
     """The conv family halves height and width once per stage (model.hidden_dims has one channel
@@ -162,6 +95,7 @@ class VAE(nn.Module):
         self.num_params = self.likelihood.num_params(self.image_shape)
         out_channels = self.likelihood.params_per_pixel(channels)
         self.latent_dim = cfg.latent_dim
+        self.latent_groups = (cfg.latent_dim,)  # one group (vaedist/hierarchical.py has several)
         act = cfg.activation
         self.net: nn.Module | None = None
         if cfg.kind == "mlp":
@@ -181,6 +115,16 @@ class VAE(nn.Module):
             return self.net.encode(x)
         mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=-1)
         return mu, logvar
+
+    def posterior(self, x: torch.Tensor) -> GaussianPosterior:
+        """q(z|x), encoded once: evaluation draws the ELBO's, the importance weights' and the table's
+        samples from it (losses.GaussianPosterior)."""
+        return GaussianPosterior(self, x, *self.encode(x))
+
+    def terms_of_forward(self, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x: torch.Tensor,
+                         eps: torch.Tensor) -> SampleTerms:
+        """The training pass's terms from forward(x, eps)'s output (losses.sample_terms calls it)."""
+        return gaussian_terms_of_forward(self, out, x, eps)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood's parameters of p(x|z) for z of shape [..., latent_dim] -> [..., num_params]."""
@@ -217,6 +161,13 @@ class VAE(nn.Module):
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params, generator)
 
 
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int] = MNIST_SHAPE,
+                likelihood: Likelihood | None = None) -> VAE | HierarchicalVAE:
+    """The model model.kind names, for images of image_shape (height, width, channels)."""
+    family = HierarchicalVAE if cfg.kind == "hierarchical" else VAE
+    return family(cfg, image_shape, likelihood)
+
+
 def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int],
                 batch: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0) -> None:
     """Before any cluster work: build the model for these images (the conv geometry, the factory)
@@ -224,7 +175,7 @@ def check_model(cfg: ModelConfig, image_shape: tuple[int, int, int],
     CHECK_BATCH datapoints of batch = (indices [N], images [N, H*W*C] uint8), which it then needs.
     Raises ConfigError (FactoryError) naming the key or factory."""
     torch.manual_seed(seed)
-    model = VAE(cfg, image_shape)
+    model = build_model(cfg, image_shape)
     if cfg.kind != "custom":
         return
     indices, images_u8 = batch

@@ -21,6 +21,11 @@ latent dimension j:
                                                                                (Burda et al. 2016)
     free-bits  mean_i [ -1/S sum_s log p(x_i|z_s) ] + w sum_j max(lambda, mean_i KL_ij)
                                                                                (Kingma et al. 2016)
+               with j a latent dimension, or with train.free_bits_per=group a latent group
+
+With several latent groups (vaedist/hierarchical.py) nothing here changes: KL_i is the sum of the
+groups' terms, log p(z_s) - log q(z_s|x_i) the joint over all groups, and free bits floors every
+dimension of every group (group l's floor is then lambda * D_l) or, per group, each group's KL.
 """
 
 from __future__ import annotations
@@ -33,8 +38,7 @@ import torch
 
 from vaedist import registry
 from vaedist.config import TrainConfig
-from vaedist.losses import (SampleTerms, batch_loss, gaussian_kl_per_dim, gaussian_log_prob,
-                            standard_normal_log_prob)
+from vaedist.losses import GroupedTerms, SampleTerms, batch_loss
 from vaedist.registry import check_registry
 
 
@@ -49,11 +53,11 @@ class Objective:
     def from_config(cls, cfg: TrainConfig) -> "Objective":
         raise NotImplementedError
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         """The minibatch's value to minimise: a scalar, the mean per datapoint, nats."""
         raise NotImplementedError
 
-    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+    def weighted(self, terms: SampleTerms | GroupedTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
         """__call__ over the rows whose weight is 1 (the others 0: padding), branch-free."""
         raise NotImplementedError
 
@@ -74,10 +78,10 @@ class ELBO(Objective):
     def from_config(cls, cfg: TrainConfig) -> "ELBO":
         return cls(cfg.num_samples_mc)
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         return batch_loss(terms.parts(), kl_weight)
 
-    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+    def weighted(self, terms: SampleTerms | GroupedTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
         parts = terms.parts()
         return _weighted_mean(parts.recon_nll + kl_weight * parts.kl, weights)
 
@@ -94,10 +98,10 @@ class Beta(Objective):
     def from_config(cls, cfg: TrainConfig) -> "Beta":
         return cls(beta=cfg.beta, num_samples=cfg.num_samples_mc)
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         return batch_loss(terms.parts(), kl_weight * self.beta)
 
-    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+    def weighted(self, terms: SampleTerms | GroupedTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
         parts = terms.parts()
         return _weighted_mean(parts.recon_nll + (kl_weight * self.beta) * parts.kl, weights)
 
@@ -122,27 +126,24 @@ class IWAE(Objective):
     def from_config(cls, cfg: TrainConfig) -> "IWAE":
         return cls(cfg.iwae_samples)
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
         if kl_weight == 1.0:
             log_w = terms.log_weights()
         else:
-            prior_minus_posterior = (standard_normal_log_prob(terms.z)
-                                     - gaussian_log_prob(terms.z, terms.mu.unsqueeze(1), terms.logvar.unsqueeze(1)))
-            log_w = terms.log_px_z + kl_weight * prior_minus_posterior
+            log_w = terms.log_px_z + kl_weight * terms.log_prior_ratio()
         k = log_w.shape[1]
         return -(torch.logsumexp(log_w, dim=1) - math.log(k)).mean()
 
-    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
-        prior_minus_posterior = (standard_normal_log_prob(terms.z)
-                                 - gaussian_log_prob(terms.z, terms.mu.unsqueeze(1), terms.logvar.unsqueeze(1)))
-        log_w = terms.log_px_z + kl_weight * prior_minus_posterior
+    def weighted(self, terms: SampleTerms | GroupedTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+        log_w = terms.log_px_z + kl_weight * terms.log_prior_ratio()
         return -_weighted_mean(torch.logsumexp(log_w, dim=1) - math.log(log_w.shape[1]), weights)
 
 
 @dataclass(frozen=True)
 class FreeBits(Objective):
-    """Free bits, the variant of Kingma et al. (2016) with one group per latent dimension: each
-    dimension's analytic KL, averaged over the minibatch, counts as at least `free_bits` nats,
+    """Free bits, the variant of Kingma et al. (2016) with one group per latent dimension (or, with
+    per_group, one per latent group of the model): each dimension's (group's) KL, averaged over the
+    minibatch, counts as at least `free_bits` nats,
     max(lambda, mean_i KL_ij). A dimension below the floor gets no gradient from the KL term (the
     encoder may use those nats for free); one above it is penalised as in the ELBO. The average is
     over this worker's minibatch (under DDP each rank floors its own batch's average)."""
@@ -150,20 +151,27 @@ class FreeBits(Objective):
     name: ClassVar[str] = "free-bits"
     free_bits: float = 0.0
     num_samples: int = 1
+    per_group: bool = False
+    """Floor each latent group's KL (train.free_bits_per=group) instead of each dimension's."""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "FreeBits":
-        return cls(free_bits=cfg.free_bits, num_samples=cfg.num_samples_mc)
+        return cls(free_bits=cfg.free_bits, num_samples=cfg.num_samples_mc, per_group=cfg.free_bits_per == "group")
 
-    def __call__(self, terms: SampleTerms, kl_weight: float = 1.0) -> torch.Tensor:
-        kl_per_dim = gaussian_kl_per_dim(terms.mu, terms.logvar)   # [B, D]
-        kl = torch.clamp(kl_per_dim.mean(dim=0), min=self.free_bits).sum()
+    def _floored(self, terms: SampleTerms | GroupedTerms) -> torch.Tensor:
+        """The KL of each floored unit, [B, D] (a dimension) or [B, L] (per_group: a latent group)."""
+        kl_per_dim = terms.kl_per_dim()   # [B, D]
+        if self.per_group:
+            return torch.stack([t.sum(dim=-1) for t in kl_per_dim.split(terms.latent_groups, dim=-1)], dim=-1)
+        return kl_per_dim
+
+    def __call__(self, terms: SampleTerms | GroupedTerms, kl_weight: float = 1.0) -> torch.Tensor:
+        kl = torch.clamp(self._floored(terms).mean(dim=0), min=self.free_bits).sum()
         return -terms.log_px_z.mean() + kl_weight * kl
 
-    def weighted(self, terms: SampleTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
-        count = weights.sum()
-        kl_per_dim = (gaussian_kl_per_dim(terms.mu, terms.logvar) * weights.unsqueeze(1)).sum(dim=0) / count
-        kl = torch.clamp(kl_per_dim, min=self.free_bits).sum()
+    def weighted(self, terms: SampleTerms | GroupedTerms, kl_weight, weights: torch.Tensor) -> torch.Tensor:
+        kl_per_unit = (self._floored(terms) * weights.unsqueeze(1)).sum(dim=0) / weights.sum()
+        kl = torch.clamp(kl_per_unit, min=self.free_bits).sum()
         return -_weighted_mean(terms.log_px_z.mean(dim=1), weights) + kl_weight * kl
 
 

@@ -34,7 +34,7 @@ from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, load_optimizer_state,
                             train_epoch)
 from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_steps
 from vaedist.likelihoods import bits_per_dim
-from vaedist.model import VAE, check_model
+from vaedist.model import VAE, build_model, check_model
 from vaedist.tracking import TrainTracker, check_uri, resolve_uri
 from vaedist.registry import EXTERNAL_SOURCES
 from vaedist.user_code import model_runtime_env
@@ -264,7 +264,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     data = _rank_data(cfg, shards_dir, info, ingest, loop_config["steps_per_epoch"], rank, world_size, device)
 
     # RAY (2): DDP (a no-op wrapper with one worker) and device placement.
-    model = ray.train.torch.prepare_model(VAE(cfg.model, info.image_shape))
+    model = ray.train.torch.prepare_model(build_model(cfg.model, info.image_shape))
     if cfg.train.compile:
         model = torch.compile(model)
     node_ids = _rank_node_ids()

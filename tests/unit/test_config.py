@@ -50,7 +50,7 @@ def test_defaults_and_overrides_apply_in_order():
     (["model.latent_dim=2.5"], "model.latent_dim: must be an integer, got 2.5"),
     (["train.lr=fast"], "train.lr: must be a number, got 'fast'"),
     (["scaling.use_gpu=yes please"], "scaling.use_gpu: must be true or false"),
-    (["model.kind=transformer"], "model.kind: must be one of 'mlp', 'conv', 'custom', got 'transformer'"),
+    (["model.kind=transformer"], "model.kind: must be one of 'mlp', 'conv', 'hierarchical', 'custom', got 'transformer'"),
     (["model.hidden_dims=[64, 0]"], "model.hidden_dims[1]: must be > 0, got 0"),
     (["model.hidden_dims=64"], "model.hidden_dims: must be a list of int"),
     (["encode.splits=[train, val]"], "encode.splits[1]: must be 'train' or 'test', got 'val'"),

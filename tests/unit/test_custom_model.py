@@ -169,7 +169,7 @@ def test_a_factory_found_only_in_the_current_directory(factories, monkeypatch, t
     (["model.kwargs.width=3"], "model.kwargs: only model.kind=custom uses it"),
     (["model.kind=custom", "model.factory=a:b", "model.kwargs=[1]"], "model.kwargs: must be a mapping of str to plain"),
     (["model.kind=conv", "model.norm=instance"], "model.norm: must be one of 'none', 'batch', 'group', 'layer'"),
-    (["model.norm=group"], "model.norm: only model.kind=conv uses it (kind is mlp)"),
+    (["model.norm=group"], "model.norm: only model.kind=conv and model.group_stage=conv use it (kind is mlp)"),
     (["model.kind=conv", "model.res_blocks_per_stage=-1"], "model.res_blocks_per_stage: must be >= 0"),
 ])
 def test_config_errors_name_the_key(overrides, message):

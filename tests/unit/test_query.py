@@ -46,7 +46,8 @@ def latents(request, latent_tables) -> str:
 def test_view_exposes_every_column_and_only_published_files(latents):
     con = connect(latents)
     described = con.sql("DESCRIBE latents").fetchall()
-    assert [row[0] for row in described] == [c for c in schema.COLUMNS if c != "epoch"]  # one checkpoint: no epoch
+    # one checkpoint, one latent group, no per-dimension KL
+    assert [row[0] for row in described] == [c for c in schema.COLUMNS if c not in ("epoch", "kl_groups", "kl_dims")]
     types = {row[0]: row[1] for row in described}
     assert types["mu"] == types["logvar"] == types["z"] == f"FLOAT[{LATENT_DIM}]"
     assert con.sql("SELECT count(*), count(DISTINCT key) FROM latents").fetchall() == [(NUM_ROWS, NUM_ROWS)]

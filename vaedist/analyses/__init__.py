@@ -15,6 +15,7 @@ one_table.py  loss by class, worst explained, gaps, neighbours, per-dimension di
 compare.py    two tables of the same datapoints, datapoint by datapoint
 dynamics.py   a table of several checkpoints of one run (an epoch column)
 ood.py        one checkpoint's tables of two data: the out-of-distribution readout
+groups.py     a model of several latent groups (model.kind=hierarchical): the KL and active units per group
 
 `vaedist query NAME` runs an analysis by its registered name; its options are the function's
 keyword arguments the registry lists.
@@ -33,6 +34,9 @@ from vaedist.analyses.core import (VIEW_A, VIEW_B, QueryError, connect, connect_
 from vaedist.analyses.dynamics import (CURVES_SQL, DIGIT_CURVES_SQL, FORGOTTEN_SQL, LEARNED_LATE_SQL, curves,
                                        digit_curves, forgotten, learned_late)
 from vaedist.analyses.format import format_table
+from vaedist.analyses.groups import (ACTIVE_UNITS_BY_GROUP_SQL, KL_BY_GROUP_AND_CLASS_SQL, KL_BY_GROUP_OVER_EPOCHS_SQL,
+                                     KL_BY_GROUP_SQL, active_units_by_group, kl_by_group, kl_by_group_and_class,
+                                     kl_by_group_over_epochs)
 from vaedist.analyses.ood import OOD_SQL, check_ood_pair, ood, pair_kind
 from vaedist.analyses.one_table import (ACTIVE_UNITS_SQL, GAP_BY_DIGIT_SQL, KL_PER_DIM_SQL, LARGEST_GAPS_SQL,
                                         LOSS_BY_DIGIT_SQL, NEIGHBOURS_SQL, OUTLIERS_SQL, TOTALS_SQL,
@@ -45,6 +49,7 @@ NEEDS = {
     "same-data": "a second table (against) of the same datapoints and binarisation (same manifest_hash)",
     "same-checkpoint": "a second table (against) encoded by the same checkpoint, of other data, "
                        "with the same num_samples_mc and num_samples_iw; both with a test split",
+    "groups": "a kl_groups column: a table of a model of several latent groups (model.kind=hierarchical)",
 }
 """What an analysis may need of its table(s), by the tag the registry uses."""
 
@@ -147,6 +152,17 @@ _LIST = [
     Analysis("forgotten", forgotten, FORGOTTEN_SQL,
              "Datapoints whose l_i rose by more than a given amount between kept epochs.",
              ("epochs",), ("by", "split", "k", "from_epoch", "to_epoch")),
+    Analysis("kl-by-group", kl_by_group, KL_BY_GROUP_SQL,
+             "Per split and latent group: the mean KL term with its standard error and its share of the KL.",
+             ("groups",), _ONE),
+    Analysis("kl-by-group-and-class", kl_by_group_and_class, KL_BY_GROUP_AND_CLASS_SQL,
+             "Per class and latent group: the mean KL term and its share of the class's KL.", ("groups",), _ONE),
+    Analysis("active-units-by-group", active_units_by_group, ACTIVE_UNITS_BY_GROUP_SQL,
+             "Per latent group: its units and how many are active (variance of mu_d above threshold).",
+             ("groups",), ("threshold", *_ONE)),
+    Analysis("kl-by-group-over-epochs", kl_by_group_over_epochs, KL_BY_GROUP_OVER_EPOCHS_SQL,
+             "Per kept epoch and latent group: the mean KL term and its share of the epoch's KL.",
+             ("groups", "epochs"), ("split",)),
 ]
 ANALYSES: dict[str, Analysis] = {analysis.name: analysis for analysis in _LIST}
 """Every ready-made analysis by name, in the order `vaedist query --help` lists them."""
@@ -170,9 +186,10 @@ def get_analysis(name: str) -> Analysis:
 
 
 __all__ = [
-    "ANALYSES", "NEEDS", "VIEW_A", "VIEW_B", "Analysis", "QueryError", "active_units", "check_ood_pair", "compare_by_digit",
-    "compare_top", "connect", "connect_pair", "curves", "digit_curves", "forgotten", "format_table",
-    "gap_by_digit", "get_analysis", "kl_per_dim", "largest_gaps", "learned_late", "loss_by_digit", "neighbours",
+    "ANALYSES", "NEEDS", "VIEW_A", "VIEW_B", "Analysis", "QueryError", "active_units", "active_units_by_group",
+    "check_ood_pair", "compare_by_digit", "compare_top", "connect", "connect_pair", "curves", "digit_curves",
+    "forgotten", "format_table", "gap_by_digit", "get_analysis", "kl_by_group", "kl_by_group_and_class",
+    "kl_by_group_over_epochs", "kl_per_dim", "largest_gaps", "learned_late", "loss_by_digit", "neighbours",
     "ood", "outliers", "pair_kind", "read_lineage", "run_sql", "table_epochs", "table_files", "totals",
     "worst_explained",
 ]

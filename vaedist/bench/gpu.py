@@ -371,7 +371,7 @@ def part_batch_sweep(setup: Setup, budget: Budget, res: Results) -> dict[str, An
     from vaedist.checkpoint import save_checkpoint
     from vaedist.data import manifest_hash
     from vaedist.engine import evaluate_sums, make_grad_scaler, make_optimizer, train_epoch
-    from vaedist.model import VAE
+    from vaedist.model import build_model
 
     s = setup.sizes
     device = torch.device("cuda") if setup.gpu else torch.device("cpu")
@@ -389,7 +389,7 @@ def part_batch_sweep(setup: Setup, budget: Budget, res: Results) -> dict[str, An
     def run(batch: int, samples: int, mode: str = "eager") -> dict[str, Any]:
         cfg = config_from_dict(base.to_dict(), [f"train.batch_size_per_worker={batch}", f"train.step_mode={mode}"])
         torch.manual_seed(cfg.train.seed)
-        model = VAE(cfg.model, info.image_shape).to(device)
+        model = build_model(cfg.model, info.image_shape).to(device)
         optimizer = make_optimizer(model, cfg.train, device)
         scaler = make_grad_scaler(device, precision)
         per_epoch = images.shape[0] // batch
@@ -450,7 +450,7 @@ def part_quality(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
     then the test set's -ELBO and IW NLL. End to end: from building the model to the NLL."""
     from vaedist.bench.train import train_images
     from vaedist.engine import evaluate_sums, make_grad_scaler, make_optimizer, train_epoch
-    from vaedist.model import VAE
+    from vaedist.model import build_model
     from vaedist.step import resolve_step_mode
 
     s = setup.sizes
@@ -478,7 +478,7 @@ def part_quality(setup: Setup, budget: Budget, res: Results) -> dict[str, Any]:
              f"({'from ' + format(rate, ',.0f') + ' samples/s' if rate else 'no sweep rate: the most'}), "
              f"step mode {cfg.train.step_mode}, on {device}")
     torch.manual_seed(cfg.train.seed)
-    model = VAE(cfg.model, info.image_shape).to(device)
+    model = build_model(cfg.model, info.image_shape).to(device)
     optimizer = make_optimizer(model, cfg.train, device)
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)
     mode = resolve_step_mode(cfg.train, device, model, cfg.train.mixed_precision)
@@ -519,13 +519,13 @@ def _checkpoint(setup: Setup) -> str:
         return setup.checkpoint
     from vaedist.checkpoint import save_checkpoint
     from vaedist.data import manifest_hash, read_manifest
-    from vaedist.model import VAE
+    from vaedist.model import build_model
 
     cfg = _base(setup)
     info = read_manifest(setup.shards).dataset
     torch.manual_seed(0)
     setup.checkpoint = os.path.join(setup.work, "checkpoint-untrained")
-    save_checkpoint(setup.checkpoint, model_state=VAE(cfg.model, info.image_shape).state_dict(), optimizer_state=None,
+    save_checkpoint(setup.checkpoint, model_state=build_model(cfg.model, info.image_shape).state_dict(), optimizer_state=None,
                     epoch=0, global_step=0, config=cfg, manifest_hash=manifest_hash(setup.shards), history=[],
                     dataset=info.name, image_shape=info.image_shape)
     return setup.checkpoint

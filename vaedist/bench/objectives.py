@@ -34,7 +34,7 @@ from vaedist.data import load_split_arrays, read_manifest
 from vaedist.engine import epoch_generator, make_optimizer, train_epoch, train_step
 from vaedist.likelihoods import likelihood_of
 from vaedist.losses import sample_terms
-from vaedist.model import VAE
+from vaedist.model import VAE, build_model
 from vaedist.objectives import ELBO, IWAE, Objective
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -102,7 +102,7 @@ def bench_objectives(cfg: Config, ks: tuple[int, ...] = (1, 5, 50), steps: int =
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     info = read_manifest(storage.absolute(cfg.data.shards_dir)).dataset
     torch.manual_seed(cfg.train.seed)
-    initial = VAE(cfg.model, info.image_shape).to(dev)
+    initial = build_model(cfg.model, info.image_shape).to(dev)
     gen = epoch_generator(cfg.train.seed, 0, 0, dev)
     x = _batch(cfg, dev, gen, initial)
     variants: dict[str, Objective] = {"elbo (S=1)": ELBO(1), **{f"iwae k={k}": IWAE(k) for k in ks}}
@@ -215,7 +215,7 @@ def bench_quality(cfg: Config, runs: list[str], epochs: int, nll_rows: int = 100
     for name in runs:
         run_cfg = config_from_dict(cfg.to_dict(), [f"train.epochs={epochs}", *QUALITY_RUNS[name]])
         torch.manual_seed(run_cfg.train.seed)
-        model = VAE(run_cfg.model, info.image_shape)
+        model = build_model(run_cfg.model, info.image_shape)
         optimizer = make_optimizer(model, run_cfg.train, dev)
         steps = images.shape[0] // run_cfg.train.batch_size_per_worker
         start = time.perf_counter()

@@ -18,7 +18,7 @@ from vaedist.config import Config, config_from_dict
 from vaedist.data import load_split_arrays, read_manifest
 from vaedist.devices import require_cuda
 from vaedist.engine import make_grad_scaler, make_optimizer, train_epoch
-from vaedist.model import VAE
+from vaedist.model import build_model
 
 
 def train_images(cfg: Config) -> torch.Tensor:
@@ -38,7 +38,7 @@ def plain_train_epochs(cfg: Config, images_u8: torch.Tensor, epochs: int, steps:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
-    model = VAE(cfg.model, read_manifest(storage.absolute(cfg.data.shards_dir)).dataset.image_shape)
+    model = build_model(cfg.model, read_manifest(storage.absolute(cfg.data.shards_dir)).dataset.image_shape)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.train, device)
     scaler = make_grad_scaler(device, cfg.train.mixed_precision)

@@ -160,9 +160,32 @@ def _reconstructions(model, train_seed: int, shards_dir: str, manifest: data.Man
 def _samples(model, info: DatasetInfo, n: int, seed: int) -> tuple[Figure, str]:
     generator = torch.Generator().manual_seed(seed)
     probs = model.sample(n, generator, mean=True).numpy()
-    caption = (f"{n} samples z ~ N(0, I) (seed {seed}) shown as {model.likelihood.mean_note} rather than "
+    prior = "N(0, I)" if len(model.latent_groups) == 1 else "p(z), top group first"
+    caption = (f"{n} samples z ~ {prior} (seed {seed}) shown as {model.likelihood.mean_note} rather than "
                "draws from p(x|z).")
     return _image_grid(list(probs), [""] * n, 1.0, info.image_shape, title_lines=0), caption
+
+
+def _samples_by_group(model, info: DatasetInfo, seed: int) -> tuple[Figure, str]:
+    """A model of several latent groups: one row per group, top first; along a row that group's noise
+    varies and every other group's is the first column's, so z_l and the groups below it change while
+    those above stay fixed (each drawn from its prior given the one above)."""
+    groups = model.latent_groups
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, model.latent_dim, generator=generator)
+    starts = np.cumsum([0, *groups])
+    rows = []
+    for l in reversed(range(len(groups))):
+        eps = base.repeat(GRID_COLUMNS, 1)
+        eps[1:, starts[l]:starts[l + 1]] = torch.randn(GRID_COLUMNS - 1, groups[l], generator=generator)
+        rows.append(eps)
+    with torch.no_grad():
+        probs = model.decode_prior_sample(torch.cat(rows), mean=True).numpy()
+    labels = [f"z_{l + 1} ({groups[l]}) varies" for l in reversed(range(len(groups)))]
+    caption = (f"Ancestral samples (seed {seed}) shown as {model.likelihood.mean_note}: each row varies the noise of one "
+               "latent group (z_1 is next to x), the first column's noise elsewhere, so a row shows what its group "
+               "and the groups below it decide with the groups above held fixed.")
+    return _image_grid(list(probs), [""] * len(probs), 1.0, info.image_shape, labels, title_lines=0), caption
 
 
 def _project_2d(mu: np.ndarray) -> tuple[np.ndarray, str]:

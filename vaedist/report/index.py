@@ -15,8 +15,8 @@ from vaedist.checkpoint import CheckpointError, check_data_compatible, load_mode
 from vaedist.lineage import Lineage
 from vaedist.report.diagnostics import _diagnostics
 from vaedist.report.dynamics import DYNAMICS_PAGE, _write_dynamics
-from vaedist.report.figures import (_latent_space, _loss_distribution, _noun, _reconstructions, _samples, _save,
-                                    _title, _worst)
+from vaedist.report.figures import (_latent_space, _loss_distribution, _noun, _reconstructions, _samples,
+                                    _samples_by_group, _save, _title, _worst)
 from vaedist.report.pages import _figure_html, _format_epochs, _html_table, _inputs_html, _lineage_html, _page
 from vaedist.report.shards import _open_shards
 from vaedist.report.training import TRAINING_FIGURE, _training, _training_html, _training_inputs
@@ -30,6 +30,8 @@ FIGURES = {
     "loss_by_digit.png": "Loss per {noun}",
     "worst_explained.png": "Highest-loss {items}",
 }
+# Only for a model of several latent groups.
+GROUP_FIGURES = {"samples_by_group.png": "Samples varying one latent group at a time"}
 
 
 def _resolve_inputs(latents_dir: str, checkpoint: str | None, shards_dir: str | None) -> tuple[Lineage, str, str]:
@@ -146,11 +148,14 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
             "worst_explained.png": _worst(con, latents_dir, shards_dir, info, num_examples, split, split_note,
                                           shown_epoch),
         }
+        if len(model.latent_groups) > 1:
+            figures["samples_by_group.png"] = _samples_by_group(model, info, seed)
         diagnostics, diagnostics_html = _diagnostics(con, latents_dir, shards_dir, info, num_examples, split,
                                                      split_note, shown_epoch)
         for name, (fig, caption) in {**figures, **diagnostics}.items():
             _save(fig, storage.join(out_dir, name))
-        sections = [_figure_html(name, _title(FIGURES[name], info), caption) for name, (_, caption) in figures.items()]
+        sections = [_figure_html(name, _title({**FIGURES, **GROUP_FIGURES}[name], info), caption)
+                    for name, (_, caption) in figures.items()]
         training_figure = None
         if training_epochs:
             fig, caption = _training(training_epochs, final)
@@ -178,7 +183,14 @@ def write_report(latents_dir: str, out_dir: str, checkpoint: str | None = None, 
                     + (f'; <a href="{DYNAMICS_PAGE}">training dynamics</a> follows the datapoints over every epoch.'
                        if dynamics else ".") + "</p>")
     body += [f"<h2>Loss by {_noun(info)}</h2>\n<p>{html.escape(split_note)} datapoints, nats</p>",
-             _html_table(summary, "loss-by-class"), *sections, *diagnostics_html,
+             _html_table(summary, "loss-by-class")]
+    if len(model.latent_groups) > 1:
+        body += ["<h2>KL by latent group</h2>\n<p>Each group's KL term (z_1 next to x), its share of the total KL "
+                 f"and the mean of its share per datapoint; {html.escape(split_note)} datapoints, nats. The "
+                 "per-dimension KL under Diagnostics compares q with N(0, I), which is a group's prior only at the "
+                 "top; these are the terms of the loss.</p>",
+                 _html_table(analyses.kl_by_group(latents_dir, split=split, epoch=shown_epoch, con=con), "kl-by-group")]
+    body += [*sections, *diagnostics_html,
              _training_html(training_figure, final, no_metrics, run_dir), *_lineage_html(lineage)]
     index = storage.join(out_dir, "index.html")
     storage.write_bytes(index, _page("vaedist report", body).encode())
