@@ -14,7 +14,7 @@ permutation, and the usual price of streaming. Every worker gets the same number
 Train's equal split) and so the same number of full batches, which DDP needs.
 
 The decoder is the shard reader's own vectorised fast path, not ray.data.read_webdataset: measured
-here it streams MNIST about 7x faster (README, Performance), and it checks each shard's size and
+here it streams MNIST about 7x faster (docs: performance), and it checks each shard's size and
 sha256 against the manifest as it reads, so a corrupt shard met mid-epoch is an error that names it.
 """
 

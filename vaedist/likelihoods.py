@@ -109,7 +109,7 @@ class Bernoulli(Likelihood):
     def eval_input(self, images_u8, indices, split: str, seed: int, device: torch.device) -> torch.Tensor:
         """The fixed binarisation per (seed, split, index): hashed on the device on a GPU (the uint8
         pixels cross, not four times as many float bytes), in NumPy on the CPU, where it measured
-        faster for encode's 128-row batches (README, Performance). Both are bit-identical."""
+        faster for encode's 128-row batches (docs: performance). Both are bit-identical."""
         if device.type == "cuda":
             from vaedist.rng import fixed_binarize as fixed_binarize_on_device
 

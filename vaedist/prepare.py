@@ -11,7 +11,7 @@ map_batches, one run per call, blocks of about a MiB: see task_groups) and hands
 task order (preserve_order), block by block; the driver writes them with the same shard writer as
 the built-ins (data.external.writer), a shard at a time. Rows are numbered in that order, so the bytes are the same on any number of workers. The driver
 never holds more than the plan (the file list), a shard per split and a block or two in flight: its
-memory grows only by the plan with the number of images (README, Performance).
+memory grows only by the plan with the number of images (docs: performance).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _run_task(kind: str):
 
 # A Ray Data task and each block it outputs cost the driver and the cluster ~10-30 ms however small
 # (scheduling, moving and converting the block); with the source's tasks of ~0.1 s each that took a
-# third of the machine (README, Performance). So each Ray Data task runs a run of consecutive source
+# third of the machine (docs: performance). So each Ray Data task runs a run of consecutive source
 # tasks (at most GROUP_MAX, and few enough that every CPU still gets GROUP_SPREAD runs to balance the
 # load), and outputs their rows as blocks of BLOCK_BYTES of images or more (the last one less),
 # concatenated here rather than by Ray Data's block shaping, so that images of two shapes stop the
@@ -53,7 +53,7 @@ BLOCK_BYTES = 1 << 20
 # the moment a CPU frees), and the driver prefetches PREFETCH_PER_TASK blocks per task in flight:
 # Ray Data's downstream-capacity backpressure, which still bounds the blocks waiting for the driver,
 # allows twice what the driver prefetches, and blocks that preserve_order holds back behind a slower
-# task would otherwise stop new tasks (README, Performance).
+# task would otherwise stop new tasks (docs: performance).
 QUEUED_PER_CPU = 2
 PREFETCH_PER_TASK = 2
 

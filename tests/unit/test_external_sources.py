@@ -158,7 +158,7 @@ def test_task_groups_keep_order_and_spread_over_the_cpus():
 
 
 def test_the_ray_data_switches_the_prepare_job_sets_exist():
-    """The job turns Ray Data's operator resource reservation off (README, Performance); a DataContext
+    """The job turns Ray Data's operator resource reservation off (docs: performance); a DataContext
     without the field would take the assignment silently and run the job at the old, slower pace."""
     import dataclasses
 

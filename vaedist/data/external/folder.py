@@ -40,7 +40,7 @@ def _walk(root: str) -> tuple[list[str], list[str]]:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
             (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(rel)
     # Code-point order is UTF-8 byte order, without a bytes copy of every name (the driver's memory
-    # is the listing's: README, Performance).
+    # is the listing's; docs: performance).
     images.sort()
     others.sort()
     return images, others

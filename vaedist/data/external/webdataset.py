@@ -17,7 +17,7 @@ hashes the shard's file name + '#' + key.
 
 The shards are read by vaedist's own tar reader (from_items of shard URLs, then map_batches), not
 by ray.data.read_webdataset: Ray 2.60's default decoder leaves jpeg and webp as bytes, and the
-project's reader measured several times faster on its own shards (README, Performance).
+project's reader measured several times faster on its own shards (docs: performance).
 """
 
 from __future__ import annotations
