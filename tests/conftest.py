@@ -283,22 +283,29 @@ def ood_reference(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # The README's commands, as written.
 
+def command_blocks(text: str) -> list[list[str]]:
+    """The commands of each ```bash block (not ```bash {.no-run}), continuation lines joined,
+    comments and blank lines dropped."""
+    blocks = []
+    for block in (b.split("```", 1)[0] for b in text.split("```bash\n")[1:]):
+        commands, pending = [], []
+        for line in block.splitlines():
+            line = re.sub(r"(^|\s+)#.*$", "", line).rstrip()
+            if line:
+                pending.append(line.removesuffix("\\").strip())
+                if not line.endswith("\\"):
+                    commands.append(" ".join(pending))
+                    pending = []
+        blocks.append(commands)
+    return blocks
+
+
 def readme_commands(containing: str) -> list[str]:
-    """The commands of the README's ```bash block that contains `containing`, continuation lines
-    joined, comments and blank lines dropped."""
-    text = (REPO / "README.md").read_text()
-    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
-    found = [b for b in blocks if containing in b]
+    """The commands of the README's ```bash block that has a command containing `containing`."""
+    found = [block for block in command_blocks((REPO / "README.md").read_text())
+             if any(containing in command for command in block)]
     assert len(found) == 1, f"{len(found)} README bash blocks contain {containing!r}"
-    commands, pending = [], []
-    for line in found[0].splitlines():
-        line = re.sub(r"(^|\s+)#.*$", "", line).rstrip()
-        if line:
-            pending.append(line.removesuffix("\\").strip())
-            if not line.endswith("\\"):
-                commands.append(" ".join(pending))
-                pending = []
-    return commands
+    return found[0]
 
 
 def repo_copy(dest: Path) -> Path:

@@ -80,13 +80,18 @@ def is_dir(path: str) -> bool:
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
-@_storage_call
-def size(path: str) -> int:
+def _file_info(path: str) -> pafs.FileInfo:
+    """The file's info; FileNotFoundError naming `path` where there is none."""
     fs, p = resolve(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(path)
-    return info.size
+    return info
+
+
+@_storage_call
+def size(path: str) -> int:
+    return _file_info(path).size
 
 
 @_storage_call
@@ -147,11 +152,7 @@ def delete_file(path: str) -> None:
 @_storage_call
 def mtime_ns(path: str) -> int:
     """A file's modification time in nanoseconds (0 where the storage gives none)."""
-    fs, p = resolve(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(path)
-    return info.mtime_ns or 0
+    return _file_info(path).mtime_ns or 0
 
 
 @contextmanager

@@ -10,7 +10,6 @@ appears in several blocks runs once."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,28 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, repo_copy
+from conftest import REPO, command_blocks, repo_copy
 
 pytestmark = pytest.mark.integration
 EXPENSIVE = ("vaedist train", "vaedist encode")
 RUN_ELSEWHERE = "ray start --head"  # test_cluster.py's block
-
-
-def command_blocks(text: str) -> list[list[str]]:
-    """The commands of each ```bash block (not ```bash {.no-run}), continuation lines joined,
-    comments and blank lines dropped."""
-    blocks = []
-    for block in (b.split("```", 1)[0] for b in text.split("```bash\n")[1:]):
-        commands, pending = [], []
-        for line in block.splitlines():
-            line = re.sub(r"(^|\s+)#.*$", "", line).rstrip()
-            if line:
-                pending.append(line.removesuffix("\\").strip())
-                if not line.endswith("\\"):
-                    commands.append(" ".join(pending))
-                    pending = []
-        blocks.append(commands)
-    return blocks
 
 
 def documented_commands() -> dict[str, list[str]]:
