@@ -42,16 +42,19 @@ run: $(STAMP)  ## the whole pipeline on an embedded local Ray
 
 # The suite's test files run TEST_WORKERS at a time (pytest-xdist, a file per worker so that module
 # fixtures are built once): on 2 cores about a fifth faster than one at a time, which leaves a core
-# idle while a test waits on Ray's process starts.
+# idle while a test waits on Ray's process starts. Files go out in collection order, the long
+# integration files first and the many short unit files last to fill the gaps: xdist's default order
+# (files with the most tests first) left the longest single-test files for the end, one worker idle.
 TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP) chromium  ## unit and integration tiers
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q $(PARALLEL)
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -m "not integration"
 
 test-integration: $(STAMP) chromium
-	$(BIN)/pytest -q -m integration -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -m integration $(PARALLEL)
 
 # The main commands where only vaedist's required dependencies are installed (no extras); part of `test`.
 test-minimal: $(STAMP)
