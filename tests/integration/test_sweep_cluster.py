@@ -27,8 +27,9 @@ from conftest import REPO, debug_config
 pytestmark = pytest.mark.integration
 TINY = ("train.max_steps_per_epoch=3", "scaling.cpus_per_worker=1", "encode.num_samples_mc=1",
         "encode.num_samples_iw=0", "encode.concurrency=1")
-# A hierarchical model whose grid splits 8 latent dimensions between two groups in three ways.
-HIERARCHICAL = ("model.kind=hierarchical", "model.latent_dim=8")
+# A hierarchical model whose grid splits 8 latent dimensions between two groups in three ways (the
+# base config is checked as it is, so it names a split of its own).
+HIERARCHICAL = ("model.kind=hierarchical", "model.latent_dim=8", "model.latent_groups=[4,4]")
 
 
 def sweep_config(shards, storage, name, grid, *extra):
