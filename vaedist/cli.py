@@ -680,17 +680,22 @@ def bench_models(config_path, overrides, mnist_dir, epochs, steps, shapes) -> No
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1),
               help="Epochs per variant and round (the first warms up).")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds.")
+@click.option("--baseline", type=click.Path(dir_okay=False, exists=True),
+              help="The one-layer model's config (default: configs/burda-1layer-mnist.yaml for MLP stages, "
+                   "configs/conv.yaml for conv stages).")
 @guarded
-def bench_hierarchy(config_path, overrides, mnist_dir, steps, epochs, rounds) -> None:
-    """Burda et al.'s two-stochastic-layer model vs their one-layer model: ms per training step with the
-    ELBO and with IWAE k = 5, and the ratio.
+def bench_hierarchy(config_path, overrides, mnist_dir, steps, epochs, rounds, baseline) -> None:
+    """A hierarchical model (the config's; default Burda et al.'s two stochastic layers) vs a one-layer
+    model: ms per training step with the ELBO and with IWAE k = 5, and the ratio.
 
     vaedist bench hierarchy --config configs/hier-mnist.yaml --steps 50 --rounds 3
+
+    vaedist bench hierarchy --config configs/hier-conv.yaml --set model.likelihood=discretized-logistic
     """
     from vaedist.bench.hierarchy import bench_hierarchy as run
 
     run(resolve_config(config_path or "configs/hier-mnist.yaml", overrides, mnist_dir), steps=steps, rounds=rounds,
-        epochs=epochs, echo=click.echo)
+        epochs=epochs, baseline=baseline, echo=click.echo)
 
 
 @bench.command("sweep")

@@ -236,14 +236,30 @@ def train_epoch(model, optimizer, batches: torch.Tensor | Iterable[torch.Tensor]
 def evaluate_sums(model, images_u8: np.ndarray, indices: np.ndarray, split: str, seed: int,
                   device: torch.device, batch_size: int = 1000, num_samples_mc: int = 1,
                   num_samples_iw: int = 0, iw_chunk_size: int = 100) -> dict[str, float]:
-    """Sums over datapoints of loss, recon_nll, kl (and log_px) with the fixed binarisation and
-    per-key noise; the caller reduces sums and counts across workers for an exact mean."""
+    """Sums over datapoints of loss, recon_nll, kl (and log_px, and each latent group's KL: sum_keys)
+    with the fixed binarisation and per-key noise; the caller reduces sums and counts across workers
+    for an exact mean."""
     model.eval()
-    keys = [*SUM_KEYS, "log_px"] if num_samples_iw > 0 else list(SUM_KEYS)
+    keys = sum_keys(model, num_samples_iw)
+    groups = len(keys) - keys.index(group_key(1)) if group_key(1) in keys else 0
     totals = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         x = likelihood_of(model).eval_input(images_u8[start:start + batch_size], idx, split, seed, device)
         out = evaluate_batch(model, x, idx, split, seed, num_samples_mc, num_samples_iw, iw_chunk_size)
-        totals += torch.stack([out[key].double().sum() for key in keys])
+        sums = [out[key].double().sum() for key in keys[:len(keys) - groups]]
+        totals += torch.stack([*sums, *out["kl_groups"].double().sum(dim=0)[:groups]])
     return {**dict(zip(keys, totals.tolist())), "count": float(len(indices))}
+
+
+def group_key(group: int) -> str:
+    """evaluate_sums' key for latent group z_group's KL term (1: next to x)."""
+    return f"kl_group_{group}"
+
+
+def sum_keys(model, num_samples_iw: int = 0) -> list[str]:
+    """The sums evaluate_sums returns besides count: SUM_KEYS, log_px with importance samples, and for a
+    model of several latent groups each group's KL term, z_1 first (one group's is kl itself)."""
+    groups = len(getattr(model, "latent_groups", ()))
+    return [*SUM_KEYS, *(["log_px"] if num_samples_iw > 0 else []),
+            *([group_key(g) for g in range(1, groups + 1)] if groups > 1 else [])]

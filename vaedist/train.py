@@ -30,8 +30,8 @@ from vaedist.console import EpochDisplay, score_for_ray
 from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, load_split_arrays, manifest_hash,
                           read_checked_shard, read_manifest)
 from vaedist.devices import CudaUnavailableError, require_cuda
-from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, load_optimizer_state, make_grad_scaler, make_optimizer,
-                            train_epoch)
+from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, group_key, load_optimizer_state, make_grad_scaler,
+                            make_optimizer, sum_keys, train_epoch)
 from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_steps
 from vaedist.likelihoods import bits_per_dim
 from vaedist.model import VAE, build_model, check_model
@@ -82,7 +82,8 @@ def _evaluate(model, test_data, shards_dir: str, info: DatasetInfo, seed: int, d
         indices, images, _ = _load_rank_arrays(shards_dir, [shard], info)
         for key, value in evaluate_sums(model, images, indices, "test", seed, device, **kwargs).items():
             total[key] = total.get(key, 0.0) + value
-    return total or {"loss": 0.0, "recon_nll": 0.0, "kl": 0.0, "count": 0.0}
+    # A rank without test shards still sends every key: the ranks' sums are reduced key by key.
+    return total or {**{key: 0.0 for key in sum_keys(model, kwargs.get("num_samples_iw", 0))}, "count": 0.0}
 
 
 def _rank_node_ids() -> list[str]:
@@ -231,6 +232,9 @@ def _test_metrics(model: torch.nn.Module, data: _RankData, cfg: Config, shards_d
     metrics = {"test_loss": test["loss"] / count, "test_recon_nll": test["recon_nll"] / count,
                "test_kl": test["kl"] / count, "test_count": int(test["count"])}
     metrics["test_bpd"] = bits_per_dim(metrics["test_loss"], math.prod(info.image_shape))
+    if group_key(1) in test:  # a model of several latent groups: each one's term of test_kl, z_1 first
+        groups = len(_unwrap(model).latent_groups)
+        metrics["test_kl_groups"] = [test[group_key(g)] / count for g in range(1, groups + 1)]
     return metrics
 
 

@@ -5,6 +5,7 @@ the trials that are clearly worse."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,9 @@ from conftest import REPO, debug_config
 pytestmark = pytest.mark.integration
 TINY = ("train.max_steps_per_epoch=3", "scaling.cpus_per_worker=1", "encode.num_samples_mc=1",
         "encode.num_samples_iw=0", "encode.concurrency=1")
+# A hierarchical model whose grid splits 8 latent dimensions between two groups in three ways (the
+# base config is checked as it is, so it names a split of its own).
+HIERARCHICAL = ("model.kind=hierarchical", "model.latent_dim=8", "model.latent_groups=[4,4]")
 
 
 def sweep_config(shards, storage, name, grid, *extra):
@@ -37,8 +41,9 @@ def test_a_grid_sweep_killed_mid_way_resumes_two_at_a_time_into_run_dirs_the_tab
     """One sweep serves both stories (a Tune run costs ~20 s a trial here): its first driver, a real
     `vaedist sweep` process with its own embedded Ray, is killed once its first trial is done; the rerun
     finishes the rest two at a time without rerunning that trial, and the finished sweep is checked
-    whole: sweep.parquet against the run directories, one MLflow parent with a child per trial, the
-    query, report and encode of the sweep, and a third run that runs nothing."""
+    whole: sweep.parquet against the run directories (with each trial's KL per latent group: the model
+    is hierarchical, the grid its group sizes), one MLflow parent with a child per trial, the query,
+    report and encode of the sweep, and a third run that runs nothing."""
     MlflowClient = pytest.importorskip("mlflow", reason="the sweep's MLflow runs need vaedist[mlflow]").MlflowClient
     from vaedist.report.sweep import write_sweep_report
 
@@ -48,13 +53,14 @@ def test_a_grid_sweep_killed_mid_way_resumes_two_at_a_time_into_run_dirs_the_tab
     storage = tmp_path / "runs"
     # Three trials (the product of both keys' values): one for the killed driver, two for the rerun
     # to run at once; a fourth would only add another round of ~20 s.
-    grid = ["train.lr=2e-3", "model.latent_dim=4,8,16"]
-    names = ["t000-lr=0.002-latent_dim=4", "t001-lr=0.002-latent_dim=8", "t002-lr=0.002-latent_dim=16"]
+    grid = ["train.lr=2e-3", "model.latent_groups=[2,6],[4,4],[6,2]"]
+    names = ["t000-lr=0.002-latent_groups=_2_6_", "t001-lr=0.002-latent_groups=_4_4_",
+             "t002-lr=0.002-latent_groups=_6_2_"]
     args = [sys.executable, "-m", "vaedist.cli", "sweep", "--config", str(REPO / "configs" / "debug.yaml"),
             *[f"--set={o}" for o in (f"data.shards_dir={small_shards}", "data.max_train_shards=0",
                                      "data.max_test_shards=0", f"output.storage_path={storage}",
                                      "output.run_name=sweep", "train.batch_size_per_worker=50",
-                                     "output.checkpoints_to_keep=2", *TINY, *tracking)],
+                                     "output.checkpoints_to_keep=2", *TINY, *HIERARCHICAL, *tracking)],
             *[f"--grid={g}" for g in grid], "--name", "grid", "--max-concurrent", "1"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -80,7 +86,8 @@ def test_a_grid_sweep_killed_mid_way_resumes_two_at_a_time_into_run_dirs_the_tab
     unfinished = [n for n in names[1:] if read_record(str(storage / "grid" / n)).get("status") != "finished"]
     assert unfinished
 
-    cfg = sweep_config(small_shards, storage, "grid", grid, "sweep.max_concurrent_trials=2", *tracking)
+    cfg = sweep_config(small_shards, storage, "grid", grid, "sweep.max_concurrent_trials=2", *HIERARCHICAL,
+                       *tracking)
     result = run_sweep(cfg)
     assert names[0] in result.skipped and sorted(result.ran) == unfinished
     assert (first / "metrics.jsonl").read_bytes() == finished_metrics  # not trained again
@@ -89,8 +96,9 @@ def test_a_grid_sweep_killed_mid_way_resumes_two_at_a_time_into_run_dirs_the_tab
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["finished"] * 3, rows
     assert [r["name"] for r in rows] == names
-    assert [(r["train.lr"], r["model.latent_dim"]) for r in rows] == [(2e-3, 4), (2e-3, 8), (2e-3, 16)]
-    assert table.schema.field("model.latent_dim").type == "int64"
+    assert [(r["train.lr"], r["model.latent_groups"]) for r in rows] == [(2e-3, "[2, 6]"), (2e-3, "[4, 4]"),
+                                                                         (2e-3, "[6, 2]")]
+    assert table.schema.field("model.latent_groups").type == "string"  # lists as JSON
     for row in rows:  # each row says what its run directory says
         metrics = read_metrics(row["run_dir"])
         epochs = [m for m in metrics if m["kind"] == "epoch"]
@@ -98,12 +106,17 @@ def test_a_grid_sweep_killed_mid_way_resumes_two_at_a_time_into_run_dirs_the_tab
         assert row["epochs_run"] == len(epochs) == row["epochs"] == 2
         assert row["train_loss"] == pytest.approx(epochs[-1]["train_loss"])
         assert row["test_loss"] == pytest.approx(epochs[-1]["test_loss"])
+        # Each group's test KL, z_1 first: two terms that sum to test_kl, as the run's last epoch has them.
+        assert len(row["test_kl_groups"]) == 2 and all(kl >= 0 for kl in row["test_kl_groups"]), row
+        assert row["test_kl_groups"] == pytest.approx(epochs[-1]["test_kl_groups"])
+        assert sum(row["test_kl_groups"]) == pytest.approx(row["test_kl"], rel=1e-9)
         assert Path(row["best_checkpoint"], "checkpoint.pt").is_file()
         assert Path(row["run_dir"]).parent == Path(result.dir) and row["run_dir"].endswith(row["name"])
         assert row["wall_s"] > 0 and row["attempts"] >= 1
         # The trial's run is an ordinary run of its own config: its overrides in its checkpoint's config.
         saved = yaml.safe_load(Path(row["best_checkpoint"], "config.yaml").read_text())
-        assert saved["train"]["lr"] == row["train.lr"] and saved["model"]["latent_dim"] == row["model.latent_dim"]
+        assert saved["train"]["lr"] == row["train.lr"]
+        assert json.dumps(saved["model"]["latent_groups"]) == row["model.latent_groups"]
     # The rerun ran two at a time: some pair of its trials overlapped in time.
     spans = [(e["started"], e["started"] + e["wall_s"]) for e in (read_record(r["run_dir"]) for r in rows[1:])]
     overlaps = [sum(a[0] < b[1] and b[0] < a[1] for b in spans) - 1 for a in spans]
@@ -124,8 +137,12 @@ def test_a_grid_sweep_killed_mid_way_resumes_two_at_a_time_into_run_dirs_the_tab
     assert best.column("name").to_pylist() == [min(rows, key=lambda r: r["test_loss"])["name"]]
     page = Path(write_sweep_report(result.dir, str(tmp_path / "report")))
     assert "Best trials" in page.read_text() and (page.parent / "sweep-train_lr.png").stat().st_size > 0
+    assert "test KL by group" in page.read_text()
     (row, encoded), = encode_best(cfg, result.dir, 1, out=str(tmp_path / "latents"))
     assert row["name"] == best.column("name")[0].as_py() and encoded.rows == {"test": 4000}
+    latents = pq.read_table(encoded.path, columns=["kl", "kl_groups", "mu"]).to_pydict()  # the best trial's groups
+    assert {len(g) for g in latents["kl_groups"]} == {2} and {len(m) for m in latents["mu"]} == {8}
+    assert [sum(g) for g in latents["kl_groups"][:5]] == pytest.approx(latents["kl"][:5], rel=1e-12)
 
     # A rerun of a finished sweep runs nothing.
     again = run_sweep(cfg)

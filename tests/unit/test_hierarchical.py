@@ -20,6 +20,8 @@ from vaedist.model import VAE, build_model
 from vaedist.objectives import OBJECTIVES
 from vaedist.data import fixed_binarize
 
+from conftest import REPO
+
 ARRANGEMENTS = ["top-down", "bottom-up"]
 VARIANTS = ["top-down", "bottom-up", "conv"]  # the arrangements with MLP stages, and conv stages (top-down)
 
@@ -494,3 +496,19 @@ def test_the_cost_per_step_benchmark_is_a_command():
 
     result = CliRunner().invoke(cli, ["bench", "hierarchy", "--help"])
     assert result.exit_code == 0 and "vaedist bench hierarchy --config configs/hier-mnist.yaml" in result.output
+
+
+def test_the_cost_per_step_benchmark_compares_the_configs_hierarchy_with_its_one_layer_family():
+    """Burda et al.'s pair by default; a conv hierarchy against configs/conv.yaml's model, and any
+    hierarchy against --baseline's, each one-layer model with the hierarchy's likelihood."""
+    from vaedist.bench.hierarchy import compared_models
+
+    burda = compared_models(load_config(REPO / "configs" / "mnist.yaml"))
+    assert (burda["one layer"]["hidden_dims"], burda["two layers"]["latent_groups"]) == ([200, 200], [100, 50])
+    conv = compared_models(load_config(REPO / "configs" / "hier-conv.yaml", ["model.likelihood=discretized-logistic"]))
+    assert conv["one layer"]["kind"] == "conv" and conv["one layer"]["hidden_dims"] == [32, 64]
+    assert conv["one layer"]["likelihood"] == conv["two layers"]["likelihood"] == "discretized-logistic"
+    assert conv["two layers"]["latent_groups"] == [32, 16]
+    colour = compared_models(load_config(REPO / "configs" / "hier-twemoji.yaml"), REPO / "configs" / "twemoji.yaml")
+    assert colour["one layer"]["hidden_dims"] == [32, 64, 128]
+    assert colour["one layer"]["mixture_components"] == colour["two layers"]["mixture_components"] == 5

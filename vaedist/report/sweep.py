@@ -95,10 +95,14 @@ def write_sweep_report(sweep_dir: str, out_dir: str) -> str:
                         if any(r["status"] == s for r in rows)) + ".</p>"]
     best = sorted([r for r in rows if r["status"] == "finished" and r["test_loss"] is not None],
                   key=lambda r: (r["test_loss"], r["name"]))[:BEST_SHOWN]
+    # Models of several latent groups: each group's KL beside the loss, to see which group a trial uses.
+    groups = any(r.get("test_kl_groups") for r in best)
     body.append("<h2>Best trials</h2>")
-    body.append(_rows_html(["name", *keys, "test l_i", "test NLL (IW)", "epochs", "best checkpoint"],
-                           [[r["name"], *[_cell(r[k]) for k in keys], r["test_loss"], r["test_nll_iw"],
-                             r["epochs_run"], r["best_checkpoint"]] for r in best], "best")
+    body.append(_rows_html(["name", *keys, "test l_i", *(["test KL by group (z_1 first)"] if groups else []),
+                            "test NLL (IW)", "epochs", "best checkpoint"],
+                           [[r["name"], *[_cell(r[k]) for k in keys], r["test_loss"],
+                             *([" / ".join(f"{v:.3g}" for v in r["test_kl_groups"] or [])] if groups else []),
+                             r["test_nll_iw"], r["epochs_run"], r["best_checkpoint"]] for r in best], "best")
                 if best else "<p>No trial has finished yet.</p>")
     with matplotlib.style.context("default"):
         for key in keys:

@@ -46,6 +46,8 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "test_loss": (pa.float64(), "the last evaluated epoch's mean test l_i, nats"),
     "test_recon_nll": (pa.float64(), "its reconstruction term"),
     "test_kl": (pa.float64(), "its KL term"),
+    "test_kl_groups": (pa.list_(pa.float64()), "models of several latent groups: each group's term of test_kl, "
+                                               "z_1 first (null for one group)"),
     "test_nll_iw": (pa.float64(), "the final importance-weighted test NLL (with train.num_samples_iw_final > 0)"),
     "stopped_after_epochs": (pa.int64(), "stopped trials: the epochs the scheduler had seen when it stopped it"),
     "best_checkpoint": (pa.string(), "the checkpoint of lowest test loss"),
@@ -142,6 +144,8 @@ def trial_row(run_dir: str, epochs_planned: int) -> dict[str, Any]:
         "test_loss": _number(tested[-1]["test_loss"]) if tested else None,
         "test_recon_nll": _number(tested[-1].get("test_recon_nll")) if tested else None,
         "test_kl": _number(tested[-1].get("test_kl")) if tested else None,
+        "test_kl_groups": [_number(v) for v in tested[-1]["test_kl_groups"]]
+        if tested and tested[-1].get("test_kl_groups") else None,
         "test_nll_iw": _number(finals[-1].get("test_nll_iw")) if finals else None,
         "stopped_after_epochs": record.get("stopped_after_epochs") if record.get("status") == "stopped" else None,
         "best_checkpoint": best, "wall_s": _number(record.get("wall_s")),
