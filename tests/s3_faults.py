@@ -55,7 +55,7 @@ class FaultProxy:
         self.rules: list[Rule] = []
         self.lock = threading.Lock()
         self.requests = 0  # answered or forwarded, since start
-        self.injected = 0  # faults answered, since start
+        self.injected = {"transient": 0, "lasting": 0}  # faults answered since start, by their rule's kind
         self.released = threading.Event()  # set on exit: stalls end at once
         proxy = self
 
@@ -86,7 +86,7 @@ class FaultProxy:
                                  if r.matches(self.command, self.path, self.headers, proxy.requests)), None)
                     if rule:
                         rule.served += 1
-                        proxy.injected += 1
+                        proxy.injected["lasting" if rule.times is None else "transient"] += 1
                 if rule and rule.answer == "stall":
                     proxy.released.wait(rule.seconds)
                     self.close_connection = True

@@ -1,8 +1,8 @@
 """Paths that may be local or in object storage (s3://, gs://, ...), through pyarrow.fs.
 
-resolve() is pyarrow's FileSystem.from_uri, which is also what Ray Train (RunConfig.storage_path)
-and Ray Data (read_*/write_* paths) call on the same URI, so one URI means the same place to all
-three. For S3, from_uri takes credentials and region from the standard variables
+resolve() is pyarrow's FileSystem.from_uri, which is also what Ray Data (read_*/write_* paths) calls
+on the same URI, so one URI means the same place to both; Ray Train is handed resolve()'s filesystem
+itself (ray_storage). For S3, from_uri takes credentials and region from the standard variables
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION) and a custom endpoint
 from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, whose scheme picks http or https (MinIO, moto:
 AWS_ENDPOINT_URL=http://127.0.0.1:9000). pyarrow.fs.S3FileSystem() built directly ignores the

@@ -35,11 +35,10 @@ COPY = "x-amz-copy-source"  # a PUT with this header is a server-side copy (Copy
 TIMEOUT = 2  # seconds: the S3 client's connect and request timeouts in this module (vaedist's default: 5, 10)
 STALL = 4 * TIMEOUT  # a stall: the client gives up first, and retries
 TRICKLE = 0.05  # seconds between a trickle's pieces: slow, but never TIMEOUT without a byte
-injected = {"s3": 0}
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(request):
     """(boto3 client straight to moto, the proxy) with AWS_ENDPOINT_URL at the proxy for the module."""
     with moto_s3(BUCKET) as client, FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         env = {"AWS_ENDPOINT_URL": proxy.endpoint, storage.CONNECT_TIMEOUT_ENV: str(TIMEOUT),
@@ -49,7 +48,10 @@ def s3():
         try:
             yield client, proxy
         finally:
-            injected["s3"] = proxy.injected
+            reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter:  # the count the reliability guide quotes
+                reporter.write_line(f"S3 faults injected: {proxy.injected['transient']} transient (each once), "
+                                    f"{proxy.injected['lasting']} answers of lasting faults")
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
