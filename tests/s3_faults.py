@@ -29,7 +29,7 @@ import pytest
 ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
           503: ("SlowDown", "Please reduce your request rate.")}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
-TRICKLE_BYTES = 64
+TRICKLE_BYTES = 4096
 
 
 @dataclass
