@@ -96,10 +96,11 @@ def input_errors() -> tuple[type[Exception], ...]:
     from vaedist.checkpoint import CheckpointError
     from vaedist.data import DataError
     from vaedist.encode import EncodeError
+    from vaedist.storage import StorageError
     from vaedist.tracking import TrackingError
 
     query = sys.modules.get("vaedist.analyses.core")
-    return (ConfigError, DataError, CheckpointError, EncodeError, TrackingError, FileNotFoundError,
+    return (ConfigError, DataError, CheckpointError, EncodeError, StorageError, TrackingError, FileNotFoundError,
             FileExistsError, *((query.QueryError,) if query else ()))
 
 

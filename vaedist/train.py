@@ -9,6 +9,7 @@ data, prepare_model (DDP), and report (metrics + checkpoint). Everything else is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from vaedist.likelihoods import bits_per_dim
 from vaedist.model import VAE, build_model, check_model
 from vaedist.tracking import TrainTracker, check_uri, resolve_uri
 from vaedist.registry import EXTERNAL_SOURCES
+from vaedist.storage import StorageError
 from vaedist.user_code import model_runtime_env
 
 log = logging.getLogger("vaedist.train")
@@ -147,6 +149,25 @@ def _keep_copy(local_dir: str, run_dir: str, epoch: int) -> None:
     target = storage.join(run_dir, KEPT_DIR, checkpoint_dir_name(epoch))
     for name in sorted(os.listdir(local_dir)):
         storage.write_bytes(storage.join(target, name), open(os.path.join(local_dir, name), "rb").read())
+
+
+def _report(metrics: dict, checkpoint, run_dir: str, epoch: int) -> None:
+    """ray.train.report: Ray uploads the checkpoint into run_dir/epoch-NNNN (through vaedist's storage
+    filesystem: its timeouts and retries). An upload that still fails (a full disk, S3 failing for
+    good) is raised naming the directory, its torn files deleted: earlier checkpoints are untouched
+    and a rerun resumes from the newest."""
+    import ray.train
+
+    name = checkpoint_dir_name(epoch) if checkpoint else None
+    try:
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    except OSError as e:
+        if checkpoint is None:
+            raise
+        target = storage.join(run_dir, name)
+        with contextlib.suppress(OSError):
+            storage.rmtree(target)
+        raise StorageError(f"saving the checkpoint of epoch {epoch} to {target} failed: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +349,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     _keep_copy(tmp, run_dir, epoch)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             scored = {**metrics, "test_loss": score_for_ray(metrics["test_loss"])}
-            ray.train.report(scored, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch) if ckpt else None)
+            _report(scored, ckpt, run_dir, epoch)
         if save_now:
             on_rank_zero(rank, write_metrics, run_dir, history)
         if tracker:
@@ -452,7 +473,7 @@ def _our_error(error: BaseException) -> BaseException | None:
     for failure in failures:
         seen = failure
         while seen is not None:
-            for kind in (DataError, CheckpointError, CudaUnavailableError):
+            for kind in (DataError, CheckpointError, CudaUnavailableError, StorageError):
                 if isinstance(seen, kind):
                     message = str(seen).strip().splitlines()
                     text = next((line for line in reversed(message) if kind.__name__ in line), message[-1])
@@ -511,7 +532,7 @@ def make_trainer(cfg: Config, plan: Plan, tracking_uri: str | None, callbacks: l
         dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
         run_config=RunConfig(
             name=cfg.output.run_name,
-            storage_path=storage.absolute(cfg.output.storage_path),
+            **storage.ray_storage(cfg.output.storage_path),  # the same S3 client settings as vaedist's
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.checkpoints_to_keep,
                                                checkpoint_score_attribute="test_loss",
                                                checkpoint_score_order="min"),

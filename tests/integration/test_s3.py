@@ -1,8 +1,17 @@
-"""The whole pipeline on s3:// paths: moto's S3 server on 127.0.0.1, a real local Ray, real shards.
+"""Storage that works and storage that fails, on one local Ray and one moto S3 server for the module.
 
-Every path (shards, Ray Train storage, the latent table) is an s3:// URI; the endpoint and the
-credentials come from the standard AWS variables only, set before Ray starts so that every worker
-inherits them. The bucket is listed with boto3, not through vaedist, to see what really landed.
+Every S3 request of the module (the driver's and the Ray workers') goes through a fault-injecting
+proxy on loopback (tests/s3_faults.py) in front of moto's S3 server: the AWS variables and vaedist's
+S3 timeouts are set before Ray starts, so every worker inherits them. The bucket is listed with
+boto3 straight from moto, not through vaedist or the proxy, to see what really landed.
+
+- The whole pipeline on s3:// paths (shards, Ray Train storage, the latent table), meeting transient
+  faults (500 InternalError, 503 SlowDown, reset connections, stalls, a slow trickle) at chosen
+  requests of each step: prepare's shard writes, Ray Train's checkpoint uploads, the encode job's
+  writes, the reads of query and report. Each is retried by the S3 client and the step completes.
+- Lasting faults at the same points end in one error naming the path and the operation; what was
+  published before is intact, nothing half-written is visible, and a rerun completes.
+- A local disk that fills up (a small tmpfs) during prepare, checkpointing and an encode.
 """
 
 from __future__ import annotations
@@ -12,29 +21,63 @@ import os
 
 import pytest
 
+from vaedist import storage, tables
+from vaedist.analyses import QueryError, run_sql
+
 from conftest import debug_config, moto_s3, start_local_ray
+from s3_faults import FaultProxy, Rule, fill, small_disk
+from unit.test_tables import NEW_ROWS, OLD_ROWS, leftovers, staged, write_table
 
 pytestmark = pytest.mark.integration
 
 BUCKET = "vaedist-test"
+COPY = "x-amz-copy-source"  # a PUT with this header is a server-side copy (CopyObject)
+TIMEOUT = 2  # seconds: the S3 client's connect and request timeouts in this module (vaedist's default: 5, 10)
+STALL = 4 * TIMEOUT  # a stall: the client gives up first, and retries
+TRICKLE = 0.05  # seconds between a trickle's pieces: slow, but never TIMEOUT without a byte
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server with one bucket; the AWS variables point at it for the module, then are restored."""
-    with moto_s3(BUCKET) as client:
-        yield client
+def s3(request):
+    """(boto3 client straight to moto, the proxy) with AWS_ENDPOINT_URL at the proxy for the module."""
+    with moto_s3(BUCKET) as client, FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint, storage.CONNECT_TIMEOUT_ENV: str(TIMEOUT),
+               storage.REQUEST_TIMEOUT_ENV: str(TIMEOUT)}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield client, proxy
+        finally:
+            reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+            capture = request.config.pluginmanager.get_plugin("capturemanager")
+            if reporter and capture:  # the count the reliability guide quotes, past the output capture
+                with capture.global_and_fixture_disabled():
+                    reporter.write_line(f"S3 faults injected: {proxy.injected['transient']} transient (each "
+                                        f"once), {proxy.injected['lasting']} answers of lasting faults")
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
 def s3_ray(s3):
-    """A 2-CPU local Ray started after the AWS variables are set: its workers inherit them. A Ray
-    already running in this process (the shared session one) was started without them: stop it."""
+    """A 2-CPU local Ray started after the variables are set: its workers inherit them. A Ray already
+    running in this process (the shared session one) was started without them: stop it."""
     ray = start_local_ray()
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def faulty(s3):
+    _, proxy = s3
+    proxy.clear()
+    yield proxy
+    proxy.clear()
 
 
 def keys_under(client, prefix: str) -> list[str]:
@@ -43,69 +86,241 @@ def keys_under(client, prefix: str) -> list[str]:
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/"))
 
 
-def test_prepare_train_encode_query_on_s3(s3, s3_ray, mnist_dir, tmp_path, monkeypatch):
+def body(client, key: str) -> bytes:
+    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def count(out: str) -> int:
+    return run_sql(out, "SELECT count(*) AS n FROM latents").to_pylist()[0]["n"]
+
+
+def served(rules: list[Rule]) -> list[int]:
+    return [r.served for r in rules]
+
+
+def test_prepare_train_encode_query_report_on_s3_survive_faults(s3, s3_ray, faulty, mnist_dir, tmp_path, monkeypatch):
     from vaedist import schema
-    from vaedist.data import prepare_shards, verify_shards
-    from vaedist.encode import FAIL_ENV, EncodeError, encode
     from vaedist.analyses import loss_by_digit, read_lineage
+    from vaedist.checkpoint import load_checkpoint
+    from vaedist.data import prepare_shards, verify_shards
+    from vaedist.encode import EncodeError, encode
+    from vaedist.report import write_report
     from vaedist.train import train
 
+    client, _ = s3
     monkeypatch.chdir(tmp_path)  # anything written to a local path by mistake would land here
     shards = f"s3://{BUCKET}/shards"
+    # Prepare: a shard's upload answers 503, moving a shard into place (a server-side copy) meets a
+    # reset connection, the manifest's upload stalls.
+    rules = [Rule("PUT", r"/shards/train/train-000001\.tar\.partial", 503),
+             Rule("PUT", r"/shards/test/test-000000\.tar$", "reset", header=COPY),
+             Rule("PUT", r"/shards/manifest\.json\.partial", "stall", seconds=STALL)]
+    faulty.add(*rules)
     prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=500, limit_per_split=1000, progress=False)
-    assert keys_under(s3, "shards/") == ["shards/manifest.json", "shards/test/test-000000.tar",
-                                         "shards/test/test-000001.tar", "shards/train/train-000000.tar",
-                                         "shards/train/train-000001.tar"]
+    assert served(rules) == [1, 1, 1]
+    assert keys_under(client, "shards/") == ["shards/manifest.json", "shards/test/test-000000.tar",
+                                             "shards/test/test-000001.tar", "shards/train/train-000000.tar",
+                                             "shards/train/train-000001.tar"]
     assert verify_shards(shards) == {"train": {"shards": 2, "samples": 1000}, "test": {"shards": 2, "samples": 1000}}
 
+    # Ray Train's checkpoint uploads (its workers, through vaedist's S3 filesystem): a 503, a stall.
     runs = f"s3://{BUCKET}/runs"
     cfg = debug_config(shards, runs, "s3run", "train.epochs=2", "scaling.num_workers=2",
                        "encode.num_samples_iw=4", "encode.concurrency=2")
+    rules = [Rule("PUT", r"/runs/s3run/epoch-0000/checkpoint\.pt", 503),
+             Rule("PUT", r"/runs/s3run/epoch-0001/config\.yaml", "stall", seconds=STALL)]
+    faulty.add(*rules)
     result = train(cfg)
+    assert served(rules) == [1, 1]
     assert result.run_dir == f"{runs}/s3run"
     assert [(r["epoch"], r["restored_from_epoch"], r["world_size"]) for r in result.epochs] == [(0, -1, 2), (1, -1, 2)]
     assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"]
     assert all(r["test_count"] == 1000 for r in result.epochs)
-    keys = keys_under(s3, "runs/s3run/")
+    keys = keys_under(client, "runs/s3run/")
     assert "runs/s3run/epoch-0001/checkpoint.pt" in keys and "runs/s3run/epoch-0001/config.yaml" in keys
     assert "runs/s3run/metrics.jsonl" in keys
     assert result.latest_checkpoint == f"{runs}/s3run/epoch-0001"
-    body = s3.get_object(Bucket=BUCKET, Key="runs/s3run/metrics.jsonl")["Body"].read().decode()
-    assert [json.loads(line) for line in body.splitlines()] == result.metrics
+    assert [json.loads(line) for line in body(client, "runs/s3run/metrics.jsonl").decode().splitlines()] == result.metrics
+    epoch1 = {k: body(client, k) for k in keys if k.startswith("runs/s3run/epoch-0001/")}
 
-    # A rerun resumes from the checkpoint in the bucket: epochs 0-1 are not trained again.
+    # Every upload of epoch 2's checkpoint fails: one error naming the directory and the S3 operation;
+    # epoch 1's checkpoint is as it was and no part of epoch 2's is visible.
+    faulty.add(Rule("PUT", r"/runs/s3run/epoch-0002/", 500, times=None))
+    with pytest.raises(Exception, match=rf"saving the checkpoint of epoch 2 to {runs}/s3run/epoch-0002 failed: "
+                                        r"[\s\S]*INTERNAL_FAILURE during (Put|UploadPart|CompleteMultipartUpload)"):
+        train(debug_config(shards, runs, "s3run", "train.epochs=3", "scaling.num_workers=2", "output.max_failures=0"))
+    faulty.clear()
+    assert {k: body(client, k) for k in keys_under(client, "runs/s3run/epoch-0001/")} == epoch1
+    assert not [k for k in keys_under(client, "runs/s3run/") if "epoch-0002" in k]
+    assert load_checkpoint(f"{runs}/s3run/epoch-0001").epoch == 1
+
+    # The rerun resumes from the checkpoint in the bucket: epochs 0-1 are not trained again.
     again = train(debug_config(shards, runs, "s3run", "train.epochs=3", "scaling.num_workers=2"))
     assert [(r["epoch"], r["restored_from_epoch"]) for r in again.epochs] == [(0, -1), (1, -1), (2, 1)]
     assert again.epochs[:2] == result.epochs
-    assert "runs/s3run/epoch-0002/checkpoint.pt" in keys_under(s3, "runs/s3run/")
+    assert "runs/s3run/epoch-0002/checkpoint.pt" in keys_under(client, "runs/s3run/")
 
+    # The encode actors' uploads into staging (multipart: start, part, complete) each meet one fault.
     out = f"s3://{BUCKET}/latents"
+    staged_file = r"/\.latents\.staging-\w+/{}\.parquet\?{}"
+    rules = [Rule("POST", staged_file.format("train-00000", "uploads"), 503),
+             Rule("PUT", staged_file.format("test-00000", "partNumber"), 500),
+             Rule("POST", staged_file.format("train-00001", "uploadId"), "reset")]
+    faulty.add(*rules)
     enc = encode(cfg, checkpoint=again.latest_checkpoint, out=out)
+    assert served(rules) == [1, 1, 1]
     assert enc.path == out and enc.rows == {"train": 1000, "test": 1000}
-    table_keys = keys_under(s3, "latents/")
+    table_keys = keys_under(client, "latents/")
     assert f"latents/{schema.SUCCESS_FILE}" in table_keys and f"latents/{schema.LINEAGE_FILE}" in table_keys
-    assert any(k.endswith(".parquet") for k in table_keys)
-    parquet = {k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in table_keys if k.endswith(".parquet")}
-    assert not [k for k in keys_under(s3, "") if k.startswith(".latents.")], "staging left behind"
+    parquet = {k: body(client, k) for k in table_keys if k.endswith(".parquet")}
+    assert parquet
+    assert not [k for k in keys_under(client, "") if k.startswith(".latents.")], "staging left behind"
+
+    # Reads by queries and the report: a 503 on the lineage, a stall and a trickle on Parquet files,
+    # a reset on the checkpoint and a 503 on the metrics the report reads.
+    rules = [Rule("GET", r"/latents/_lineage\.json", 503),
+             Rule("GET", r"/latents/test-00000\.parquet", "stall", seconds=STALL),
+             Rule("GET", r"/latents/train-00000\.parquet", "trickle", seconds=TRICKLE)]
+    faulty.add(*rules)
     assert read_lineage(out).checkpoint == f"{again.latest_checkpoint}/checkpoint.pt"
     by_digit = loss_by_digit(out, split="test").to_pylist()
     assert sorted(r["label"] for r in by_digit) == list(range(10))
     assert sum(r["count"] for r in by_digit) == 1000
     assert all(0 < r["loss_mean"] < 1000 and r["gap_mean"] is not None for r in by_digit)
-
-    # Publishing again over an existing table on S3 replaces it: still one row per datapoint. The job
-    # dies first (each actor after 5 batches: its second file); the rerun keeps the files finished in
-    # the bucket and writes the same bytes as the first job.
-    monkeypatch.setenv(FAIL_ENV, "5")
-    with pytest.raises(EncodeError, match=rf"injected fault.* {out} still holds the table published before"):
-        encode(cfg, checkpoint=again.latest_checkpoint, out=out)
-    monkeypatch.delenv(FAIL_ENV)
-    again_enc = encode(cfg, checkpoint=again.latest_checkpoint, out=out)
-    assert again_enc.rows == {"train": 1000, "test": 1000}
-    assert again_enc.files_reused >= 1 and again_enc.files_reused + again_enc.files_encoded == 4
     assert sum(r["count"] for r in loss_by_digit(out, split=None).to_pylist()) == 2000
-    assert keys_under(s3, "latents/") == table_keys
-    for key in (k for k in table_keys if k.endswith(".parquet")):
-        assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == parquet[key], key
+    assert served(rules) == [1, 1, 1]
+    faulty.clear()
+    report_rules = [Rule("GET", r"/runs/s3run/epoch-0002/checkpoint\.pt", "reset"),
+                    Rule("GET", r"/runs/s3run/metrics\.jsonl", 503)]
+    faulty.add(*report_rules)
+    page = write_report(out, f"s3://{BUCKET}/report", num_examples=4)
+    assert served(report_rules) == [1, 1] and storage.exists(page)
+    # The same read failing for good: one line naming the file and the operation.
+    faulty.add(Rule("GET", r"/runs/s3run/epoch-0002/checkpoint\.pt", 500, times=None))
+    with pytest.raises(Exception, match=rf"{runs}/s3run/epoch-0002/checkpoint\.pt[\s\S]*INTERNAL_FAILURE during GetObject"):
+        write_report(out, f"s3://{BUCKET}/report-again", num_examples=4)
+    faulty.clear()
+
+    # Every part upload of one file fails: the command's error names the file, the operation and that
+    # the path still holds the table published before; it does. The rerun keeps the files finished
+    # in the bucket and publishes the same bytes as the first job.
+    faulty.add(Rule("PUT", staged_file.format("test-00001", "partNumber"), 500, times=None))
+    with pytest.raises(EncodeError, match=rf"the encode job failed: OSError: writing s3://{BUCKET}/"
+                                          r"\.latents\.staging-\w+/test-00001\.parquet failed: "
+                                          r".*INTERNAL_FAILURE during UploadPart"
+                                          rf".* The path {out} still holds the table published before"):
+        encode(cfg, checkpoint=again.latest_checkpoint, out=out)
+    faulty.clear()
+    assert count(out) == 2000 and keys_under(client, "latents/") == table_keys
+    rerun = encode(cfg, checkpoint=again.latest_checkpoint, out=out)
+    assert rerun.rows == {"train": 1000, "test": 1000}
+    assert rerun.files_reused >= 1 and rerun.files_reused + rerun.files_encoded == 4
+    assert keys_under(client, "latents/") == table_keys
+    assert {k: body(client, k) for k in parquet} == parquet
 
     assert os.listdir(tmp_path) == [], "something was written to a local path instead of the bucket"
+
+
+def test_a_prepare_failing_for_good_on_s3_leaves_the_previous_shards(s3, faulty, mnist_dir):
+    from vaedist.data import prepare_shards, read_manifest, verify_shards
+
+    client, _ = s3
+    shards = f"s3://{BUCKET}/shards-again"
+    prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=250, progress=False)
+    before = {k: body(client, k) for k in keys_under(client, "shards-again/")}
+    faulty.add(Rule("PUT", r"/shards-again/test/test-000001\.tar\.partial", 500, times=None))
+    with pytest.raises(storage.StorageError, match=rf"writing {shards}/test/test-000001\.tar\.partial failed: "
+                                                   r".*INTERNAL_FAILURE during (Put|UploadPart)"):
+        prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=500, progress=False)
+    faulty.clear()
+    assert {k: body(client, k) for k in keys_under(client, "shards-again/")} == before  # no .partial left
+    assert read_manifest(shards).split("test").num_samples == 250
+    verify_shards(shards)
+    prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=500, progress=False)
+    assert verify_shards(shards)["test"] == {"shards": 2, "samples": 500}
+    assert not [k for k in keys_under(client, "shards-again/") if k.endswith(".partial")]
+
+
+def test_transient_errors_during_publish_and_reads_are_retried(s3, faulty, request):
+    out, (staging, _) = staged(f"s3://{BUCKET}/{request.node.name}")
+    rules = [Rule("DELETE", r"/table/_SUCCESS$", 503),
+             Rule("PUT", r"/table/_lineage\.json$", 503, header=COPY),
+             Rule("PUT", r"/table/train-00000\.parquet$", 500, header=COPY),
+             Rule("PUT", r"/table/_SUCCESS$", "reset", header=COPY),
+             Rule("GET", r"/table/test-00001\.parquet", 503),
+             Rule("GET", r"/table/train-00000\.parquet", "reset")]
+    faulty.add(*rules)
+    tables.publish(staging, out)
+    assert count(out) == NEW_ROWS and leftovers(out) == []
+    assert served(rules) == [1] * len(rules)
+
+
+def test_lasting_errors_end_in_one_clear_error_and_lose_nothing(s3, faulty, request):
+    out, (staging, _) = staged(f"s3://{BUCKET}/{request.node.name}")
+    faulty.add(Rule("PUT", r"/table/", 500, times=None, header=COPY))
+    with pytest.raises(OSError, match=r"(?s)copying key '.*\.table\.staging-0123abcd/_lineage\.json'.*to key "
+                                      r"'.*/table/_lineage\.json'.*INTERNAL_FAILURE"):
+        tables.publish(staging, out)
+    # The old table was cleared before the copy began; the verified new one is found beside it.
+    assert count(out) == NEW_ROWS
+    faulty.clear()
+    faulty.add(Rule("GET", r"\.parquet", 500, times=None))
+    with pytest.raises(QueryError, match=rf"latent table {out} cannot be read: .*'\S+/test-00001\.parquet': AWS Error "
+                                         r"INTERNAL_FAILURE during GetObject operation"):
+        count(out)
+    faulty.clear()
+    tables.recover(out)  # what the next encode does first
+    assert count(out) == NEW_ROWS and leftovers(out) == []
+    assert OLD_ROWS != NEW_ROWS
+
+
+def files_under(root: str) -> dict[str, bytes]:
+    """Every file's bytes but Ray Train's own records of its runs (rewritten by each run)."""
+    found = {}
+    for parent, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(parent, name)
+            if not name.startswith((".validate_storage_marker", "checkpoint_manager_snapshot")):
+                found[os.path.relpath(path, root)] = open(path, "rb").read()
+    return found
+
+
+def test_a_full_local_disk_during_prepare_checkpointing_and_encode(s3_ray, mnist_dir, tmp_path):
+    """Each write meets a disk with a few KiB left: one error naming the path and ENOSPC, the previous
+    shards, checkpoint and table as they were; once space is freed, the same commands complete."""
+    from vaedist.checkpoint import load_checkpoint
+    from vaedist.data import prepare_shards, verify_shards
+    from vaedist.encode import EncodeError, encode
+    from vaedist.train import train
+
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        shards, runs, out = f"{disk}/shards", f"{disk}/runs", f"{disk}/latents"
+        prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=500, progress=False)
+        cfg = debug_config(shards, runs, "local", "train.epochs=1", "output.max_failures=0", "encode.num_samples_iw=0")
+        assert [r["epoch"] for r in train(cfg).epochs] == [0]
+        write_table(out, OLD_ROWS, "old")  # a table published before
+        before = files_under(disk)
+
+        filler = fill(disk, leave=16 << 10)
+        enospc = r"[\s\S]*No space left on device"
+        with pytest.raises(storage.StorageError, match=rf"writing {shards}/train/train-000000\.tar\.partial failed: {enospc}"):
+            prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=500, progress=False)
+        twice = debug_config(shards, runs, "local", "train.epochs=2", "output.max_failures=0", "encode.num_samples_iw=0")
+        with pytest.raises(Exception, match=rf"saving the checkpoint of epoch 1 to {runs}/local/epoch-0001 failed: {enospc}"):
+            train(twice)
+        with pytest.raises(EncodeError, match=rf"writing {disk}/\.latents\.staging-\w+/\S+\.parquet failed: {enospc}"
+                                              rf".* The path {out} still holds the table published before"):
+            encode(cfg, checkpoint=f"{runs}/local/epoch-0000", out=out)
+        after = files_under(disk)
+        after.pop("filler")
+        # Nothing changed; the encode's unfinished staging directory is new (kept for its rerun).
+        assert {k: v for k, v in after.items() if not k.startswith(".latents.staging-")} == before
+        assert count(out) == OLD_ROWS and load_checkpoint(f"{runs}/local/epoch-0000").epoch == 0
+
+        os.remove(filler)
+        prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=500, progress=False)
+        assert files_under(shards) == {k.removeprefix("shards/"): v for k, v in before.items() if k.startswith("shards/")}
+        verify_shards(shards)
+        assert [(r["epoch"], r["restored_from_epoch"]) for r in train(twice).epochs] == [(0, -1), (1, 0)]
+        assert encode(cfg, checkpoint=f"{runs}/local/epoch-0000", out=out).rows == {"train": 500, "test": 500}
+        assert count(out) == 1000

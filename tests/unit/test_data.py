@@ -271,7 +271,8 @@ def test_reprepare_with_fewer_shards_removes_stale_ones(shards_copy, mnist_idx_d
     assert verify_shards(str(shards_copy)) == {s: {"shards": 2, "samples": LIMIT} for s in ("train", "test")}
 
 
-def test_crashed_prepare_leaves_no_manifest(shards_copy, mnist_idx_dir, monkeypatch):
+def test_a_crashed_prepare_leaves_the_previous_shards_as_they_were(shards_copy, mnist_idx_dir, monkeypatch):
+    before = {str(p.relative_to(shards_copy)): p.read_bytes() for p in shards_copy.rglob("*") if p.is_file()}
     real = shard_format._shard_bytes
     calls = []
 
@@ -285,8 +286,9 @@ def test_crashed_prepare_leaves_no_manifest(shards_copy, mnist_idx_dir, monkeypa
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(str(shards_copy), source_dir=str(mnist_idx_dir), samples_per_shard=50, limit_per_split=LIMIT,
                        progress=False)
-    with pytest.raises(DataError, match="manifest.json not found"):
-        read_manifest(str(shards_copy))
+    # The new first shard was written (as .partial) and thrown away; nothing else changed.
+    assert {str(p.relative_to(shards_copy)): p.read_bytes() for p in shards_copy.rglob("*") if p.is_file()} == before
+    verify_shards(str(shards_copy))
 
 
 @pytest.mark.parametrize("content,message", [(None, "not found"), (b"{not json", "not valid JSON"),

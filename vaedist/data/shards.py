@@ -12,6 +12,7 @@ Its record, reader and writer are vaedist.data.manifest's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -345,12 +346,12 @@ def load_split_arrays(paths: list[str], expected_counts: list[int] | None = None
 # ---------------------------------------------------------------------------------------------
 # Preparing, reading and verifying a shards directory.
 
-def _write_atomic(path: str, data: bytes) -> None:
-    # A reader never sees half a file under the final name (on S3 the move is copy-then-delete,
-    # still safe because the manifest that names the shards is written last).
-    partial = path + ".partial"
-    storage.write_bytes(partial, data)
-    storage.move(partial, path)
+PARTIAL = ".partial"
+
+
+def _write_partial(path: str, data: bytes) -> None:
+    # Beside the final name until commit_prepare: the previous prepare's shard stays readable.
+    storage.write_bytes(path + PARTIAL, data)
 
 
 def _remove_stale_shards(split_dir: str, split: str, keep: set[str]) -> None:
@@ -365,34 +366,50 @@ def _remove_stale_shards(split_dir: str, split: str, keep: set[str]) -> None:
 
 # The steps of writing a shards directory, shared by prepare_shards (built-ins) and the Ray Data
 # prepare job of the external sources (vaedist.prepare): the same bytes from the same datapoints.
-
-def begin_prepare(out_dir: str) -> None:
-    """No manifest from here until the new one lands: a crash can't leave one naming partial shards."""
-    path = manifest_path(out_dir)
-    if storage.exists(path):
-        storage.rmtree(path)
-
+# Every file is first written as NAME.partial; the previous prepare's manifest and shards stay as they
+# were until all of them are written (a prepare that fails, e.g. on a full disk, leaves them readable),
+# then commit_prepare puts them in place and writes the manifest last.
 
 def write_shard(out_dir: str, split: str, shard_index: int, first_index: int, images: np.ndarray,
                 labels: np.ndarray) -> ShardEntry:
-    """Write <out_dir>/<split>/<split>-<shard_index>.tar holding datapoints first_index, ... (images in
-    the dataset's stored shape) and return its manifest entry."""
+    """Write <out_dir>/<split>/<split>-<shard_index>.tar (as .partial until commit_prepare) holding
+    datapoints first_index, ... (images in the dataset's stored shape); returns its manifest entry."""
     name = _shard_name(split, shard_index)
     data = _shard_bytes(split, first_index, images, labels)
-    _write_atomic(storage.join(out_dir, split, name), data)
+    _write_partial(storage.join(out_dir, split, name), data)
     return ShardEntry(path=f"{split}/{name}", first_index=first_index, num_samples=len(labels), bytes=len(data),
                       sha256=hashlib.sha256(data).hexdigest())
 
 
 def write_split_file(out_dir: str, split: str, name: str, data: bytes) -> FileEntry:
     """A file beside a split's shards (its sources.parquet), with its size and sha256 for the manifest."""
-    _write_atomic(storage.join(out_dir, split, name), data)
+    _write_partial(storage.join(out_dir, split, name), data)
     return FileEntry(path=f"{split}/{name}", bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
-def finish_split(out_dir: str, split: str, entries: list[ShardEntry | FileEntry]) -> None:
-    """Remove what an earlier prepare left in the split's directory that `entries` do not name."""
-    _remove_stale_shards(storage.join(out_dir, split), split, {e.path.split("/")[-1] for e in entries})
+def commit_prepare(out_dir: str, manifest: Manifest) -> None:
+    """Put the written files in place, remove what an earlier prepare left that `manifest` does not
+    name, and write the manifest last. The old manifest goes first: no crash leaves a manifest naming
+    a mix of old and new shards (on S3 a move is copy-then-delete)."""
+    path = manifest_path(out_dir)
+    if storage.exists(path):
+        storage.rmtree(path)
+    for split, entry in manifest.splits.items():
+        files = [*entry.shards, *([entry.sources] if entry.sources else [])]
+        for f in files:
+            final = storage.join(out_dir, *f.path.split("/"))
+            storage.move(final + PARTIAL, final)
+        _remove_stale_shards(storage.join(out_dir, split), split, {f.path.split("/")[-1] for f in files})
+    write_manifest(out_dir, manifest)
+
+
+def discard_partials(out_dir: str) -> None:
+    """After a failed prepare: delete its .partial files (their space; a full disk), nothing else."""
+    for split in SPLITS:
+        split_dir = storage.join(out_dir, split)
+        for name in storage.listdir(split_dir):
+            if name.endswith(PARTIAL):
+                storage.delete_file(storage.join(split_dir, name))
 
 
 def prepare_shards(out_dir: str, dataset: str = "mnist", source_dir: str | None = None,
@@ -422,25 +439,27 @@ def prepare_shards(out_dir: str, dataset: str = "mnist", source_dir: str | None 
         sources["files"].update(source.pop("files", {}))
         sources.update(source)
 
-    begin_prepare(out_dir)
     counts = {split: min(src.num_samples, limit_per_split or src.num_samples) for split, (src, _) in opened.items()}
     num_shards = sum(-(-n // samples_per_shard) for n in counts.values())
     splits = {}
-    with LineProgress(num_shards, f"prepare {dataset} shards", "shard", progress) as bar:
-        for split, (src, _) in opened.items():
-            split_dir = storage.join(out_dir, split)
-            storage.makedirs(split_dir)
-            shards = []
-            for first in range(0, counts[split], samples_per_shard):
-                images, labels = src.read(first, min(first + samples_per_shard, counts[split]))
-                shards.append(write_shard(out_dir, split, first // samples_per_shard, first, images, labels))
-                bar.update(1)
-            finish_split(out_dir, split, shards)
-            splits[split] = SplitEntry(num_samples=counts[split], shards=tuple(shards))
+    try:
+        with LineProgress(num_shards, f"prepare {dataset} shards", "shard", progress) as bar:
+            for split, (src, _) in opened.items():
+                storage.makedirs(storage.join(out_dir, split))
+                shards = []
+                for first in range(0, counts[split], samples_per_shard):
+                    images, labels = src.read(first, min(first + samples_per_shard, counts[split]))
+                    shards.append(write_shard(out_dir, split, first // samples_per_shard, first, images, labels))
+                    bar.update(1)
+                splits[split] = SplitEntry(num_samples=counts[split], shards=tuple(shards))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            discard_partials(out_dir)
+        raise
 
     manifest = Manifest(dataset=info, splits=splits, samples_per_shard=samples_per_shard, source=sources,
                         members={"image": IMAGE_EXT, "label": LABEL_EXT})
-    write_manifest(out_dir, manifest)
+    commit_prepare(out_dir, manifest)
     return manifest
 
 

@@ -308,7 +308,7 @@ def run_sweep(cfg: Config, echo: Callable[[str], None] | None = None) -> SweepRe
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler,
                                         trial_name_creator=lambda t: t.config["trial"],
                                         trial_dirname_creator=lambda t: t.config["trial"]),
-            run_config=tune.RunConfig(name=_attempt_name(sweep), storage_path=storage.join(sweep.dir, TUNE_DIR),
+            run_config=tune.RunConfig(name=_attempt_name(sweep), **storage.ray_storage(storage.join(sweep.dir, TUNE_DIR)),
                                       failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_trial_failures),
                                       callbacks=[Recorder(sweep, tracker, echo)], verbose=0),
         )

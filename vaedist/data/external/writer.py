@@ -6,6 +6,7 @@ the data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -16,8 +17,9 @@ from vaedist.data.common import SPLITS, UNLABELLED, DataError, DatasetInfo
 from vaedist.data.external import SourcePlan, images_differ
 from vaedist.data.external.transform import ImageTransform
 from vaedist.data.provenance import SOURCES_NAME
-from vaedist.data.manifest import Manifest, SplitEntry, write_manifest
-from vaedist.data.shards import IMAGE_EXT, LABEL_EXT, begin_prepare, finish_split, write_shard, write_split_file
+from vaedist.data.manifest import Manifest, SplitEntry
+from vaedist.data.shards import (IMAGE_EXT, LABEL_EXT, commit_prepare, discard_partials, write_shard,
+                                 write_split_file)
 
 SKIPPED_LISTED = 1000  # the manifest lists this many skipped files by name (and counts them all)
 
@@ -69,7 +71,6 @@ class ShardAssembler:
         self.shape, self.first_source = None, None   # the first decoded image's [H, W, C] and source
         self.labelled, self.max_label = None, -1
         self.skipped, self.num_skipped = [], 0
-        begin_prepare(out_dir)
         for split in SPLITS:
             storage.makedirs(storage.join(out_dir, split))
 
@@ -146,7 +147,6 @@ class ShardAssembler:
             sources = write_split_file(self.out_dir, split, SOURCES_NAME, self.sources[split].finish())
             splits[split] = SplitEntry(num_samples=self.written[split], shards=tuple(self.shards[split]),
                                        sources=sources)
-            finish_split(self.out_dir, split, self.shards[split] + [sources])
         if plan.class_names is not None:
             num_classes, class_names = len(plan.class_names), plan.class_names
         else:
@@ -156,9 +156,11 @@ class ShardAssembler:
                             source={**plan.record, "transform": transform.describe(self.shape),
                                     "skipped": self.skipped, "num_skipped": self.num_skipped},
                             members={"image": IMAGE_EXT, "label": LABEL_EXT})
-        write_manifest(self.out_dir, manifest)
+        commit_prepare(self.out_dir, manifest)
         return manifest
 
     def abandon(self) -> None:
         for f in self.sources.values():
             f.abandon()
+        with contextlib.suppress(OSError):
+            discard_partials(self.out_dir)
