@@ -624,7 +624,7 @@ def bench_analyses(config_path, overrides, mnist_dir, latents, repeats) -> None:
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Interleaved rounds.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--quality", "quality_epochs", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Instead: train each of --runs this many epochs (plain loop, CPU) and compare test NLL, -ELBO, active units.")
+              help="Instead: train each of --runs this many epochs (plain loop, CPU) and compare test NLL, -ELBO, active units (per group, with the KL's share, for a model of several latent groups).")
 @click.option("--runs", default="elbo,iwae5,beta0.5,beta2", show_default=True,
               help="--quality: which of elbo, iwae5, iwae50, beta0.5, beta2.")
 @click.option("--nll-rows", default=1000, show_default=True, type=click.IntRange(min=1), help="--quality: test images for the NLL.")

@@ -512,3 +512,22 @@ def test_the_cost_per_step_benchmark_compares_the_configs_hierarchy_with_its_one
     colour = compared_models(load_config(REPO / "configs" / "hier-twemoji.yaml"), REPO / "configs" / "twemoji.yaml")
     assert colour["one layer"]["hidden_dims"] == [32, 64, 128]
     assert colour["one layer"]["mixture_components"] == colour["two layers"]["mixture_components"] == 5
+
+
+def test_the_quality_benchmark_splits_active_units_and_kl_by_group():
+    """`vaedist bench objectives --quality` on a model of several groups: each group's active units
+    (of the dimensions given as active), its mean KL term over the split with training's fixed noise,
+    and shares of the total KL that sum to 1."""
+    from vaedist.bench.objectives import group_summary
+
+    model = hier("bottom-up").eval()
+    images = np.random.default_rng(0).integers(0, 256, size=(1010, 784), dtype=np.uint8)
+    indices = np.arange(1010)  # two chunks of the summary's 1000
+    active = torch.tensor([True, False, True, False, True])
+    summary = group_summary(model, images, indices, 0, active, (3, 2))
+    assert summary["active_units_by_group"] == [2, 1]
+    x = fixed_binarize(images, indices, "test", 0)
+    with torch.no_grad():
+        rows = evaluate_batch(model, x, indices, "test", 0)
+    assert summary["kl_by_group"] == pytest.approx(rows["kl_groups"].mean(dim=0).tolist(), rel=1e-5)  # batches of 1000 vs one of 1010
+    assert sum(summary["kl_share_by_group"]) == pytest.approx(1.0)

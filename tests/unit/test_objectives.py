@@ -236,3 +236,16 @@ def test_iwae_saves_activations_linear_in_k():
     saved = {k: saved_for_backward_bytes(lambda: IWAE(k)(sample_terms(model, x, k)), params) for k in (1, 5, 9)}
     assert saved[5] - saved[1] == saved[9] - saved[5] > 0, saved
     assert saved[9] > 4 * saved[1], saved
+
+
+@pytest.mark.parametrize("config", ["configs/mnist.yaml", "configs/hier-mnist.yaml"])
+def test_each_quality_run_trains_the_objective_it_names_whatever_the_config_trains(config):
+    """configs/hier-mnist.yaml trains iwae k = 5: its `elbo` run must still be the ELBO, not k = 5."""
+    from vaedist.bench.objectives import QUALITY_RUNS, quality_run_config
+
+    expected = {"elbo": ("elbo", None, None), "iwae5": ("iwae", 5, None), "iwae50": ("iwae", 50, None),
+                "beta0.5": ("beta", None, 0.5), "beta2": ("beta", None, 2.0)}
+    assert set(expected) == set(QUALITY_RUNS)
+    for name, (objective, k, beta) in expected.items():
+        train = quality_run_config(load_config(config), name, 3).train
+        assert (train.objective, train.iwae_samples, train.beta, train.epochs) == (objective, k, beta, 3), name

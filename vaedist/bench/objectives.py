@@ -173,13 +173,22 @@ def bench_objectives(cfg: Config, ks: tuple[int, ...] = (1, 5, 50), steps: int =
 # Quality: the objectives trained on the same architecture and budget, compared on the same numbers.
 
 QUALITY_RUNS = {
-    "elbo": [],
+    "elbo": ["train.objective=elbo"],
     "iwae5": ["train.objective=iwae", "train.iwae_samples=5"],
     "iwae50": ["train.objective=iwae", "train.iwae_samples=50"],
     "beta0.5": ["train.objective=beta", "train.beta=0.5"],
     "beta2": ["train.objective=beta", "train.beta=2"],
 }
 ACTIVE_UNIT_THRESHOLD = 0.01  # Cov_x(E_q[z_d|x]) > 0.01, as `vaedist query active-units` (Burda et al. 2016)
+# Every run starts from the config with no objective's own setting, so that a config trained with
+# one objective (configs/hier-mnist.yaml: iwae, k = 5) still gives each run exactly the objective named.
+OBJECTIVE_RESET = ["train.iwae_samples=null", "train.beta=null", "train.free_bits=null",
+                   "train.free_bits_per=dimension"]
+
+
+def quality_run_config(cfg: Config, name: str, epochs: int) -> Config:
+    """cfg with QUALITY_RUNS[name]'s objective, and only its, trained `epochs` epochs."""
+    return config_from_dict(cfg.to_dict(), [f"train.epochs={epochs}", *OBJECTIVE_RESET, *QUALITY_RUNS[name]])
 
 
 def _split(cfg: Config, split: str, rows: int = 0):
@@ -207,13 +216,14 @@ def bench_quality(cfg: Config, runs: list[str], epochs: int, nll_rows: int = 100
     test_idx, test_u8 = _split(cfg, "test")
     images = torch.from_numpy(train_u8)
     info = read_manifest(storage.absolute(cfg.data.shards_dir)).dataset
-    echo(f"model {cfg.model.kind} {cfg.model.hidden_dims} {cfg.model.activation} z={cfg.model.latent_dim}, "
+    widths = cfg.model.stage_widths() if cfg.model.kind == "hierarchical" else cfg.model.hidden_dims
+    echo(f"model {cfg.model.kind} {widths} {cfg.model.activation} z={cfg.model.latent_dim}, "
          f"batch {cfg.train.batch_size_per_worker}, {epochs} epochs, lr {cfg.train.lr:g} {cfg.train.lr_schedule}, "
          f"{torch.get_num_threads()} CPU threads; test NLL with K = {nll_samples} over the first {nll_rows} test "
          f"images, negative ELBO and active units over all {len(test_idx)}")
     results = {}
     for name in runs:
-        run_cfg = config_from_dict(cfg.to_dict(), [f"train.epochs={epochs}", *QUALITY_RUNS[name]])
+        run_cfg = quality_run_config(cfg, name, epochs)
         torch.manual_seed(run_cfg.train.seed)
         model = build_model(run_cfg.model, info.image_shape)
         optimizer = make_optimizer(model, run_cfg.train, dev)
@@ -229,14 +239,42 @@ def bench_quality(cfg: Config, runs: list[str], epochs: int, nll_rows: int = 100
         with torch.no_grad():
             x = likelihood_of(model).eval_input(test_u8, test_idx, "test", run_cfg.train.seed, dev)
             mu = torch.cat([model.encode(x[i:i + 1000])[0] for i in range(0, x.shape[0], 1000)])
-        active = int((mu.double().var(dim=0, unbiased=False) > ACTIVE_UNIT_THRESHOLD).sum())
+        active_dims = mu.double().var(dim=0, unbiased=False) > ACTIVE_UNIT_THRESHOLD
         row = {"test_loss": test["loss"] / test["count"], "test_nll_iw": -nll["log_px"] / nll["count"],
-               "test_loss_nll_rows": nll["loss"] / nll["count"], "active_units": active,
+               "test_loss_nll_rows": nll["loss"] / nll["count"], "active_units": int(active_dims.sum()),
                "train_loss": sums["loss"] / sums["count"], "train_objective": sums["objective"] / sums["count"],
                "train_seconds": train_seconds}
+        groups = tuple(model.latent_groups)
+        if len(groups) > 1:
+            row.update(group_summary(model, test_u8, test_idx, run_cfg.train.seed, active_dims, groups))
         results[name] = row
         echo(f"  {name:>8}: test -ELBO {row['test_loss']:7.2f}  test NLL {row['test_nll_iw']:7.2f} "
-             f"(-ELBO {row['test_loss_nll_rows']:7.2f} on those rows)  active units {active:2d}/{cfg.model.latent_dim}  "
+             f"(-ELBO {row['test_loss_nll_rows']:7.2f} on those rows)  active units "
+             f"{row['active_units']:2d}/{cfg.model.latent_dim}  "
              f"last epoch: train -ELBO {row['train_loss']:7.2f}, objective {row['train_objective']:7.2f}  "
              f"({train_seconds:.0f} s training)")
+        if len(groups) > 1:
+            echo("            per group, z_1 first: " + "; ".join(
+                f"active {a}/{n}, KL {k:.2f} nats ({100 * s:.1f}% of the total)"
+                for a, n, k, s in zip(row["active_units_by_group"], groups, row["kl_by_group"],
+                                      row["kl_share_by_group"])))
     return results
+
+
+def group_summary(model, test_u8, test_idx, seed: int, active_dims: torch.Tensor,
+                  groups: tuple[int, ...]) -> dict[str, list]:
+    """A model of several latent groups, over the test split: each group's active units (of
+    active_dims, the dimensions whose posterior mean varies more than ACTIVE_UNIT_THRESHOLD), its mean
+    KL term (S = 1, the fixed noise of training's evaluation) and its share of the total KL: what
+    `vaedist query active-units-by-group` and `kl-by-group` give from an encoded table."""
+    from vaedist.evaluate import evaluate_batch
+
+    kl_groups = torch.zeros(len(groups), dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(test_idx), 1000):
+            idx = test_idx[start:start + 1000]
+            x = likelihood_of(model).eval_input(test_u8[start:start + 1000], idx, "test", seed, torch.device("cpu"))
+            kl_groups += evaluate_batch(model, x, idx, "test", seed, 1, 0)["kl_groups"].double().sum(dim=0)
+    kl_mean = kl_groups / len(test_idx)
+    return {"active_units_by_group": [int(a.sum()) for a in active_dims.split(groups)],
+            "kl_by_group": kl_mean.tolist(), "kl_share_by_group": (kl_groups / kl_groups.sum()).tolist()}
