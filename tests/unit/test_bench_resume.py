@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from vaedist.bench.resume import Run, clear_table, finished_files, identical_tables, kill_tree
+from vaedist.bench.resume import Run, clear_table, describe_killed, finished_files, identical_tables, kill_tree
 
 # A driver in a session of its own whose child starts a grandchild in yet another session (as a
 # process may leave its parent's process group) and then a fresh child every 10 ms.
@@ -22,7 +22,8 @@ def test_the_kill_takes_every_process_the_driver_started_however_it_left_its_gro
         time.sleep(0.02)
     killed = kill_tree(driver.pid)
     driver.wait(timeout=5)
-    assert driver.returncode == -9 and len(killed) >= 5
+    assert driver.returncode == -9 and len(killed) >= 5 and killed[0].startswith("sh -c")
+    assert describe_killed(killed).startswith(f"{len(killed)} processes: the driver, ")
     left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "61.5"]
             and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [p.pid for p in left]
@@ -43,12 +44,12 @@ def test_finished_files_are_whole_files_of_this_run(tmp_path):
 
 def test_a_runs_phases_add_up_to_its_time():
     rows_of = {f"train-{i:05d}.parquet": 20 for i in range(3)}
-    run = Run("(a)", seconds=15.0, gcs_s=2.0, actor_s=5.0,
+    run = Run("(a)", seconds=15.0, gcs_s=2.0, actor_s=5.0, published_s=14.0,
               files={"train-00000.parquet": 10.0, "train-00001.parquet": 11.0, "train-00002.parquet": 12.0})
     phases = run.phases(rows_of)
     # 20 rows/s between the first file and the last: the first 20 rows began at 9 s.
     assert phases == {"driver start": 2.0, "cluster start": 3.0, "actors' start, model load": 4.0,
-                      "encoding": 3.0, "verify, publish, exit": 3.0}
+                      "encoding": 3.0, "verify, publish": 2.0, "exit": 1.0}
     assert run.rows(rows_of) == 60 and sum(phases.values()) == run.seconds
 
 

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from vaedist.schema import SUCCESS_FILE
+
 # An encode that fits the benchmark: no importance sampling (log p(x) estimates cost K decoder
 # passes a datapoint), one actor per core of a 2-core machine.
 ENCODE_DEFAULTS = ("encode.num_samples_iw=0", "encode.concurrency=2", "encode.cpus_per_actor=1")
@@ -131,7 +133,7 @@ def command_line(pid: int) -> str:
 
 def kill_tree(pid: int) -> list[str]:
     """Stop the process `pid`, its process group and all their descendants, then kill them all with
-    SIGKILL, and wait until they are gone; returns the names killed. Stopped first, repeatedly until
+    SIGKILL, and wait until they are gone; returns their command lines, `pid`'s first. Stopped first, repeatedly until
     no new process appears, so that none forks (a raylet starting a worker) or escapes meanwhile."""
     stopped: set[int] = set()
     while True:
@@ -146,10 +148,9 @@ def kill_tree(pid: int) -> list[str]:
             stopped.add(p)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGSTOP)
-    names = []
-    for p in stopped:
-        with contextlib.suppress(OSError):
-            names.append(Path(f"/proc/{p}/comm").read_text().strip())
+    lines = []
+    for p in sorted(stopped, key=lambda p: p != pid):
+        lines.append(command_line(p))
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
     # The root is the caller's child, for it to reap; the others count as gone once only a zombie
@@ -162,7 +163,17 @@ def kill_tree(pid: int) -> list[str]:
         time.sleep(0.05)
     if alive:
         raise RuntimeError(f"processes {sorted(alive)} survived SIGKILL for 30 s")
-    return names
+    return lines
+
+
+def describe_killed(lines: list[str]) -> str:
+    """What kill_tree killed, in a few words: the driver, its Ray's GCS and raylet, the encode
+    actors and the rest of Ray's processes."""
+    kinds = {"GCS": GCS_MARK, "raylet": "/raylet", "encode actor": ACTOR_MARK}
+    counts = {kind: sum(1 for line in lines[1:] if mark in line) for kind, mark in kinds.items()}
+    others = len(lines) - 1 - sum(counts.values())
+    parts = ["the driver"] + [f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items() if n]
+    return f"{len(lines)} processes: " + ", ".join(parts + [f"{others} other Ray processes"])
 
 
 @dataclass
@@ -173,6 +184,8 @@ class Run:
     returncode: int | None = None
     gcs_s: float | None = None  # its Ray's GCS process appeared
     actor_s: float | None = None  # the first encode actor's process title appeared
+    published_s: float | None = None  # the table's _SUCCESS appeared at its path
+    kept: int = 0  # files a killed run had finished, found in staging at the launch
     files: dict[str, float] = field(default_factory=dict)  # file finished by this run -> seconds
     killed: list[str] = field(default_factory=list)
 
@@ -194,9 +207,11 @@ class Run:
             first_rows = written[0][0] if written else self.seconds
         gcs = self.gcs_s if self.gcs_s is not None else 0.0
         actor = self.actor_s if self.actor_s is not None else gcs
+        published = self.published_s if self.published_s is not None else self.seconds
         return {"driver start": gcs, "cluster start": actor - gcs,
                 "actors' start, model load": max(first_rows - actor, 0.0),
-                "encoding": last - max(first_rows, actor), "verify, publish, exit": self.seconds - last}
+                "encoding": last - max(first_rows, actor), "verify, publish": published - last,
+                "exit": self.seconds - published}
 
 
 def watch(run: Run, command: list[str], out: Path, log: Path, rows_of: dict[str, int],
@@ -208,6 +223,8 @@ def watch(run: Run, command: list[str], out: Path, log: Path, rows_of: dict[str,
         proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=child_env(),
                                 start_new_session=True)
         next_line, next_scan = every_s, 0.0
+        staging = staging_dir(out)
+        run.kept = len(finished_files(staging)) if staging is not None else 0
         while True:
             now = time.time() - launched
             if (run.gcs_s is None or run.actor_s is None) and now >= next_scan:
@@ -219,6 +236,8 @@ def watch(run: Run, command: list[str], out: Path, log: Path, rows_of: dict[str,
                     if run.actor_s is None and ACTOR_MARK in line:
                         run.actor_s = now
             staging = staging_dir(out)
+            if run.published_s is None and (out / SUCCESS_FILE).exists():
+                run.published_s = now
             if staging is not None:
                 run.files.update({n: t - launched for n, t in finished_files(staging, since=launched).items()})
             if kill_after_files is not None and len(run.files) >= kill_after_files:
@@ -236,8 +255,8 @@ def watch(run: Run, command: list[str], out: Path, log: Path, rows_of: dict[str,
                 run.files.update({n: t - launched for n, t in finished_files(out, since=launched).items()})
                 return run
             if now >= next_line:
-                echo(f"    {run.name}: {len(run.files)} of {len(rows_of)} files, {run.rows(rows_of):,} rows, "
-                     f"{now:.0f} s")
+                echo(f"    {run.name}: {len(run.files)} of {len(rows_of) - run.kept} files to encode, "
+                     f"{run.rows(rows_of):,} rows, {now:.0f} s")
                 next_line += every_s
             time.sleep(POLL_S)
 
@@ -344,9 +363,8 @@ def bench_resume(config: str, overrides: list[str], work: str, shards: str | Non
               kill_after_files=kill_files)
     if b.returncode == 0 or not b.killed:
         raise RuntimeError("(b) finished before it could be killed; give a smaller --kill-at")
-    kinds = sorted({n.split()[0] for n in b.killed})
     echo(f"(b) killed {b.seconds:.1f} s after its start with {len(b.files)} of {len(plan)} files finished "
-         f"({b.rows(rows_of):,} rows): {len(b.killed)} processes ({', '.join(kinds)})")
+         f"({b.rows(rows_of):,} rows): {describe_killed(b.killed)}")
     # Nothing of (b) may remain, and the staging it left is the rerun's to find.
     if staging_dir(resumed) is None or (resumed.exists() and any(resumed.iterdir())):
         raise RuntimeError(f"(b) left no staging directory beside {resumed}, or published a table")
