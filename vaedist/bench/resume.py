@@ -257,8 +257,10 @@ def watch(run: Run, command: list[str], out: Path, log: Path, rows_of: dict[str,
                 run.files.update({n: t - launched for n, t in finished_files(out, since=launched).items()})
                 return run
             if now >= next_line:
-                echo(f"    {run.name}: {len(run.files)} of {len(rows_of) - run.kept} files to encode, "
-                     f"{run.rows(rows_of):,} rows, {now:.0f} s")
+                seen = [f"its Ray's GCS at {run.gcs_s:.0f} s" if run.gcs_s is not None else "no Ray yet"]
+                seen += [f"an encode actor at {run.actor_s:.0f} s"] if run.actor_s is not None else []
+                echo(f"    {run.name} {now:.0f} s: {', '.join(seen)}; {len(run.files)} of {len(rows_of) - run.kept} "
+                     f"files to encode finished, {run.rows(rows_of):,} rows")
                 next_line += every_s
             time.sleep(POLL_S)
 
