@@ -150,9 +150,9 @@ def kill_tree(pid: int) -> list[str]:
             stopped.add(p)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGSTOP)
-    lines = []
-    for p in sorted(stopped, key=lambda p: p != pid):
-        lines.append(command_line(p))
+    # Read before any is killed: a raylet or GCS dies with its driver (Ray makes them share its fate).
+    lines = [command_line(p) for p in sorted(stopped, key=lambda p: p != pid)]
+    for p in stopped:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
     # The root is the caller's child, for it to reap; the others count as gone once only a zombie
