@@ -6,9 +6,8 @@ import os
 import subprocess
 import time
 
-import psutil
-
-from vaedist.bench.resume import Run, clear_table, describe_killed, finished_files, identical_tables, kill_tree
+from vaedist.bench.resume import (Run, clear_table, command_line, describe_killed, descendants, finished_files,
+                                  identical_tables, kill_tree, processes)
 
 # A driver in a session of its own whose child starts a grandchild in yet another session (as a
 # process may leave its parent's process group) and then a fresh child every 10 ms.
@@ -18,15 +17,14 @@ TREE = "sh -c 'setsid sleep 61.5 & while true; do sleep 61.5 & sleep 0.01; done'
 def test_the_kill_takes_every_process_the_driver_started_however_it_left_its_group():
     driver = subprocess.Popen(["sh", "-c", TREE], start_new_session=True)
     deadline = time.monotonic() + 10
-    while len(psutil.Process(driver.pid).children(recursive=True)) < 5 and time.monotonic() < deadline:
+    while len(descendants(driver.pid, processes())) < 5 and time.monotonic() < deadline:
         time.sleep(0.02)
     killed = kill_tree(driver.pid)
     driver.wait(timeout=5)
     assert driver.returncode == -9 and len(killed) >= 5 and killed[0].startswith("sh -c")
     assert describe_killed(killed).startswith(f"{len(killed)} processes: the driver, ")
-    left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "61.5"]
-            and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, [p.pid for p in left]
+    left = [pid for pid, (_, _, state) in processes().items() if command_line(pid) == "sleep 61.5 " and state != "Z"]
+    assert not left, left
 
 
 def test_finished_files_are_whole_files_of_this_run(tmp_path):
