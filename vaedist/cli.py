@@ -578,6 +578,30 @@ def bench_encode(config_path, overrides, mnist_dir, checkpoint) -> None:
     run(cfg, resolve_checkpoint(cfg, checkpoint), echo=click.echo)
 
 
+@bench.command("resume")
+@config_options
+@click.option("--work", default="/tmp/vaedist-bench-resume", show_default=True,
+              help="Where the shards, checkpoint, tables, logs and results.json go; inputs found there are reused.")
+@click.option("--shards", help="Shards to encode instead of mnist8m's, prepared under --work.")
+@click.option("--variants", default=20, show_default=True, type=click.IntRange(min=1),
+              help="data.mnist8m_variants of the shards prepared: 60,000 datapoints each, + 10,000 test.")
+@click.option("--checkpoint", help="Checkpoint to encode with (default: a one-epoch run of --config, trained under --work).")
+@click.option("--kill-at", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="The share of the table's files finished when the second encode is killed.")
+@guarded
+def bench_resume(config_path, overrides, mnist_dir, work, shards, variants, checkpoint, kill_at) -> None:
+    """An encode run whole (a), the same one killed with its Ray when --kill-at of its files are
+    finished (b), and (b) again (c), each `vaedist encode` in a process of its own: (c)'s time and rows
+    against (a)'s, what (c)'s time is made of, and (c)'s table byte for byte (a)'s.
+
+    vaedist bench resume --config configs/debug.yaml --work /tmp/vaedist-bench-resume --kill-at 0.5
+    """
+    from vaedist.bench.resume import bench_resume as run
+
+    run(config_path or "configs/debug.yaml", list(overrides), work, shards=shards, checkpoint=checkpoint,
+        variants=variants, kill_at=kill_at, mnist_dir=mnist_dir, echo=click.echo)
+
+
 @bench.command("prepare")
 @click.option("--images", default=20000, show_default=True, type=click.IntRange(min=100),
               help="Images in the PNG folder and the JPEG shards timed.")
