@@ -98,8 +98,10 @@ def input_errors() -> tuple[type[Exception], ...]:
     from vaedist.encode import EncodeError
     from vaedist.tracking import TrackingError
 
+    from vaedist.errors import ToldError  # a failed training run's TrainingError
+
     query = sys.modules.get("vaedist.analyses.core")
-    return (ConfigError, DataError, CheckpointError, EncodeError, TrackingError, FileNotFoundError,
+    return (ConfigError, DataError, CheckpointError, EncodeError, TrackingError, ToldError, FileNotFoundError,
             FileExistsError, *((query.QueryError,) if query else ()))
 
 

@@ -29,11 +29,9 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import sys
 import time
-import traceback
 import uuid
 import warnings
 from datetime import datetime, timezone
@@ -54,6 +52,7 @@ from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, key_for,
                           read_manifest, read_sources)
 from vaedist.data.shards import decode_shard_bytes
 from vaedist.devices import require_cuda
+from vaedist.errors import ray_log_dir, root_cause
 from vaedist.rng import NOISE_SCHEME
 from vaedist.evaluate import evaluate_batch
 from vaedist.likelihoods import get_likelihood
@@ -377,12 +376,7 @@ def ray_data_errors_to_its_log_only() -> Iterator[None]:
 
 def ray_data_log() -> str | None:
     """Where Ray Data writes its log for this Ray session (None when Ray is not running here)."""
-    try:
-        from ray.data._internal.logging import get_log_directory
-
-        directory = get_log_directory()
-    except Exception:  # a private Ray helper: its absence must not hide the job's own error
-        return None
+    directory = ray_log_dir("ray-data")
     return storage.join(directory, "ray-data.log") if directory else None
 
 
@@ -558,28 +552,6 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
     return EncodeResult(path=out, rows=rows, seconds=seconds, lineage=lineage, written=display.history,
                         files_reused=len(plan) - len(todo), files_encoded=len(todo),
                         rows_reused=sum(f["datapoints"] for f in plan if f not in todo) * copies)
-
-
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
-
-
-def root_cause(error: BaseException) -> str:
-    """What an encode actor raised, in one line: the original exception (Ray wraps it, with its
-    traceback as text and its own retry advice) and where, the innermost frame outside the Python
-    installation's packages (the model's or vaedist's code) when there is one."""
-    root = error
-    while getattr(root, "cause", None) is not None and root.cause is not root:  # RayTaskError's original
-        root = root.cause
-    frames = _FRAME.findall(str(error)) or [(f.filename, str(f.lineno), f.name)
-                                             for f in traceback.extract_tb(root.__traceback__)]
-    ours = [f for f in frames if "site-packages" not in f[0] and "/lib/python" not in f[0]]
-    where = (ours or frames)[-1:]
-    message = (str(root).strip().splitlines() or [""])[0]
-    text = f"{type(root).__name__}: {message}" if message else type(root).__name__
-    if where:
-        path, line, name = where[0]
-        text += f" (in {name}, {path}:{line})"
-    return text
 
 
 def _left(out: str) -> str:
