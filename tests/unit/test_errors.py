@@ -117,3 +117,43 @@ def test_an_exception_raised_here_is_told_with_its_own_frame():
     except ValueError as plain:
         assert root_cause(plain).startswith("ValueError: bad input (in test_an_exception_raised_here_is_told")
         assert original(plain) is plain
+
+
+class _FailedTrainer:
+    """What fit() uses of a TorchTrainer whose workers failed: fit() raises Ray's WorkerGroupError
+    (built above as Ray builds it), and the run's FailureConfig."""
+
+    def __init__(self, error: BaseException, max_failures: int):
+        from ray.train import FailureConfig, RunConfig
+
+        self.error, self.run_config = error, RunConfig(failure_config=FailureConfig(max_failures=max_failures))
+
+    def fit(self):
+        raise self.error
+
+
+def test_the_api_raises_a_training_error_with_the_workers_exception_as_its_cause(user_model):
+    from vaedist.train import TrainingError, fit
+
+    module, path, raise_line, _ = user_model
+    with pytest.raises(TrainingError) as failed:
+        fit(_FailedTrainer(_train_workers_failed(_raised(module.encode, 100)), max_failures=2))
+    assert str(failed.value).startswith(f"training failed after 3 attempts (output.max_failures = 2): ValueError: a "
+                                        f"batch of 100 is more than this model takes (in encode, {path}:{raise_line})")
+    assert type(failed.value.__cause__) is ValueError and "a batch of 100" in str(failed.value.__cause__)
+
+
+def test_the_cli_ends_a_failed_run_in_its_one_line_and_exit_code_1():
+    import click
+    from click.testing import CliRunner
+
+    from vaedist.cli import guarded
+
+    @click.command()
+    @guarded
+    def fails():
+        raise ToldError("training failed: ValueError: bad (in encode, /home/me/mymodel.py:4)")
+
+    result = CliRunner().invoke(fails, [])
+    assert result.exit_code == 1
+    assert result.output == "Error: training failed: ValueError: bad (in encode, /home/me/mymodel.py:4)\n"
