@@ -96,9 +96,8 @@ def input_errors() -> tuple[type[Exception], ...]:
     from vaedist.checkpoint import CheckpointError
     from vaedist.data import DataError
     from vaedist.encode import EncodeError
-    from vaedist.tracking import TrackingError
-
     from vaedist.errors import ToldError  # a failed training run's TrainingError
+    from vaedist.tracking import TrackingError
 
     query = sys.modules.get("vaedist.analyses.core")
     return (ConfigError, DataError, CheckpointError, EncodeError, TrackingError, ToldError, FileNotFoundError,

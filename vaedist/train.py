@@ -30,9 +30,9 @@ from vaedist.console import EpochDisplay, is_verbose, score_for_ray
 from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, load_split_arrays, manifest_hash,
                           read_checked_shard, read_manifest)
 from vaedist.devices import CudaUnavailableError, require_cuda
-from vaedist.errors import ToldError, original, root_cause, train_worker_log
 from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, load_optimizer_state, make_grad_scaler, make_optimizer,
                             train_epoch)
+from vaedist.errors import ToldError, original, root_cause, train_worker_log
 from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_steps
 from vaedist.likelihoods import bits_per_dim
 from vaedist.model import VAE, build_model, check_model
@@ -539,7 +539,7 @@ def fit(trainer) -> None:
             raise ours from None
         log.log(logging.INFO if is_verbose() else logging.DEBUG, "the training run's error, in full: %s: %s",
                 type(e).__name__, e)
-        max_failures = trainer.run_config.failure_config.max_failures
+        max_failures = getattr(trainer.run_config.failure_config, "max_failures", 0)
         attempts = f" after {max_failures + 1} attempts (output.max_failures = {max_failures})" \
             if max_failures > 0 else ""
         where = train_worker_log(e, start)
