@@ -25,6 +25,9 @@ import traceback
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 _RANK_SNIPPET = re.compile(r"^\[Rank [\d,]+ Error Snippet\]:$", re.MULTILINE)
+# Code that Ray's runtime environment shipped to a worker (a custom model's package: py_modules, or a
+# working_dir) runs from Ray's copy: the part after the package's hash is the path beside sys.path.
+_SHIPPED = re.compile(r"/runtime_resources/[a-z_]+_files/_ray_pkg_[0-9a-f]+/(.+)$")
 
 
 class ToldError(RuntimeError):
@@ -56,6 +59,17 @@ def _frames(error: BaseException, root: BaseException) -> list[tuple[str, str, s
     return found or [(f.filename, str(f.lineno), f.name) for f in traceback.extract_tb(root.__traceback__)]
 
 
+def _local(path: str) -> str:
+    """The file here that Ray's copy of shipped code came from, where this process finds it."""
+    shipped = _SHIPPED.search(path)
+    if shipped:
+        for entry in [os.getcwd(), *sys.path]:
+            candidate = os.path.join(entry or os.getcwd(), shipped.group(1))
+            if os.path.isfile(candidate):
+                return os.path.abspath(candidate)
+    return path
+
+
 def _is_installed(path: str) -> bool:
     return "site-packages" in path or "/lib/python" in path or path.startswith("<")
 
@@ -63,7 +77,7 @@ def _is_installed(path: str) -> bool:
 def root_cause(error: BaseException) -> str:
     """What was raised, in one line: the original exception's type and first line, and where: the
     innermost frame outside the Python installation's packages (the user's model or vaedist) when
-    there is one, else the innermost frame."""
+    there is one, else the innermost frame; for code Ray shipped to its workers, the file here."""
     root = original(error)
     if isinstance(root, ToldError):
         return str(root)
@@ -74,7 +88,7 @@ def root_cause(error: BaseException) -> str:
     text = f"{type(root).__name__}: {message}" if message else type(root).__name__
     if where:
         path, line, name = where[0]
-        text += f" (in {name}, {path}:{line})"
+        text += f" (in {name}, {_local(path)}:{line})"
     return text
 
 

@@ -157,3 +157,17 @@ def test_the_cli_ends_a_failed_run_in_its_one_line_and_exit_code_1():
     result = CliRunner().invoke(fails, [])
     assert result.exit_code == 1
     assert result.output == "Error: training failed: ValueError: bad (in encode, /home/me/mymodel.py:4)\n"
+
+
+def test_code_that_ray_shipped_to_its_workers_is_named_by_the_file_here(user_model, monkeypatch):
+    """A custom model's package runs on the workers from Ray's copy (runtime_env py_modules): the
+    line names the file this process imported it from."""
+    from ray.exceptions import RayTaskError
+
+    module, path, raise_line, _ = user_model
+    monkeypatch.chdir(path.rsplit("/", 1)[0])
+    remote = ("Traceback (most recent call last):\n"
+              '  File "/tmp/ray/session_1/runtime_resources/py_modules_files/_ray_pkg_0f3a9c/mymodel.py", '
+              f"line {raise_line}, in encode\nValueError: a batch of 100 is more than this model takes\n")
+    failed = RayTaskError("RayTrainWorker", remote, _raised(module.encode, 100)).as_instanceof_cause()
+    assert root_cause(failed).endswith(f"(in encode, {path}:{raise_line})")
