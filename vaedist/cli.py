@@ -96,12 +96,13 @@ def input_errors() -> tuple[type[Exception], ...]:
     from vaedist.checkpoint import CheckpointError
     from vaedist.data import DataError
     from vaedist.encode import EncodeError
+    from vaedist.errors import ToldError  # a failed training run's TrainingError
     from vaedist.storage import StorageError
     from vaedist.tracking import TrackingError
 
     query = sys.modules.get("vaedist.analyses.core")
-    return (ConfigError, DataError, CheckpointError, EncodeError, StorageError, TrackingError, FileNotFoundError,
-            FileExistsError, *((query.QueryError,) if query else ()))
+    return (ConfigError, DataError, CheckpointError, EncodeError, StorageError, TrackingError, ToldError,
+            FileNotFoundError, FileExistsError, *((query.QueryError,) if query else ()))
 
 
 @click.group(epilog=EXAMPLES)

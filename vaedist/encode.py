@@ -29,11 +29,9 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import sys
 import time
-import traceback
 import uuid
 import warnings
 from datetime import datetime, timezone
@@ -54,6 +52,7 @@ from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, key_for,
                           read_manifest, read_sources)
 from vaedist.data.shards import decode_shard_bytes
 from vaedist.devices import require_cuda
+from vaedist.errors import ray_log_dir, root_cause
 from vaedist.rng import NOISE_SCHEME
 from vaedist.evaluate import evaluate_batch
 from vaedist.likelihoods import get_likelihood
@@ -323,6 +322,44 @@ def encoder_kwargs(cfg: Config, checkpoints: list[str], shards_dir: str, dataset
             "fail_after_batches": int(os.environ.get(FAIL_ENV, -1))}
 
 
+# An encode actor's memory, for the request Ray schedules it by: its worker process (Python, torch,
+# pyarrow, Ray) and the weights, then per batch the decoder's output for each of its samples
+# (batch_size x samples x pixels x the likelihood's parameters per pixel, float32) and the terms the
+# likelihood computes from it: ~1.25x that output at its peak, measured for the conv family with the
+# logistic mixture on 32x32 colour images; 1.5x here. Ray Data warns (in its log) when an actor's
+# peak exceeds its request, or when the request is under 1.25x the peak: the headroom it advises.
+ACTOR_PROCESS_BYTES = 768 * 2**20
+DECODED_PEAK_FACTOR = 1.5
+RAY_DATA_HEADROOM = 1.25
+
+
+def actor_memory_bytes(ec: EncodeConfig, model_cfg: Any, image_shape: tuple[int, int, int],
+                       states: list[CheckpointState]) -> int:
+    """What one encode actor needs in host memory at its peak, with Ray Data's headroom."""
+    weights = sum(t.numel() * t.element_size() for st in states for t in st.model.values() if torch.is_tensor(t))
+    height, width, channels = image_shape
+    samples = max(ec.num_samples_mc, min(ec.num_samples_iw, ec.iw_chunk_size))
+    per_pixel = get_likelihood(model_cfg, channels).params_per_pixel(channels)
+    decoded = 4 * ec.batch_size * samples * height * width * per_pixel
+    on_host = 0 if ec.use_gpu else DECODED_PEAK_FACTOR * decoded  # a GPU actor's batch lives on its GPU
+    return math.ceil(RAY_DATA_HEADROOM * (ACTOR_PROCESS_BYTES + 2 * weights + on_host))
+
+
+def memory_request(need: int, concurrency: int, address: str | None) -> int:
+    """need, or less where the cluster could not place encode.concurrency actors asking for it: as
+    much as the largest node holds (on the embedded Ray, that node's share per actor). The request is
+    what Ray schedules by; an actor that needs more still runs, and Ray Data says so in its log."""
+    import ray
+
+    from vaedist.cluster import is_embedded
+
+    nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    largest = int(max(nodes, default=0))
+    if not largest:
+        return need
+    return min(need, largest // concurrency if is_embedded(address) else largest)
+
+
 def shard_rows(manifest: Manifest, splits: list[str]) -> list[dict[str, str]]:
     """The job's input: a row per shard, its manifest entry (as JSON) and split."""
     return [{"entry": json.dumps(s.to_dict(), sort_keys=True), "split": split}
@@ -351,21 +388,27 @@ def gpu_and_cpu_warning_dropped() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-class _BelowError(logging.Filter):
+# Ray Data's issue detectors (an operator's memory per worker, a task that seems to hang) warn every
+# 30 s in several lines of advice on Ray Data's settings: for its log, not for the console.
+ISSUE_DETECTION_LOGGER = "ray.data._internal.issue_detection"
+
+
+class _ForTheLogOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
+        return record.levelno < logging.ERROR and not record.name.startswith(ISSUE_DETECTION_LOGGER)
 
 
 @contextlib.contextmanager
-def ray_data_errors_to_its_log_only() -> Iterator[None]:
+def ray_data_reports_to_its_log_only() -> Iterator[None]:
     """During the job, Ray Data's ERROR records (a failed actor's traceback, twice, and its retry
-    advice: ~140 lines) go to its log file only, not to the console, unless --verbose: the job's
-    error then ends the output in one line (root_cause), naming that log."""
+    advice: ~140 lines) and its issue detectors' advice go to its log file only, not to the console,
+    unless --verbose: a failed job's error then ends the output in one line (root_cause), naming
+    that log, and a job that succeeds prints only its progress."""
     import ray.data  # noqa: F401  (sets up Ray Data's handlers)
 
     consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)
                 and not isinstance(h, logging.FileHandler)] if not is_verbose() else []
-    drop = _BelowError()
+    drop = _ForTheLogOnly()
     for handler in consoles:
         handler.addFilter(drop)
     try:
@@ -377,12 +420,7 @@ def ray_data_errors_to_its_log_only() -> Iterator[None]:
 
 def ray_data_log() -> str | None:
     """Where Ray Data writes its log for this Ray session (None when Ray is not running here)."""
-    try:
-        from ray.data._internal.logging import get_log_directory
-
-        directory = get_log_directory()
-    except Exception:  # a private Ray helper: its absence must not hide the job's own error
-        return None
+    directory = ray_log_dir("ray-data")
     return storage.join(directory, "ray-data.log") if directory else None
 
 
@@ -516,18 +554,20 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
          "set encode.use_gpu=false, or run on a cluster with GPU nodes"),
     ], cfg.scaling.address)
     runtime_env = model_runtime_env(model_cfg.model)  # model.kind=custom: its code, on every actor's node
+    memory_bytes = memory_request(actor_memory_bytes(ec, model_cfg.model, info.image_shape, states), ec.concurrency,
+                                  cfg.scaling.address)
     start = time.perf_counter()
     total_rows = sum(expected.values()) * copies
     try:
         with RowsDisplay(staging, total_rows, echo=echo) as display, warnings.catch_warnings(), \
-                gpu_and_cpu_warning_dropped(), ray_data_errors_to_its_log_only():
+                gpu_and_cpu_warning_dropped(), ray_data_reports_to_its_log_only():
             # max_restarts has no named map_batches parameter in Ray 2.60; passing it the old way
             # warns that such arguments go in 2.64.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             if todo:
                 run_job(ray, todo, ec, runtime_env, staging,
                         encoder_kwargs(cfg, [st.path for st in states], shards_dir, info.to_manifest(), lineage,
-                                       epoch_list))
+                                       epoch_list), memory_bytes)
     except Exception as e:
         log.log(logging.INFO if is_verbose() else logging.DEBUG, "the encode job's error, in full: %s: %s",
                 type(e).__name__, e)
@@ -560,28 +600,6 @@ def encode(cfg: Config, checkpoint: str | None = None, out: str | None = None, e
                         rows_reused=sum(f["datapoints"] for f in plan if f not in todo) * copies)
 
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
-
-
-def root_cause(error: BaseException) -> str:
-    """What an encode actor raised, in one line: the original exception (Ray wraps it, with its
-    traceback as text and its own retry advice) and where, the innermost frame outside the Python
-    installation's packages (the model's or vaedist's code) when there is one."""
-    root = error
-    while getattr(root, "cause", None) is not None and root.cause is not root:  # RayTaskError's original
-        root = root.cause
-    frames = _FRAME.findall(str(error)) or [(f.filename, str(f.lineno), f.name)
-                                             for f in traceback.extract_tb(root.__traceback__)]
-    ours = [f for f in frames if "site-packages" not in f[0] and "/lib/python" not in f[0]]
-    where = (ours or frames)[-1:]
-    message = (str(root).strip().splitlines() or [""])[0]
-    text = f"{type(root).__name__}: {message}" if message else type(root).__name__
-    if where:
-        path, line, name = where[0]
-        text += f" (in {name}, {path}:{line})"
-    return text
-
-
 def _left(out: str) -> str:
     """What a failed job left at `out`, as found (not as hoped)."""
     if tables.is_complete(out):
@@ -590,14 +608,15 @@ def _left(out: str) -> str:
 
 
 def run_job(ray: Any, todo: list[dict[str, Any]], ec: Any, runtime_env: dict, staging: str,
-            kwargs: dict[str, Any]) -> None:
-    """The Ray Data job: a TableFileWriter actor pool over the files still to write."""
+            kwargs: dict[str, Any], memory_bytes: int | None = None) -> None:
+    """The Ray Data job: a TableFileWriter actor pool over the files still to write, each actor asking
+    for memory_bytes of memory (actor_memory_bytes)."""
     (ray.data.from_items(todo, override_num_blocks=len(todo))
         # max_restarts=0: Ray Data hands its actors their constructor through the object store, and
         # Ray 2.60 cannot reliably restart such an actor (ray-project/ray#53727; it logs an ERROR line
         # for each, #57733). A lost actor fails the job instead, which then publishes nothing; a
         # rerun keeps the files finished and encodes the rest.
         .map_batches(TableFileWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=ec.concurrency),
-                     num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, max_restarts=0,
-                     runtime_env=runtime_env or None, fn_constructor_kwargs={"staging": staging, **kwargs})
+                     num_cpus=ec.cpus_per_actor, num_gpus=1 if ec.use_gpu else 0, memory=memory_bytes,
+                     max_restarts=0, runtime_env=runtime_env or None, fn_constructor_kwargs={"staging": staging, **kwargs})
         .take_all())

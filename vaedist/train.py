@@ -27,12 +27,13 @@ from vaedist.checkpoint import (KEPT_DIR, CheckpointError, CheckpointState, best
                                 newest_readable_checkpoint, read_metrics, run_dir_of, save_checkpoint, write_metrics)
 from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, ConfigError, config_from_dict
-from vaedist.console import EpochDisplay, score_for_ray
+from vaedist.console import EpochDisplay, is_verbose, score_for_ray
 from vaedist.data import (DataError, DatasetInfo, Manifest, ShardEntry, load_split_arrays, manifest_hash,
                           read_checked_shard, read_manifest)
 from vaedist.devices import CudaUnavailableError, require_cuda
 from vaedist.engine import (TRAIN_SUM_KEYS, evaluate_sums, group_key, load_optimizer_state, make_grad_scaler,
                             make_optimizer, sum_keys, train_epoch)
+from vaedist.errors import ToldError, original, root_cause, train_worker_log
 from vaedist.ingest import choose_ingest, stream_dataset, stream_epoch, stream_steps
 from vaedist.likelihoods import bits_per_dim
 from vaedist.model import VAE, build_model, check_model
@@ -544,14 +545,31 @@ def make_trainer(cfg: Config, plan: Plan, tracking_uri: str | None, callbacks: l
     )
 
 
+class TrainingError(ToldError):
+    """A training run failed: what its worker raised, in one line, and where Ray's traceback is. Its
+    __cause__ is the worker's own exception (Ray brings it back without its traceback)."""
+
+
 def fit(trainer) -> None:
-    """trainer.fit(), with a failed run's vaedist input error raised as itself."""
+    """trainer.fit(). A failed run raises TrainingError, or a vaedist input error (bad data,
+    checkpoint, CUDA) as itself: one line either way, not Ray's traceback of every attempt."""
     from ray.train import TrainingFailedError
 
+    start = time.time()
     try:
         trainer.fit()
     except TrainingFailedError as e:
-        raise _our_error(e) or e
+        ours = _our_error(e)
+        if ours is not None:
+            raise ours from None
+        log.log(logging.INFO if is_verbose() else logging.DEBUG, "the training run's error, in full: %s: %s",
+                type(e).__name__, e)
+        max_failures = getattr(trainer.run_config.failure_config, "max_failures", 0)
+        attempts = f" after {max_failures + 1} attempts (output.max_failures = {max_failures})" \
+            if max_failures > 0 else ""
+        where = train_worker_log(e, start)
+        raise TrainingError(f"training failed{attempts}: {root_cause(e)}"
+                            + (f" (Ray's traceback: {where})" if where else "")) from original(e)
 
 
 def train_result(cfg: Config) -> TrainResult:

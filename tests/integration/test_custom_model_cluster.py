@@ -1,11 +1,14 @@
 """model.kind=custom on a real local Ray: examples/custom_model trained on 2 workers through Ray Train
 on a folder of colour images prepared into shards, with its code only in the directory the job runs
 from (shipped to the workers by Ray's runtime environment), then encoded by Ray Data's actors, queried
-and reported; and a factory that imports here but not on the workers is refused before training."""
+and reported; a factory that imports here but not on the workers is refused before training; and a
+model that raises in training ends the run in one line that names it."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,12 +33,12 @@ def isolated_imports(monkeypatch):
     before = set(sys.modules)
     yield
     for name in set(sys.modules) - before:
-        if name.split(".")[0] in ("toyvae", "needs_helper", "helper_only_here"):
+        if name.split(".")[0] in ("toyvae", "needs_helper", "helper_only_here", "failvae"):
             del sys.modules[name]
 
 
 def test_a_colour_folder_trains_a_custom_model_on_two_workers_then_encodes_queries_and_reports(
-        ray_cluster, tmp_path, monkeypatch, isolated_imports):
+        ray_cluster, tmp_path, monkeypatch, isolated_imports, capfd):
     """An unlabelled folder of colour PNGs prepared into shards; examples/custom_model trained on them
     by two workers, with its code only in the directory the job runs from (shipped by Ray's runtime
     environment); Ray Data's actors encode it; queries and the report read the table."""
@@ -84,7 +87,22 @@ def test_a_colour_folder_trains_a_custom_model_on_two_workers_then_encodes_queri
     assert state.config["model"]["kwargs"] == {"channels": 4, "hidden": 16}
     assert all(k.startswith("net.") for k in state.model) and state.model["net.encoder.0.weight"].shape[0] == 4
 
+    from vaedist.encode import ISSUE_DETECTION_LOGGER, ray_data_log, ray_data_reports_to_its_log_only
+
+    capfd.readouterr()
+    log_before = Path(ray_data_log()).stat().st_size if Path(ray_data_log()).is_file() else 0
     encoded = encode(cfg, checkpoint=result.best_checkpoint)  # the actors rebuild the model from its config
+    # A quiet console: no advice from Ray Data's issue detectors; and the actors asked Ray for the
+    # memory they used, with its headroom, or its memory detector would say so in its log at the end.
+    console = "".join(capfd.readouterr())
+    assert "memory per worker" not in console and "memory=" not in console, console
+    with open(ray_data_log()) as f:
+        f.seek(log_before)
+        assert "of memory per worker" not in f.read()
+    # Its advice, when it has some, goes to its log only.
+    with ray_data_reports_to_its_log_only():
+        logging.getLogger(ISSUE_DETECTION_LOGGER + ".issue_detector_manager").warning("uses 4.2GiB of memory per worker")
+    assert "4.2GiB" not in "".join(capfd.readouterr())
     assert encoded.rows == {s: e.num_samples for s, e in manifest.splits.items()}
     rows = pq.read_table(encoded.path, columns=["mu", "loss"])
     assert len(rows["mu"][0]) == 4 and np.all(np.isfinite(rows["loss"].to_numpy()))
@@ -121,3 +139,58 @@ def test_a_factory_that_does_not_import_on_the_workers_is_refused_before_trainin
                                            r".*No module named 'helper_only_here'"):
         train(cfg)
     assert not (tmp_path / "runs" / "unshippable").exists()  # refused before Ray Train started
+
+
+FAILING_MODEL = """
+from torch import nn
+
+
+class FailVAE(nn.Module):
+    def __init__(self, image_shape, latent_dim, params_per_pixel):
+        super().__init__()
+        pixels = image_shape[0] * image_shape[1] * image_shape[2]
+        self.encoder, self.decoder = nn.Linear(pixels, 2 * latent_dim), nn.Linear(latent_dim, pixels * params_per_pixel)
+
+    def encode(self, x):
+        if x.shape[0] > 4:  # passes vaedist's check of the protocol (4 images), fails in training
+            raise ValueError(f"a batch of {x.shape[0]} is more than this model takes")
+        return self.encoder(x).chunk(2, dim=-1)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+def build(image_shape, latent_dim, params_per_pixel):
+    return FailVAE(image_shape, latent_dim, params_per_pixel)
+"""
+
+
+def test_a_model_that_raises_in_training_ends_the_run_in_one_line_naming_it(
+        ray_cluster, small_shards, tmp_path, monkeypatch, isolated_imports, capfd):
+    """`vaedist train` of a custom model that raises on its first training batch, on 2 workers: the
+    output ends with one line naming the exception, the user's file and line, and the log file that
+    holds Ray's traceback; no traceback on the console; exit code 1."""
+    from vaedist.cli import main
+
+    package = tmp_path / "work" / "failvae"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model.py").write_text(FAILING_MODEL)
+    line = next(i for i, text in enumerate(FAILING_MODEL.splitlines(), 1) if "raise ValueError" in text)
+    monkeypatch.chdir(tmp_path / "work")
+    overrides = [f"data.shards_dir={small_shards}", "data.max_train_shards=0", "data.max_test_shards=0",
+                 f"output.storage_path={tmp_path / 'runs'}", "output.run_name=fails", "output.max_failures=0",
+                 "train.batch_size_per_worker=50", "model.kind=custom", "model.factory=failvae.model:build",
+                 "scaling.num_workers=2", "tracking.enabled=false"]
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        main(["train", "--config", str(REPO / "configs" / "debug.yaml"), *[a for o in overrides for a in ("--set", o)]])
+    console = "".join(capfd.readouterr())
+    assert ended.value.code == 1
+    assert "Traceback" not in console and "File \"" not in console, console
+    last = console.strip().splitlines()[-1]
+    told = re.fullmatch(rf"Error: training failed: ValueError: a batch of 50 is more than this model takes "
+                        rf"\(in encode, {re.escape(str(package / 'model.py'))}:{line}\) \(Ray's traceback: (\S+)\)", last)
+    assert told, console
+    with open(told.group(1)) as f:
+        assert "a batch of 50 is more than this model takes" in f.read()

@@ -1,5 +1,5 @@
-"""The encode job's plan of files (what makes a rerun find the files a killed run finished) and its
-one-line account of an actor's error. No Ray."""
+"""The encode job's plan of files (what makes a rerun find the files a killed run finished). No Ray;
+its one-line account of an actor's error is tests/unit/test_errors.py's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 from vaedist.data import MNIST, Manifest
 from vaedist.data.manifest import ShardEntry, SplitEntry
-from vaedist.encode import MIN_FILES, file_plan, root_cause
+from vaedist.encode import MIN_FILES, file_plan
 
 
 def manifest(shards_per_split: dict[str, list[int]]) -> Manifest:
@@ -37,24 +37,3 @@ def test_files_group_consecutive_shards_of_one_split_and_depend_on_the_manifest_
         {"file": f"test-{i:05d}.parquet", "split": "test", "datapoints": 2500,
          "entries": json.dumps([m.split("test").shards[i].to_dict()], sort_keys=True)} for i in range(4)]
 
-
-class RayTaskErrorLike(RuntimeError):
-    """What Ray raises for an actor's error: its message holds the remote traceback and retry advice;
-    `cause` the original exception."""
-
-
-def test_an_actors_error_is_told_as_the_original_exception_and_its_frame():
-    error = RayTaskErrorLike(
-        "ray::MapBatches(TableFileWriter)() (pid=1)\n"
-        '  File "/venv/lib/python3.11/site-packages/ray/data/_internal/util.py", line 1675, in iterate_with_retry\n'
-        '  File "/home/me/mymodel.py", line 42, in forward\n'
-        '  File "/venv/lib/python3.11/site-packages/torch/nn/functional.py", line 9, in linear\n'
-        "RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x10 and 20x5)\n"
-        "To change retry attempts, backoff, or which errors are retried, configure ...")
-    error.cause = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x10 and 20x5)")
-    assert root_cause(error) == ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x10 and 20x5) "
-                                 "(in forward, /home/me/mymodel.py:42)")
-    try:
-        raise ValueError("bad input\nsecond line")
-    except ValueError as plain:
-        assert root_cause(plain).startswith("ValueError: bad input (in test_an_actors_error_is_told")

@@ -39,6 +39,7 @@ from vaedist import storage
 from vaedist.cluster import check_resources, init_ray
 from vaedist.config import Config, config_from_dict
 from vaedist.console import loss_from_ray_score
+from vaedist.errors import original, root_cause
 from vaedist.sweep import results
 from vaedist.sweep.spec import TUNE_DIR, Sweep, SweepError, check_identity, plan_sweep, write_identity
 from vaedist.tracking import SweepTracker, check_uri, resolve_uri
@@ -140,8 +141,10 @@ class Recorder(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = trial.get_error() if hasattr(trial, "get_error") else None
-        lines = str(error or "the trial failed").strip().splitlines()
-        self._ended(trial, "error", (lines[-1] if lines else "the trial failed")[:2000])
+        # The trial's TrainingError says it in one line; an error Tune holds only as text, its last line.
+        told = root_cause(error) if error is not None and original(error) is not error else \
+            (str(error or "").strip().splitlines() or ["the trial failed"])[-1]
+        self._ended(trial, "error", told[:2000])
 
     def _ended(self, trial, status: str, error: str | None) -> None:
         t = self.by_name[trial.config["trial"]]
