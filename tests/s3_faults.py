@@ -151,6 +151,11 @@ class FaultProxy:
         with self.lock:
             self.rules.extend(rules)
 
+    def remove(self, *rules: Rule) -> None:
+        with self.lock:
+            for rule in rules:
+                self.rules.remove(rule)
+
     def clear(self) -> None:
         with self.lock:
             self.rules.clear()
