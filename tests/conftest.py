@@ -3,17 +3,10 @@ small real latent table (for the query and report tests)."""
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads its OpenMP runtime, which reads this once: the suite runs two test files at a
-# time on 2 cores, and an idle OpenMP thread that spins for its next task (the default) burns the CPU
-# that the other file's processes wait for. Every process the session starts (Ray's workers, the CLI
-# in subprocesses) inherits it. The numbers are the same: only how idle threads wait changes.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import contextlib
 import json
 import logging
+import os
 import socket
 import re
 import shutil
