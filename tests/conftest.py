@@ -38,13 +38,6 @@ os.environ["VAEDIST_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Files with integration tests first, the rest after, each group in its own order: run in
-    parallel (`make test`), the long files start early and the short ones fill the gaps at the end."""
-    heavy = {item.path for item in items if item.get_closest_marker("integration")}
-    items.sort(key=lambda item: item.path not in heavy)
-
-
 def find_mnist_dir() -> str | None:
     """$VAEDIST_MNIST_DIR, else ../shared/data/mnist beside the checkout."""
     return find_idx_dir("VAEDIST_MNIST_DIR", "mnist")
