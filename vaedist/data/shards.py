@@ -404,12 +404,14 @@ def commit_prepare(out_dir: str, manifest: Manifest) -> None:
 
 
 def discard_partials(out_dir: str) -> None:
-    """After a failed prepare: delete its .partial files (their space; a full disk), nothing else."""
-    for split in SPLITS:
-        split_dir = storage.join(out_dir, split)
-        for name in storage.listdir(split_dir):
-            if name.endswith(PARTIAL):
-                storage.delete_file(storage.join(split_dir, name))
+    """After a failed prepare: delete its .partial files (their space; a full disk), nothing else.
+    Best effort: the prepare's own error is the one to report."""
+    with contextlib.suppress(OSError):
+        for split in SPLITS:
+            split_dir = storage.join(out_dir, split)
+            for name in storage.listdir(split_dir):
+                if name.endswith(PARTIAL):
+                    storage.delete_file(storage.join(split_dir, name))
 
 
 def prepare_shards(out_dir: str, dataset: str = "mnist", source_dir: str | None = None,
@@ -453,8 +455,7 @@ def prepare_shards(out_dir: str, dataset: str = "mnist", source_dir: str | None 
                     bar.update(1)
                 splits[split] = SplitEntry(num_samples=counts[split], shards=tuple(shards))
     except BaseException:
-        with contextlib.suppress(OSError):
-            discard_partials(out_dir)
+        discard_partials(out_dir)
         raise
 
     manifest = Manifest(dataset=info, splits=splits, samples_per_shard=samples_per_shard, source=sources,

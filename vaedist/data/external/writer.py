@@ -6,7 +6,6 @@ the data.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 
@@ -162,5 +161,4 @@ class ShardAssembler:
     def abandon(self) -> None:
         for f in self.sources.values():
             f.abandon()
-        with contextlib.suppress(OSError):
-            discard_partials(self.out_dir)
+        discard_partials(self.out_dir)
