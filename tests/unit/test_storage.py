@@ -36,6 +36,25 @@ def test_ray_train_gets_the_s3_filesystem_with_its_timeouts(s3_env, monkeypatch)
     assert (options(shipped)["connect_timeout"], options(shipped)["request_timeout"]) == (storage.S3_CONNECT_TIMEOUT, 7.5)
 
 
+@pytest.mark.parametrize("uri", ["s3://bucket", "s3://bucket/", "s3://bucket/a/b", "s3://bucket/a/b/",
+                                 "s3://bucket/a//b", "s3://bucket/a%20b/c", "s3://bucket/x?region=eu-west-1",
+                                 "s3://key:secret@bucket/.staging-1/x.parquet"])
+def test_an_s3_uri_means_what_pyarrow_says_with_one_client_per_store(s3_env, uri):
+    fs, inside = storage.resolve(uri)
+    theirs, their_inside = pafs.FileSystem.from_uri(uri)
+    assert inside == their_inside
+    assert {k: v for k, v in options(fs).items() if "timeout" not in k} == \
+        {k: v for k, v in options(theirs).items() if "timeout" not in k}
+    assert storage.resolve(uri.replace("bucket", "bucket/more", 1))[0] is fs  # the same store: the same client
+
+
+def test_other_aws_variables_get_another_client(s3_env, monkeypatch):
+    fs, _ = storage.resolve("s3://bucket/x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
+    other, _ = storage.resolve("s3://bucket/x")
+    assert other is not fs and options(other)["endpoint_override"] == "http://127.0.0.1:10"
+
+
 def test_local_paths_go_to_ray_as_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert storage.ray_storage("runs") == {"storage_path": str(tmp_path / "runs")}
