@@ -154,7 +154,7 @@ def manifest_path(shards_dir: str) -> str:
 def _read_manifest_bytes(shards_dir: str) -> tuple[bytes, str]:
     path = manifest_path(shards_dir)
     if not storage.exists(path):
-        raise DataError(f"{path} not found: prepare the shards first (vaedist prepare)")
+        raise DataError(f"{path} not found: prepare the shards first (vaedist data prepare)")
     try:
         return storage.read_bytes(path), path
     except OSError as e:
