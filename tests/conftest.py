@@ -28,6 +28,14 @@ from vaedist.model import VAE
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `make test` runs two test processes (xdist workers) on a 2-core machine: torch's default OpenMP team
+# of 2 threads in each spins at its barriers while the other process holds a core. One thread per
+# test process: the unit tests' torch work took 36-37 s instead of 50-56 s (a dozen unit files, 2
+# workers, measured on a 2-core machine). Tests about thread counts set their own; Ray's workers and
+# subprocesses choose theirs.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Every process this test session starts (Ray's daemons and workers, subprocesses) inherits this
 # mark, so that what outlives the session can be told from other sessions' processes and reaped.
 SESSION_MARK = f"VAEDIST_TEST_SESSION={os.getpid()}-{os.urandom(4).hex()}"
@@ -75,9 +83,27 @@ def small_shards(mnist_dir, tmp_path_factory) -> str:
     """The first 4,000 datapoints of each split in 1,000-datapoint shards: 4 train and 4 test shards."""
     from vaedist.data import prepare_shards
 
-    out = str(tmp_path_factory.mktemp("shards") / "shards")
-    prepare_shards(out, source_dir=mnist_dir, samples_per_shard=1000, limit_per_split=4000, progress=False)
-    return out
+    return str(built_once(tmp_path_factory, "small-shards", lambda d: prepare_shards(
+        str(d / "shards"), source_dir=mnist_dir, samples_per_shard=1000, limit_per_split=4000, progress=False)) / "shards")
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """build(directory) once per test session, by whichever xdist worker asks first; the others wait
+    for it, then get the same directory. For session fixtures whose outputs the tests only read: each
+    worker building its own would pay for it again (a training run costs some 13 CPU-seconds)."""
+    from filelock import FileLock  # torch's dependency
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's, common to its workers
+    target = root / f"once-{name}"
+    with FileLock(f"{target}.lock"):
+        if not (target / ".built").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            build(target)
+            (target / ".built").touch()
+    return target
 
 
 def start_local_ray():
@@ -87,11 +113,17 @@ def start_local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    # The dashboard starts where its packages are installed, and Ray starts without it where they are
-    # not (a GPU machine's wheelhouse: README, "Proving the GPU paths ..."), whose Ray is found on the
-    # driver's PYTHONPATH, so the workers keep that too.
+    # No dashboard: no test of this cluster reads it, and it costs a few CPU-seconds to start and a
+    # steady share of a core while up (the CLI's embedded Ray and `ray start` keep theirs). A GPU
+    # machine's wheelhouse Ray (README, "Proving the GPU paths ...") is found on the driver's
+    # PYTHONPATH, so the workers keep that too.
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False,
+    # As vaedist's own embedded Ray (vaedist.cluster.init_ray): no preemption watcher, no Ray Data
+    # telemetry actor, a few spare worker processes.
+    for name, value in (("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"), ("RAY_DATA_USAGE_DISABLED", "1"),
+                        ("RAY_num_workers_soft_limit", "6")):
+        os.environ.setdefault(name, value)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": python_path}})
     return ray
 
@@ -166,10 +198,16 @@ def debug_config(shards: str, storage_path, run_name: str, *extra: str):
 def trained_run(ray_cluster, small_shards, tmp_path_factory):
     """One debug training run (2 epochs, 1 worker) over small_shards, with the final importance-weighted
     test NLL (K = 8) that the report shows: (config, TrainResult). Read by many tests: never change it."""
-    from vaedist.train import train
+    from vaedist.train import train, train_result
 
-    cfg = debug_config(small_shards, tmp_path_factory.mktemp("runs"), "trained", "train.num_samples_iw_final=8")
-    return cfg, train(cfg)
+    def build(directory: Path) -> None:
+        train(config(directory))
+
+    def config(directory: Path):
+        return debug_config(small_shards, directory / "runs", "trained", "train.num_samples_iw_final=8")
+
+    cfg = config(built_once(tmp_path_factory, "trained-run", build))
+    return cfg, train_result(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
