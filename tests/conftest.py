@@ -88,22 +88,28 @@ def small_shards(mnist_dir, tmp_path_factory) -> str:
 
 
 def built_once(tmp_path_factory, name: str, build) -> Path:
-    """build(directory) once per test session, by whichever xdist worker asks first; the others wait
-    for it, then get the same directory. For session fixtures whose outputs the tests only read: each
-    worker building its own would pay for it again (a training run costs some 13 CPU-seconds)."""
-    from filelock import FileLock  # torch's dependency
+    """build(directory), shared by the session's xdist workers: a worker that asks after another has
+    built it gets the same directory; one that asks while another is building builds its own rather
+    than wait idle. For session fixtures whose outputs the tests only read: each worker building
+    its own would pay for it again (a training run costs some 13 CPU-seconds)."""
+    from filelock import FileLock, Timeout  # torch's dependency
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # this session's, common to its workers
     target = root / f"once-{name}"
-    with FileLock(f"{target}.lock"):
-        if not (target / ".built").exists():
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir()
-            build(target)
-            (target / ".built").touch()
-    return target
+    try:
+        with FileLock(f"{target}.lock", timeout=0):
+            if not (target / ".built").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir()
+                build(target)
+                (target / ".built").touch()
+            return target
+    except Timeout:
+        own = tmp_path_factory.mktemp(name)
+        build(own)
+        return own
 
 
 def start_local_ray():
