@@ -186,8 +186,22 @@ def _ray_cluster_alive(request):
     test that uses it gets it started again."""
     if "ray_cluster" in request.fixturenames:
         ray = request.getfixturevalue("ray_cluster")
-        if not ray.is_initialized():
+        if not ray.is_initialized() or not _cpus_free(ray):
             start_local_ray()
+
+
+def _cpus_free(ray, wait_s: float = 10) -> bool:
+    """Whether every CPU of the Ray is free (within wait_s: a run that just ended may still be
+    releasing them). A placement group left reserved by an earlier test (Ray Tune can kill a finished
+    trial's Train controller before it removes its group) would leave the next run waiting for ever."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def debug_config(shards: str, storage_path, run_name: str, *extra: str):
