@@ -117,14 +117,9 @@ def _s3_with_timeouts(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
     # those pickling carries, the one way pyarrow gives them back.
     options = {**fs.__reduce__()[1][0], "connect_timeout": _timeout(CONNECT_TIMEOUT_ENV, S3_CONNECT_TIMEOUT),
                "request_timeout": _timeout(REQUEST_TIMEOUT_ENV, S3_REQUEST_TIMEOUT)}
-    key = repr(sorted(options.items()))
-    if key not in _s3_filesystems:  # one client per set of options, not one per call
-        _s3_filesystems[key] = pafs.S3FileSystem(
-            **options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
-    return _s3_filesystems[key]
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
 
 
-_s3_filesystems: dict[str, pafs.S3FileSystem] = {}
 _s3_by_uri: dict[tuple, pafs.S3FileSystem] = {}
 
 
