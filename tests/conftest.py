@@ -21,6 +21,7 @@ import torch
 
 from vaedist import schema
 from vaedist.checkpoint import save_checkpoint
+from vaedist.cluster import embedded_ray_settings
 from vaedist.config import Config, ModelConfig
 from vaedist.data import fixed_binarize, key_for, load_split_arrays, manifest_hash, prepare_shards, read_manifest
 from vaedist.evaluate import evaluate_batch
@@ -124,10 +125,8 @@ def start_local_ray():
     # machine's wheelhouse Ray (README, "Proving the GPU paths ...") is found on the driver's
     # PYTHONPATH, so the workers keep that too.
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    # As vaedist's own embedded Ray (vaedist.cluster.init_ray): no preemption watcher, no Ray Data
-    # telemetry actor, a few spare worker processes.
-    for name, value in (("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"), ("RAY_DATA_USAGE_DISABLED", "1"),
-                        ("RAY_num_workers_soft_limit", "6")):
+    # As vaedist's own embedded Ray: no preemption watcher, no Ray Data telemetry, spare workers.
+    for name, value in embedded_ray_settings(2).items():
         os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": python_path}})

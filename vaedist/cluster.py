@@ -67,28 +67,36 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                                    f"{AUTH_HINT}") from None
             raise
     else:
-        # One machine has no node to be preempted; Ray Train's watcher for that is one more idle
-        # actor process waking up beside the training worker.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        for name, value in embedded_ray_settings(num_cpus).items():
+            os.environ.setdefault(name, value)
         # Ray 2.60 turns token auth on for a new local cluster and warns that it did, at every start.
         # Setting RAY_AUTH_MODE here instead would come too late (ray's import has cached the mode),
         # so the one logger that says it is quieted unless verbose.
         if not is_verbose():
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        # Ray Data's usage telemetry polls a Prometheus server on localhost:9090 every 10 s from a
-        # driver thread; none runs beside an embedded Ray, and the failed poll it logs after pytest
-        # (or any host of logging) has closed its stream is the ConnectionRefusedError traceback
-        # that ended test sessions. It also starts one more per-cluster actor.
-        os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
-        # Ray keeps at most num_cpus idle worker processes and kills the rest after a second idle.
-        # With the training workers holding every CPU, `stream`'s zero-CPU decode tasks then lose
-        # their processes between epochs and pay ~1 s of process start at each (measured here:
-        # first batch after 1.1-1.2 s instead of 0.14 s); a few spare processes avoid it.
-        os.environ.setdefault("RAY_num_workers_soft_limit", str((num_cpus or os.cpu_count() or 1) + 4))
         # "local": a new instance of our own; a bare ray.init() would join whatever cluster
         # /tmp/ray last recorded, which is not "embedded".
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", **quiet)
     quiet_ray_data()
+
+
+def embedded_ray_settings(num_cpus: int | None = None) -> dict[str, str]:
+    """The Ray variables an embedded Ray of num_cpus CPUs starts with (unless already set)."""
+    return {
+        # One machine has no node to be preempted; Ray Train's watcher for that is one more idle
+        # actor process waking up beside the training worker.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        # Ray Data's usage telemetry polls a Prometheus server on localhost:9090 every 10 s from a
+        # driver thread; none runs beside an embedded Ray, and the failed poll it logs after pytest
+        # (or any host of logging) has closed its stream is the ConnectionRefusedError traceback
+        # that ended test sessions. It also starts one more per-cluster actor.
+        "RAY_DATA_USAGE_DISABLED": "1",
+        # Ray keeps at most num_cpus idle worker processes and kills the rest after a second idle.
+        # With the training workers holding every CPU, `stream`'s zero-CPU decode tasks then lose
+        # their processes between epochs and pay ~1 s of process start at each (measured here:
+        # first batch after 1.1-1.2 s instead of 0.14 s); a few spare processes avoid it.
+        "RAY_num_workers_soft_limit": str((num_cpus or os.cpu_count() or 1) + 4),
+    }
 
 
 def _is_auth_error(error: BaseException) -> bool:
