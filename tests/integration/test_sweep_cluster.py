@@ -22,8 +22,7 @@ from vaedist.sweep import query_sweep, with_cli
 from vaedist.sweep.results import read_record
 from vaedist.sweep.tune import encode_best, run_sweep
 
-from conftest import REPO, debug_config, session_leftovers
-from test_cluster import process_table
+from conftest import REPO, debug_config
 
 pytestmark = pytest.mark.integration
 TINY = ("train.max_steps_per_epoch=3", "scaling.cpus_per_worker=1", "encode.num_samples_mc=1",
@@ -83,12 +82,6 @@ def test_a_grid_sweep_killed_mid_way_resumes_two_at_a_time_into_run_dirs_the_tab
             os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        # Ray's client server, in a process group of its own, outlives the killed driver under pid 1:
-        # end it here rather than leave it for the session's end to find.
-        ours = session_leftovers()
-        for pid, (ppid, command) in process_table().items():
-            if ppid == 1 and pid in ours and "ray.util.client.server" in command:
-                os.kill(pid, signal.SIGKILL)
     finished_metrics = (first / "metrics.jsonl").read_bytes()
     unfinished = [n for n in names[1:] if read_record(str(storage / "grid" / n)).get("status") != "finished"]
     assert unfinished
