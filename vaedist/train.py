@@ -409,6 +409,7 @@ class Plan:
     ingest: str
     ingest_reason: str
     steps_per_epoch: int
+    finished: bool = False  # the run holds every epoch (and the final estimate asked for): nothing to train
 
 
 def preflight(cfg: Config) -> Plan:
@@ -464,7 +465,20 @@ def preflight(cfg: Config) -> Plan:
             raise CheckpointError(f"run {run_dir_of(cfg)} was trained on different shards (manifest "
                                   f"{state.manifest_hash[:12]} vs {digest[:12]} in {shards_dir}); "
                                   "use a new output.run_name")
-    return Plan(digest, info, train_shards, ingest, why, steps)
+    return Plan(digest, info, train_shards, ingest, why, steps, _finished(cfg, state))
+
+
+def _finished(cfg: Config, state: CheckpointState | None) -> bool:
+    """Whether the run's storage holds the last epoch's checkpoint, every epoch's metrics and, when
+    train.num_samples_iw_final asks for it, the final estimate: a rerun would start Ray Train to train
+    nothing."""
+    epochs = cfg.train.epochs
+    if state is None or state.epoch != epochs - 1:
+        return False
+    rows = read_metrics(run_dir_of(cfg))
+    recorded = {r["epoch"] for r in rows if r.get("kind") == "epoch"}
+    return set(range(epochs)) <= recorded and (cfg.train.num_samples_iw_final == 0
+                                                or _has_final(run_dir_of(cfg), epochs))
 
 
 def _our_error(error: BaseException) -> BaseException | None:
@@ -487,6 +501,10 @@ def train(cfg: Config, echo: Callable[[str], None] | None = None) -> TrainResult
     """Run (or resume) the training run cfg.output.run_name; returns its checkpoints and metrics.
     Each epoch's line (or a bar, on a terminal) shows as the epoch ends; `echo` prints the lines."""
     plan = preflight(cfg)
+    if plan.finished:  # a rerun after a later step failed (`vaedist run`): no cluster start, no Ray Train
+        (echo or log.info)(f"run {run_dir_of(cfg)} is finished (train.epochs = {cfg.train.epochs}): nothing to "
+                           "train; more train.epochs resume it, a new output.run_name starts another run")
+        return train_result(cfg)
     tracking_uri = resolve_uri(cfg)  # on the driver: a submitted job's environment names the store
     if tracking_uri:
         check_uri(tracking_uri, cfg.tracking.experiment)

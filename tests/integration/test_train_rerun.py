@@ -50,6 +50,14 @@ def test_rerun_resumes_from_what_storage_holds_and_refuses_another_model_shape(r
     with pytest.raises(CheckpointError, match=r"different model shape: model.latent_dim: checkpoint 8 vs config 5"):
         train(debug_config(small_shards, tmp_path, "rerun", "train.epochs=5", "model.latent_dim=5", *two))
     assert [r["epoch"] for r in read_metrics(third.run_dir) if r["kind"] == "epoch"] == [0, 1, 2, 3]
+    # 4. The finished run once more: nothing to train, and no Ray Train run starts (one would rewrite
+    # Ray's records, the metrics and the tracking run's files at least).
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    said = []
+    same = train(cfg, echo=said.append)
+    assert said == [f"run {run_dir} is finished (train.epochs = 4): nothing to train; more train.epochs resume "
+                    "it, a new output.run_name starts another run"]
+    assert same == third and {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == written
     if mlflow:
         check_one_mlflow_run_for_the_resumed_run(uri, small_shards, tmp_path, cfg, first, third, two)
 
