@@ -279,28 +279,37 @@ def files_under(root: str) -> dict[str, bytes]:
 
 
 def test_a_full_local_disk_during_prepare_checkpointing_and_encode(s3_ray, mnist_dir, tmp_path):
-    """Each write meets a disk with a few KiB left: one error naming the path and ENOSPC, the previous
+    """Each write meets a disk with too little left: one error naming the path and ENOSPC, the previous
     shards, checkpoint and table as they were; once space is freed, prepare and the encode complete."""
-    from vaedist.checkpoint import load_checkpoint
+    from vaedist.checkpoint import checkpoint_dirs, load_checkpoint, read_metrics
     from vaedist.data import prepare_shards, verify_shards
     from vaedist.encode import EncodeError, encode
+    from vaedist.model import build_model
     from vaedist.train import train
 
+    enospc = r"[\s\S]*No space left on device"
     with small_disk(tmp_path / "disk", "16m") as disk:
         shards, runs, out = f"{disk}/shards", f"{disk}/runs", f"{disk}/latents"
         prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=500, progress=False)
-        cfg = debug_config(shards, runs, "local", "train.epochs=1", "output.max_failures=0", "encode.num_samples_iw=0")
-        assert [r["epoch"] for r in train(cfg).epochs] == [0]
         write_table(out, OLD_ROWS, "old")  # a table published before
+        cfg = debug_config(shards, runs, "local", "train.epochs=2", "output.max_failures=0", "encode.num_samples_iw=0")
+        # Room for one checkpoint and a half (float32 weights and Adam's two moments): epoch 0's is
+        # saved, epoch 1's meets the full disk.
+        weights = sum(p.numel() for p in build_model(cfg.model, (28, 28, 1)).parameters())
+        filler = fill(disk, leave=int(1.5 * 3 * 4 * weights))
+        with pytest.raises(Exception, match=rf"saving the checkpoint of epoch 1 to {runs}/local/epoch-0001 failed: {enospc}"):
+            train(cfg)
+        # Epoch 0's checkpoint as it was saved, no part of epoch 1's, and no metrics of an epoch without one.
+        assert [e for e, _ in checkpoint_dirs(f"{runs}/local")] == [0]
+        assert not [n for n in os.listdir(f"{runs}/local") if "0001" in n]
+        assert load_checkpoint(f"{runs}/local/epoch-0000").epoch == 0
+        assert [r["epoch"] for r in read_metrics(f"{runs}/local") if r["kind"] == "epoch"] == [0]
+        os.remove(filler)
         before = files_under(disk)
 
         filler = fill(disk, leave=16 << 10)
-        enospc = r"[\s\S]*No space left on device"
         with pytest.raises(storage.StorageError, match=rf"writing {shards}/train/train-000000\.tar\.partial failed: {enospc}"):
             prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=500, progress=False)
-        twice = debug_config(shards, runs, "local", "train.epochs=2", "output.max_failures=0", "encode.num_samples_iw=0")
-        with pytest.raises(Exception, match=rf"saving the checkpoint of epoch 1 to {runs}/local/epoch-0001 failed: {enospc}"):
-            train(twice)
         with pytest.raises(EncodeError, match=rf"writing {disk}/\.latents\.staging-\w+/\S+\.parquet failed: {enospc}"
                                               rf".* The path {out} still holds the table published before"):
             encode(cfg, checkpoint=f"{runs}/local/epoch-0000", out=out)
@@ -308,7 +317,7 @@ def test_a_full_local_disk_during_prepare_checkpointing_and_encode(s3_ray, mnist
         after.pop("filler")
         # Nothing changed; the encode's unfinished staging directory is new (kept for its rerun).
         assert {k: v for k, v in after.items() if not k.startswith(".latents.staging-")} == before
-        assert count(out) == OLD_ROWS and load_checkpoint(f"{runs}/local/epoch-0000").epoch == 0
+        assert count(out) == OLD_ROWS
 
         os.remove(filler)
         prepare_shards(shards, source_dir=mnist_dir, samples_per_shard=250, limit_per_split=500, progress=False)
