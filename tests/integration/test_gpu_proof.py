@@ -68,7 +68,7 @@ def test_bench_gpu_runs_to_the_end_there(gpu_like, mnist_dir, tmp_path):
     sweep = doc["parts"]["batch_sweep"]
     assert sweep["modes"] == ["eager"] and all(b["eager"]["test_loss"] > 0 for b in sweep["batches"].values())
     assert doc["parts"]["quality"]["epochs_run"] >= 1 and doc["parts"]["quality"]["test_neg_elbo"] > 0
-    assert {"S=16 K=0", "S=1 K=100"} <= set(doc["parts"]["encode"])
+    assert doc["parts"]["encode"]["S=1 K=100"]["rows"] > 0
     assert doc["parts"]["cpu_scaling"]["train"]["1"]["speedup"] == 1.0
     assert doc["parts"]["cpu_scaling"]["encode"]["1"]["rows"] > 0
     table = (out / "results.md").read_text()
