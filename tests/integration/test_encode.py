@@ -25,6 +25,7 @@ from vaedist.encode import FAIL_ENV, EncodeError, encode
 
 from conftest import REPO
 from contract import assert_tables_close, level_env, lower_level
+from unit.test_tables import OLD_ROWS, write_table
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +119,7 @@ def test_benchmark_baseline_writes_the_same_table_as_the_job(published, tmp_path
 def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_resumes_it(published, tmp_path):
     cfg, result, enc = published
     out = str(tmp_path / "table")
-    first = encode(encode_cfg(cfg, "encode.splits=[test]"), checkpoint=result.latest_checkpoint, out=out)
+    write_table(out, OLD_ROWS, "old")  # a table published there before
     before, listing = read_sorted(out), sorted(storage.listdir(out))
     # The real thing: a job process (its own embedded Ray) whose encoder dies after writing began:
     # one actor, 8 batches a file (a 1,000-datapoint shard each), so two files are finished first.
@@ -131,7 +132,7 @@ def test_a_job_that_dies_mid_write_publishes_nothing_and_a_rerun_resumes_it(publ
     assert job.returncode != 0 and "injected fault" in job.stdout + job.stderr, job.stderr[-2000:]
     assert f"{out} still holds the table published before" in job.stdout + job.stderr
     # The published path still holds the earlier, complete table; the finished files stayed in staging.
-    assert first.rows == {"test": 4000}
+    assert before.num_rows == OLD_ROWS
     assert read_sorted(out).equals(before) and sorted(storage.listdir(out)) == listing
     staging, = [n for n in storage.listdir(str(tmp_path)) if n.startswith(".table.staging-")]
     assert len([n for n in storage.listdir(str(tmp_path / staging)) if n.endswith(".parquet")]) >= 2
