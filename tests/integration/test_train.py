@@ -1,4 +1,5 @@
-"""Ray Train on a real 2-CPU local cluster over real WebDataset shards."""
+"""Ray Train on a real 2-CPU local cluster over real WebDataset shards; a model of two latent groups
+through the pipeline (2 workers, the encode job, DuckDB, the report)."""
 
 from __future__ import annotations
 
@@ -30,23 +31,32 @@ def recompute_test_loss(checkpoint_dir: str, shards: str, max_test_shards: int =
     return sums["loss"] / sums["count"]
 
 
-# One worker and the elbo objective are the other tests' defaults; this run also trains the iwae
-# objective (train.objective), whose own value is logged beside the plain ELBO that every run reports.
-@pytest.mark.parametrize("num_workers, objective", [(2, ["train.objective=iwae", "train.iwae_samples=5"])])
-def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_shards, tmp_path, num_workers,
-                                                           objective):
-    cfg = debug_config(small_shards, tmp_path, f"w{num_workers}", f"scaling.num_workers={num_workers}", *objective)
-    result = train(cfg)
+@pytest.fixture(scope="module")
+def two_workers(ray_cluster, small_shards, tmp_path_factory):
+    """One run on two workers of what the module's other runs do not train: a model of two latent
+    groups (6 and 2 dimensions) and the iwae objective (train.objective, k = 2), whose own value is
+    logged beside the plain ELBO that every run reports. (config, TrainResult)."""
+    cfg = debug_config(small_shards, tmp_path_factory.mktemp("w2"), "w2", "scaling.num_workers=2",
+                       "model.kind=hierarchical", "model.latent_dim=8", "model.latent_groups=[6, 2]",
+                       "train.objective=iwae", "train.iwae_samples=2")
+    return cfg, train(cfg)
+
+
+def test_training_learns_syncs_and_reports_exact_test_loss(two_workers, small_shards):
+    cfg, result = two_workers
     epochs = result.epochs
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
-    # The IWAE bound (k = 5) is above the ELBO of the same samples: its negative is below train_loss.
+    # The IWAE bound is above the ELBO of the same samples (Jensen): its negative is below train_loss.
     assert all(0 < r["train_objective"] < r["train_loss"] for r in epochs), epochs
     assert epochs[-1]["test_loss"] < epochs[0]["test_loss"]
-    assert all(r["world_size"] == num_workers and r["test_count"] == 4000 for r in epochs)
+    assert all(r["world_size"] == 2 and r["test_count"] == 4000 for r in epochs)
+    # Each group's test KL, z_1 first, sums to the test KL.
+    assert all(len(r["test_kl_groups"]) == 2 and sum(r["test_kl_groups"]) == pytest.approx(r["test_kl"], rel=1e-9)
+               for r in epochs), epochs
     # DDP synchronises: every rank holds the same parameters after each epoch.
     for r in epochs:
-        assert len(r["rank_param_sums"]) == num_workers
+        assert len(r["rank_param_sums"]) == 2
         assert len(set(r["rank_param_sums"])) == 1, r["rank_param_sums"]
     # The reported test loss (sum and count reduced across ranks) equals a single-process recomputation.
     latest = dict(checkpoint_dirs(result.run_dir))[1]
@@ -54,6 +64,37 @@ def test_training_learns_syncs_and_reports_exact_test_loss(ray_cluster, small_sh
     model, saved_cfg, state = load_model(latest)
     assert saved_cfg == cfg and state.epoch == 1
     assert sum(float(p.detach().double().sum()) for p in model.parameters()) == pytest.approx(epochs[-1]["rank_param_sums"][0])
+
+
+def test_the_two_group_model_is_encoded_queried_and_reported_per_group(two_workers, tmp_path):
+    """The encode job, the per-group KL queried with DuckDB, and the report of a model of two groups."""
+    from vaedist.analyses import read_lineage, run_sql
+    from vaedist.config import config_from_dict
+    from vaedist.encode import encode
+    from vaedist.report import write_report
+
+    cfg, result = two_workers
+    # One sample of z with the training seed: each row's loss is the very number training evaluated.
+    enc_cfg = config_from_dict(cfg.to_dict(), ["encode.splits=[test]", "encode.num_samples_mc=1",
+                                               "encode.num_samples_iw=4", "encode.concurrency=1",
+                                               "encode.kl_per_dim=true"])
+    out = encode(enc_cfg, checkpoint=result.latest_checkpoint, out=str(tmp_path / "latents")).path
+    assert read_lineage(out).latent_groups == [6, 2] and read_lineage(out).latent_dim == 8
+    row = run_sql(out, """
+        SELECT count(*) AS n, avg(loss) AS loss, avg(kl_groups[1]) AS kl_1, avg(kl_groups[2]) AS kl_2,
+               count(*) FILTER (WHERE loss != recon_nll + list_sum(kl_groups) OR kl != list_sum(kl_groups)) AS inexact,
+               count(*) FILTER (WHERE len(mu) != 8 OR len(kl_groups) != 2) AS misshapen,
+               max(abs(list_sum(kl_dims[1:6]) - kl_groups[1]) + abs(list_sum(kl_dims[7:8]) - kl_groups[2]))
+                   AS kl_dims_off,
+               avg(log_px + loss) AS gap
+        FROM latents""").to_pylist()[0]
+    assert row["n"] == 4000 and row["inexact"] == 0 and row["misshapen"] == 0 and row["kl_dims_off"] < 1e-3
+    assert row["loss"] == pytest.approx(result.epochs[-1]["test_loss"], rel=1e-9)
+    assert row["kl_1"] > 0 and row["kl_2"] >= 0 and row["gap"] > 0
+    page = write_report(out, str(tmp_path / "report"))
+    text = open(page).read()
+    assert "KL by latent group" in text and "samples_by_group.png" in text
+    assert (tmp_path / "report" / "samples_by_group.png").stat().st_size > 0
 
 
 def test_crash_mid_run_resumes_and_eval_every_epochs_skips_evaluation_in_between(ray_cluster, small_shards,
