@@ -34,7 +34,7 @@ def cross_tables(ray_cluster, mnist_dir, fashion_dir, tmp_path_factory):
                    limit_per_split=400, progress=False)
     prepare_shards(shards["mnist"], source_dir=mnist_dir, samples_per_shard=200, limit_per_split=400, progress=False)
     cfg = debug_config(shards["fashion"], root, "fashion", "data.dataset=fashion-mnist", "encode.splits=[test]",
-                       "encode.num_samples_iw=4", "encode.concurrency=2", "tracking.enabled=false")
+                       "encode.num_samples_iw=4", "encode.concurrency=1", "tracking.enabled=false")
     torch.manual_seed(0)
     checkpoint = root / "fashion" / checkpoint_dir_name(0)
     save_checkpoint(str(checkpoint), model_state=VAE(cfg.model).state_dict(), optimizer_state=None, epoch=0,

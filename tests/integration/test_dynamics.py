@@ -37,7 +37,7 @@ EPOCHS = [0, 1, 2]
 TEST_ROWS = 4000  # small_shards' test split
 # Cheap encodes: the test split only, one Monte Carlo sample (so that l_i is the very number training
 # evaluated, with the training seed), two importance samples (so that log_px is there to compare).
-ENCODE = ["encode.num_samples_mc=1", "encode.num_samples_iw=2", "encode.splits=[test]", "encode.concurrency=2"]
+ENCODE = ["encode.num_samples_mc=1", "encode.num_samples_iw=2", "encode.splits=[test]", "encode.concurrency=1"]
 STILL = ["train.epochs=3", "output.keep_epochs=[0,1,2]", "train.lr=1e-30", *ENCODE]
 
 

@@ -74,10 +74,13 @@ def test_one_row_per_datapoint_and_loss_matches_training(published):
 
 def test_same_inputs_give_identical_tables_and_single_sample_matches_training_exactly(published, tmp_path):
     cfg, result, enc = published
-    again = encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=str(tmp_path / "again"))
+    # One actor here, two for the published table: the number of actors changes no number.
+    again = encode(encode_cfg(cfg, "encode.concurrency=1"), checkpoint=result.latest_checkpoint,
+                   out=str(tmp_path / "again"))
     assert read_sorted(again.path).equals(read_sorted(enc.path))
     # With S = 1 and the training seed, each row's loss is the very number training evaluated.
-    exact = encode(encode_cfg(cfg, "encode.num_samples_mc=1", "encode.num_samples_iw=0", "encode.splits=[test]"),
+    exact = encode(encode_cfg(cfg, "encode.num_samples_mc=1", "encode.num_samples_iw=0", "encode.splits=[test]",
+                              "encode.concurrency=1"),
                    checkpoint=result.latest_checkpoint, out=str(tmp_path / "exact"))
     mean = run_sql(exact.path, "SELECT avg(loss) AS m FROM latents").to_pylist()[0]["m"]
     assert mean == pytest.approx(result.epochs[-1]["test_loss"], rel=1e-9)
@@ -155,8 +158,9 @@ def test_a_failed_encode_gives_its_cpus_back_for_a_retry_in_the_same_process(pub
     cfg, result, _ = published
     out = str(tmp_path / "table")
     monkeypatch.setenv(FAIL_ENV, "1")
+    one = encode_cfg(cfg, "encode.concurrency=1")
     with pytest.raises(EncodeError, match="injected fault") as failed:
-        encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=out)
+        encode(one, checkpoint=result.latest_checkpoint, out=out)
     # The error says what the actor raised and where, and what is at the path, as found; not Ray's
     # traceback and retry advice.
     assert re.fullmatch(rf"the encode job failed: RuntimeError: injected fault after 1 batches \({FAIL_ENV}\) "
@@ -181,7 +185,7 @@ def test_a_failed_encode_gives_its_cpus_back_for_a_retry_in_the_same_process(pub
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     assert not storage.exists(out)
     monkeypatch.delenv(FAIL_ENV)
-    done = encode(encode_cfg(cfg), checkpoint=result.latest_checkpoint, out=out)
+    done = encode(one, checkpoint=result.latest_checkpoint, out=out)
     assert done.rows == {"train": 4000, "test": 4000}
 
 

@@ -102,7 +102,7 @@ def test_fashion_mnist_end_to_end_as_a_user_sees_it(fashion_dir, tmp_path):
         "data.max_train_shards=4", "data.max_test_shards=1",  # train on 10,000, evaluate on 2,500
         "model.latent_dim=8", "model.hidden_dims=[128]", "train.epochs=3", "train.batch_size_per_worker=50",
         "train.kl_warmup_epochs=0", "train.num_samples_iw_final=0", "scaling.cpus_per_worker=1",
-        "encode.splits=[test]", "encode.num_samples_mc=1", "encode.concurrency=2",
+        "encode.splits=[test]", "encode.num_samples_mc=1", "encode.concurrency=1",
         f"output.storage_path={out}/runs", "output.run_name=fashion", f"output.latents_dir={out}/latents",
         f"output.report_dir={out}/report", "tracking.enabled=false",
     ]
