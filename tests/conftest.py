@@ -181,7 +181,7 @@ def ray_cluster():
 
 @pytest.fixture(autouse=True)
 def _ray_cluster_alive(request):
-    """Modules with a cluster of their own (test_cluster, test_s3) shut the shared Ray down: a later
+    """Modules with a cluster of their own (test_s3, test_cluster_multinode) shut the shared Ray down: a later
     test that uses it gets it started again."""
     if "ray_cluster" in request.fixturenames:
         ray = request.getfixturevalue("ray_cluster")

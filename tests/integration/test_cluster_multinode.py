@@ -19,7 +19,7 @@ import pytest
 from vaedist import storage
 
 from conftest import debug_config, free_ports
-from test_cluster import TRAIN_TIMEOUT_S, kill_tree, own_processes, process_table
+from clusters import TRAIN_TIMEOUT_S, kill_tree, own_processes, process_table
 
 pytestmark = pytest.mark.integration
 

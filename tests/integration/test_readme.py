@@ -1,7 +1,7 @@
 """The commands of the README and the docs, run as written where they are cheap.
 
 Which blocks run: every ```bash block of README.md and docs/**/*.md, except the README's head-node
-block (tests/integration/test_cluster.py runs that one on free ports). A block that cannot run here
+block (tests/integration/test_cluster_readme.py runs that one on free ports). A block that cannot run here
 (a cluster, object storage, other data, hours of training) is fenced ```bash {.no-run}, which the
 docs render as any bash block. In the blocks that run, `vaedist train` and `vaedist encode` lines are
 what the rest of the suite runs; here their output is stood in for by a real table. A command that
@@ -21,7 +21,7 @@ from conftest import REPO, command_blocks, repo_copy
 
 pytestmark = pytest.mark.integration
 EXPENSIVE = ("vaedist train", "vaedist encode")
-RUN_ELSEWHERE = "ray start --head"  # test_cluster.py's block
+RUN_ELSEWHERE = "ray start --head"  # test_cluster_readme.py's block
 
 
 def documented_commands() -> dict[str, list[str]]:
