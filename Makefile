@@ -47,7 +47,7 @@ run: $(STAMP)  ## the whole pipeline on an embedded local Ray
 # 718 s against 785 s for the long integration files first, which ran two Ray-heavy files side by
 # side where they now mostly run beside unit files.
 TEST_WORKERS ?= 2
-PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP) chromium  ## unit and integration tiers
 	$(BIN)/pytest -q $(PARALLEL)
 

@@ -22,6 +22,7 @@ from conftest import debug_config, free_ports
 from clusters import TRAIN_TIMEOUT_S, kill_tree, own_processes, process_table
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 50  # about how long this file takes in `make test` (conftest: longest first)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from conftest import readme_commands, repo_copy
 from clusters import HEAD_MARKER_ENV, MAX_PACKAGE_BYTES, head_flags, kill_tree, own_processes, process_table, tree_bytes
 
 pytestmark = pytest.mark.integration
-RUNS_LONG = True  # handed out early (conftest.pytest_collection_modifyitems)
+SCHEDULE_SECONDS = 95  # about how long this file takes in `make test` (conftest: longest first)
 
 
 def test_readme_head_node_commands_work_as_written(tmp_path, mnist_dir):

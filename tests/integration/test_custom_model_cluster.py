@@ -24,6 +24,7 @@ from vaedist.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from vaedist.custom_model import FactoryError
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 60  # about how long this file takes in `make test` (conftest: longest first)
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from vaedist.encode import EncodeError, encode
 from conftest import REPO, debug_config
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 35  # about how long this file takes in `make test` (conftest: longest first)
 
 EPOCHS = [0, 1, 2]
 TEST_ROWS = 4000  # small_shards' test split

@@ -28,6 +28,7 @@ from contract import assert_tables_close, level_env, lower_level
 from unit.test_tables import OLD_ROWS, write_table
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 85  # about how long this file takes in `make test` (conftest: longest first)
 
 
 def read_sorted(path: str):

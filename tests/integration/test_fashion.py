@@ -30,6 +30,8 @@ from vaedist.model import VAE
 
 from conftest import REPO, debug_config, find_mnist_dir
 
+SCHEDULE_SECONDS = 45  # about how long this file takes in `make test` (conftest: longest first)
+
 CLASS_NAMES = list(FASHION_MNIST.class_names)  # label 9 is "Ankle boot"
 
 

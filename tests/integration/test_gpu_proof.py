@@ -21,6 +21,7 @@ import pytest
 import offline_env  # tests/, on sys.path beside conftest
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 75  # about how long this file takes in `make test` (conftest: longest first)
 
 REPO = Path(__file__).resolve().parents[2]
 WHEELHOUSE = REPO / "outputs" / f"offline-wheels-py{sys.version_info.major}.{sys.version_info.minor}"

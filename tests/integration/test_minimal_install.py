@@ -24,6 +24,7 @@ import pytest
 import offline_env  # tests/, on sys.path beside conftest
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 50  # about how long this file takes in `make test` (conftest: longest first)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "debug.yaml")

@@ -22,6 +22,7 @@ from vaedist.prepare import prepare_external
 from conftest import start_local_ray
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 27  # about how long this file takes in `make test` (conftest: longest first)
 
 TRAIN, TEST = 2000, 500
 

@@ -29,6 +29,7 @@ from s3_faults import FaultProxy, Rule, fill, small_disk
 from unit.test_tables import NEW_ROWS, OLD_ROWS, leftovers, staged, write_table
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 150  # about how long this file takes in `make test` (conftest: longest first)
 
 BUCKET = "vaedist-test"
 COPY = "x-amz-copy-source"  # a PUT with this header is a server-side copy (CopyObject)

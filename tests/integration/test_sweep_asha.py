@@ -10,7 +10,7 @@ from vaedist.sweep.tune import run_sweep
 from test_sweep_cluster import sweep_config
 
 pytestmark = pytest.mark.integration
-RUNS_LONG = True  # handed out early (conftest.pytest_collection_modifyitems)
+SCHEDULE_SECONDS = 26  # about how long this file takes in `make test` (conftest: longest first)
 
 
 def test_asha_stops_trials_that_are_clearly_worse_early(ray_cluster, small_shards, tmp_path):

@@ -25,7 +25,7 @@ from vaedist.sweep.tune import encode_best, run_sweep
 from conftest import REPO, debug_config
 
 pytestmark = pytest.mark.integration
-RUNS_LONG = True  # handed out early (conftest.pytest_collection_modifyitems)
+SCHEDULE_SECONDS = 55  # about how long this file takes in `make test` (conftest: longest first)
 TINY = ("train.max_steps_per_epoch=3", "scaling.cpus_per_worker=1", "encode.num_samples_mc=1",
         "encode.num_samples_iw=0", "encode.concurrency=1")
 # A hierarchical model whose grid splits 8 latent dimensions between two groups in three ways (the

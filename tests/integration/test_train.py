@@ -19,6 +19,7 @@ from vaedist.train import train
 from conftest import debug_config
 
 pytestmark = pytest.mark.integration
+SCHEDULE_SECONDS = 60  # about how long this file takes in `make test` (conftest: longest first)
 
 
 def recompute_test_loss(checkpoint_dir: str, shards: str, max_test_shards: int = 0) -> float:

@@ -13,7 +13,7 @@ from vaedist.train import train
 from conftest import debug_config
 
 pytestmark = pytest.mark.integration
-RUNS_LONG = True  # handed out early (conftest.pytest_collection_modifyitems)
+SCHEDULE_SECONDS = 35  # about how long this file takes in `make test` (conftest: longest first)
 
 
 def test_rerun_resumes_from_what_storage_holds_and_refuses_another_model_shape(ray_cluster, small_shards, tmp_path,
