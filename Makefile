@@ -43,9 +43,9 @@ run: $(STAMP)  ## the whole pipeline on an embedded local Ray
 # The suite's test files run TEST_WORKERS at a time (pytest-xdist, a file per worker so that module
 # fixtures are built once): on 2 cores about a fifth faster than one at a time, which leaves a core
 # idle while a test waits on Ray's process starts; 3 at a time was slower (781 s against 674 s, the
-# same checkout). xdist's own order (files with the most tests first) is kept: from a fresh clone,
-# 718 s against 785 s for the long integration files first, which ran two Ray-heavy files side by
-# side where they now mostly run beside unit files.
+# same checkout). The order is tests/conftest.py's (the long files first, longest first), not
+# xdist's (most tests first), which left the long single-test files last, stacked on one worker that
+# then ran the last 70 s alone.
 TEST_WORKERS ?= 2
 PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP) chromium  ## unit and integration tiers
