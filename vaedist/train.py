@@ -358,7 +358,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Rank 0 decides whether the final estimate is still to do and tells the others: every rank
     # reading metrics.jsonl itself, right after rank 0 rewrote it, could read it torn.
-    todo = cfg.train.num_samples_iw_final > 0 and (rank != 0 or not _has_final(run_dir, cfg.train.epochs))
+    todo = cfg.train.num_samples_iw_final > 0 and (rank != 0 or not _has_final(read_metrics(run_dir), cfg.train.epochs))
     if collective.broadcast_object(todo, device):
         row = _final_estimate(model, data, cfg, shards_dir, info, device)
         ray.train.report(row)
@@ -369,8 +369,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.finish()
 
 
-def _has_final(run_dir: str, epochs: int) -> bool:
-    return any(r.get("kind") == "final" and r.get("epoch") == epochs - 1 for r in read_metrics(run_dir))
+def _has_final(rows: list[dict], epochs: int) -> bool:
+    """Whether a run's metrics rows hold the final estimate of a run of `epochs` epochs."""
+    return any(r.get("kind") == "final" and r.get("epoch") == epochs - 1 for r in rows)
 
 
 def on_rank_zero(rank: int, fn, *args, **kwargs):
@@ -477,8 +478,7 @@ def _finished(cfg: Config, state: CheckpointState | None) -> bool:
         return False
     rows = read_metrics(run_dir_of(cfg))
     recorded = {r["epoch"] for r in rows if r.get("kind") == "epoch"}
-    return set(range(epochs)) <= recorded and (cfg.train.num_samples_iw_final == 0
-                                                or _has_final(run_dir_of(cfg), epochs))
+    return set(range(epochs)) <= recorded and (cfg.train.num_samples_iw_final == 0 or _has_final(rows, epochs))
 
 
 def _our_error(error: BaseException) -> BaseException | None:
