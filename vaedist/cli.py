@@ -654,9 +654,11 @@ def bench_analyses(config_path, overrides, mnist_dir, latents, repeats) -> None:
               help="--quality: which of elbo, iwae5, iwae50, beta0.5, beta2.")
 @click.option("--nll-rows", default=1000, show_default=True, type=click.IntRange(min=1), help="--quality: test images for the NLL.")
 @click.option("--nll-samples", default=1000, show_default=True, type=click.IntRange(min=1), help="--quality: K of the NLL.")
+@click.option("--save", "save_dir", default=None,
+              help="--quality: write each trained model as a checkpoint in SAVE/<run>, for vaedist encode --checkpoint.")
 @guarded
 def bench_objectives(config_path, overrides, mnist_dir, ks, steps, rounds, device, quality_epochs, runs, nll_rows,
-                     nll_samples) -> None:
+                     nll_samples, save_dir) -> None:
     """A training step under the iwae objective (k samples) vs the elbo's: time and memory, with ratios.
     With --quality, the objectives trained alike and compared on the test split instead.
 
@@ -670,7 +672,7 @@ def bench_objectives(config_path, overrides, mnist_dir, ks, steps, rounds, devic
         if unknown:
             raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(QUALITY_RUNS)}", param_hint="--runs")
         bench_quality(resolve_config(config_path or "configs/mnist.yaml", overrides, mnist_dir), names,
-                      quality_epochs, nll_rows=nll_rows, nll_samples=nll_samples, echo=click.echo)
+                      quality_epochs, nll_rows=nll_rows, nll_samples=nll_samples, echo=click.echo, save_dir=save_dir)
         return
     try:
         k_values = tuple(int(k) for k in ks.split(","))

@@ -201,13 +201,18 @@ def _split(cfg: Config, split: str, rows: int = 0):
 
 
 def bench_quality(cfg: Config, runs: list[str], epochs: int, nll_rows: int = 1000, nll_samples: int = 1000,
-                  echo: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+                  echo: Callable[[str], None] = print, save_dir: str | None = None,
+                  progress_seconds: float = 60.0) -> dict[str, dict[str, float]]:
     """Each objective in `runs` (QUALITY_RUNS' names) trained `epochs` epochs from the same initial
     weights with the plain engine loop (engine.train_epoch, what the Ray Train workers run, as `bench
     train`'s baseline), one after another, then on MNIST's test split with its fixed binarisation and
     per-key noise (engine.evaluate_sums, as training's own evaluation): the negative ELBO (S = 1) over
     the whole split, the importance-weighted NLL (K = nll_samples) over its first nll_rows datapoints
-    and over the whole split the active units, dimensions whose posterior mean varies more than 0.01."""
+    and over the whole split the active units, dimensions whose posterior mean varies more than 0.01.
+    With save_dir, each trained model is a checkpoint in save_dir/<run> that `vaedist encode
+    --checkpoint` reads. A line of progress every progress_seconds of training."""
+    from vaedist.checkpoint import save_checkpoint
+    from vaedist.data import manifest_hash
     from vaedist.engine import evaluate_sums
 
     dev = torch.device("cpu")
@@ -228,11 +233,21 @@ def bench_quality(cfg: Config, runs: list[str], epochs: int, nll_rows: int = 100
         model = build_model(run_cfg.model, info.image_shape)
         optimizer = make_optimizer(model, run_cfg.train, dev)
         steps = images.shape[0] // run_cfg.train.batch_size_per_worker
-        start = time.perf_counter()
+        start = last = time.perf_counter()
         for epoch in range(epochs):
             sums = train_epoch(model, optimizer, images, run_cfg.train, epoch=epoch, rank=0, num_steps=steps,
                                steps_per_epoch=steps, start_step=epoch * steps, device=dev)
+            if time.perf_counter() - last >= progress_seconds and epoch + 1 < epochs:
+                last = time.perf_counter()
+                echo(f"  {name:>8}: epoch {epoch + 1}/{epochs}  train -ELBO {sums['loss'] / sums['count']:7.2f}, "
+                     f"objective {sums['objective'] / sums['count']:7.2f}  ({last - start:.0f} s)")
         train_seconds = time.perf_counter() - start
+        if save_dir:
+            shards_dir = storage.absolute(run_cfg.data.shards_dir)
+            save_checkpoint(storage.join(save_dir, name), model_state=model.state_dict(),
+                            optimizer_state=optimizer.state_dict(), epoch=epochs - 1, global_step=epochs * steps,
+                            config=run_cfg, manifest_hash=manifest_hash(shards_dir), history=[], dataset=info.name,
+                            image_shape=info.image_shape)
         test = evaluate_sums(model, test_u8, test_idx, "test", run_cfg.train.seed, dev)
         nll = evaluate_sums(model, test_u8[:nll_rows], test_idx[:nll_rows], "test", run_cfg.train.seed, dev,
                             batch_size=100, num_samples_iw=nll_samples)
