@@ -10,8 +10,9 @@ endpoint variables: always go through resolve(). Each process reads the variable
 must be set on every Ray node, or passed as the job's runtime_env env_vars, not only on the driver.
 
 S3 that fails. The S3 filesystem is from_uri's, rebuilt with timeouts so that a store that stalls
-fails a request instead of hanging it: connect within S3_CONNECT_TIMEOUT seconds, and no request
-goes S3_REQUEST_TIMEOUT seconds without a byte (a slow transfer that keeps moving is not cut off).
+fails a request instead of hanging it: connect within S3_CONNECT_TIMEOUT seconds, and no read goes
+S3_REQUEST_TIMEOUT seconds without a byte (a slow transfer that keeps moving is not cut off). A
+stalled upload is given up too, but some seconds after the timeout rather than at it.
 Failed requests (5xx answers such as 503 SlowDown, reset connections, timeouts) are retried by the
 AWS SDK's standard strategy, S3_ATTEMPTS attempts with its backoff. VAEDIST_S3_CONNECT_TIMEOUT and
 VAEDIST_S3_REQUEST_TIMEOUT change the timeouts, in seconds, per process. ray_storage() hands Ray
