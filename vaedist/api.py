@@ -387,8 +387,9 @@ class Table:
         It joins the Ray cluster RAY_ADDRESS names, or starts a local one.
 
         Example:
+            >>> from ray.data.expressions import col
             >>> ds = table.to_ray()
-            >>> ds.filter(expr="split = 'test'").count()
+            >>> ds.filter(expr=col("split") == "test").count()
         """
         import ray.data
 

@@ -33,6 +33,8 @@ def test_encode_then_the_model_and_the_ray_dataset_agree_with_the_table(trained_
                           split="test", seed=lineage.seed)
     np.testing.assert_allclose(log_px.numpy(), rows["log_px"], rtol=1e-5)
 
+    from ray.data.expressions import col
+
     ds = table.to_ray()
     assert ds.count() == 4000
-    assert ds.filter(expr="label == 3").count() == int((table.to_pandas().label == 3).sum())
+    assert ds.filter(expr=col("label") == 3).count() == int((table.to_pandas().label == 3).sum())
