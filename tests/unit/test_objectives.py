@@ -254,22 +254,25 @@ def test_each_quality_run_trains_the_objective_it_names_whatever_the_config_trai
 def test_the_quality_benchmark_saves_each_model_as_a_checkpoint(small_shards, tmp_path):
     """`bench objectives --quality --save DIR`: each run's model lands in DIR/<run> as a checkpoint
     whose model scores what the benchmark reported, and long training prints its progress."""
-    from vaedist.bench.objectives import bench_quality
+    from vaedist.bench.objectives import _split, bench_quality
     from vaedist.checkpoint import load_model
-    from vaedist.data import load_split_arrays, read_manifest
     from vaedist.engine import evaluate_sums
+    from vaedist.storage import StorageError
 
     cfg = load_config("configs/debug.yaml", [f"data.shards_dir={small_shards}", "train.batch_size_per_worker=500"])
     lines = []
     rows = bench_quality(cfg, ["elbo", "iwae5"], 2, nll_rows=20, nll_samples=8, echo=lines.append,
                          save_dir=str(tmp_path / "models"), progress_seconds=0)
     assert sum(" epoch 1/2 " in line for line in lines) == 2  # one per run; the last epoch has its result line
-    manifest = read_manifest(small_shards)
-    shards = manifest.split("test").shards
-    indices, images, _ = load_split_arrays([f"{small_shards}/{s.path}" for s in shards],
-                                           [s.num_samples for s in shards], manifest.dataset)
+    indices, images = _split(cfg, "test")
     for name in ("elbo", "iwae5"):
         model, run_cfg, state = load_model(str(tmp_path / "models" / name))
         assert (run_cfg.train.objective, state.epoch, state.global_step) == (name[:4], 1, 2 * 4000 // 500)
         test = evaluate_sums(model, images, indices, "test", run_cfg.train.seed, torch.device("cpu"))
         assert test["loss"] / test["count"] == pytest.approx(rows[name]["test_loss"], rel=1e-6)
+
+    (tmp_path / "a-file").write_text("")
+    lines.clear()
+    with pytest.raises(StorageError, match="a-file"):  # before any training
+        bench_quality(cfg, ["elbo"], 2, echo=lines.append, save_dir=str(tmp_path / "a-file" / "models"))
+    assert not any("epoch" in line for line in lines)

@@ -220,7 +220,11 @@ def bench_quality(cfg: Config, runs: list[str], epochs: int, nll_rows: int = 100
     _, train_u8 = _split(cfg, "train")
     test_idx, test_u8 = _split(cfg, "test")
     images = torch.from_numpy(train_u8)
-    info = read_manifest(storage.absolute(cfg.data.shards_dir)).dataset
+    shards_dir = storage.absolute(cfg.data.shards_dir)
+    info = read_manifest(shards_dir).dataset
+    if save_dir:
+        storage.makedirs(save_dir)  # a path that cannot hold the models fails now, not after the training
+        data_hash = manifest_hash(shards_dir)
     widths = cfg.model.stage_widths() if cfg.model.kind == "hierarchical" else cfg.model.hidden_dims
     echo(f"model {cfg.model.kind} {widths} {cfg.model.activation} z={cfg.model.latent_dim}, "
          f"batch {cfg.train.batch_size_per_worker}, {epochs} epochs, lr {cfg.train.lr:g} {cfg.train.lr_schedule}, "
@@ -243,10 +247,9 @@ def bench_quality(cfg: Config, runs: list[str], epochs: int, nll_rows: int = 100
                      f"objective {sums['objective'] / sums['count']:7.2f}  ({last - start:.0f} s)")
         train_seconds = time.perf_counter() - start
         if save_dir:
-            shards_dir = storage.absolute(run_cfg.data.shards_dir)
             save_checkpoint(storage.join(save_dir, name), model_state=model.state_dict(),
                             optimizer_state=optimizer.state_dict(), epoch=epochs - 1, global_step=epochs * steps,
-                            config=run_cfg, manifest_hash=manifest_hash(shards_dir), history=[], dataset=info.name,
+                            config=run_cfg, manifest_hash=data_hash, history=[], dataset=info.name,
                             image_shape=info.image_shape)
         test = evaluate_sums(model, test_u8, test_idx, "test", run_cfg.train.seed, dev)
         nll = evaluate_sums(model, test_u8[:nll_rows], test_idx[:nll_rows], "test", run_cfg.train.seed, dev,
